@@ -1,4 +1,4 @@
-"""A node's identity: its key pair and self-signed certificate, and the UID and fingerprint they give.
+"""A node's identity: key pair, self-signed certificate, and the UID and fingerprint they give.
 
 The UID is the first 20 bytes of SHA-256 over the DER SubjectPublicKeyInfo; the fingerprint is
 SHA-256 over the certificate's DER, written as RFC 4572 does (``sha-256 AB:CD:...``).  Both live

@@ -1,1 +1,1 @@
-"""ipop.wire"""
+"""Wire formats: pure functions over bytes, no sockets, no asyncio."""

@@ -1,0 +1,278 @@
+"""The node configuration: IPOP's JSON keys plus ours, validated into one typed object.
+
+``load(path)`` returns a ``Config`` or raises ``ConfigError`` naming the first bad key; unknown
+keys and ignored keys (``stat_report``) come back as warnings.  Every key has a default and a
+line in the README.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ipop.errors import ConfigError
+
+OVERLAY_V4 = ipaddress.ip_network("100.64.0.0/10")
+UNDERLAY_OVERHEAD = 40 + 8  # IPv6 header + UDP header (the worse of IPv4/IPv6)
+TURN_OVERHEAD = 4  # ChannelData header
+FRAME_OVERHEAD = 1 + 40  # type byte + IPOP header
+AEAD_OVERHEAD = 1 + 8 + 16  # epoch + counter + tag
+FASTPATH_RESERVE = 8  # room kept for the fast path's per-datagram framing
+DEFAULT_MTU_TUN = (
+    1500 - UNDERLAY_OVERHEAD - TURN_OVERHEAD - FRAME_OVERHEAD - AEAD_OVERHEAD - FASTPATH_RESERVE
+)  # 1374
+DEFAULT_MTU_TAP = DEFAULT_MTU_TUN - 14  # 1360: the Ethernet header rides inside the frame
+
+KNOWN_IGNORED = {"stat_report"}
+
+
+class Peer(BaseModel):
+    """A static peer: linked at start, no signaling."""
+
+    model_config = ConfigDict(extra="forbid")
+    uid: str = Field(description="40 hex characters: the peer's UID (`ipop id` prints it)")
+    ip4: str = Field(description="the peer's overlay IPv4 address")
+    endpoint: str = Field(description="underlay host:port where the peer listens")
+    fingerprint: str | None = Field(default=None, description="the peer's certificate fingerprint")
+    mac: str | None = Field(default=None, description="the peer's TAP MAC, learned if absent")
+
+    @field_validator("uid")
+    @classmethod
+    def _uid(cls, v: str) -> str:
+        v = v.lower()
+        if len(v) != 40 or any(c not in "0123456789abcdef" for c in v):
+            raise ValueError("must be 40 hex characters")
+        return v
+
+    @field_validator("ip4")
+    @classmethod
+    def _ip4(cls, v: str) -> str:
+        ipaddress.IPv4Address(v)
+        return v
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v: str) -> str:
+        parse_endpoint(v)
+        return v
+
+    @field_validator("fingerprint")
+    @classmethod
+    def _fp(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        algo, _, hexes = v.partition(" ")
+        parts = hexes.split(":")
+        if algo.lower() != "sha-256" or len(parts) != 32 or any(len(p) != 2 for p in parts):
+            raise ValueError("must look like 'sha-256 AB:CD:...' (32 bytes)")
+        int("".join(parts), 16)
+        return "sha-256 " + hexes.upper()
+
+
+class TurnServer(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    server: str
+    user: str
+    password: str = Field(alias="pass")
+
+    @field_validator("server")
+    @classmethod
+    def _server(cls, v: str) -> str:
+        parse_endpoint(v, default_port=3478)
+        return v
+
+
+class Config(BaseModel):
+    """A node's configuration.  Field names are the JSON keys (IPOP's spelling kept)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
+
+    # --- from IPOP
+    ip4: str = Field(description="this node's overlay IPv4 address")
+    ip4_mask: Annotated[int, Field(ge=8, le=30)] = 16
+    ip6: str | None = Field(default=None, description="overlay IPv6 address, e.g. 2001:db8::1/64")
+    xmpp_username: str | None = None
+    xmpp_password: str | None = Field(default=None, repr=False)
+    xmpp_host: str | None = None
+    sec: bool = True
+    switchmode: bool = False
+    on_demand_connection: bool = Field(default=False, alias="on-demand_connection")
+    on_demand_inactive_timeout: Annotated[float, Field(gt=0)] = Field(
+        default=600.0, alias="on-demand_inactive_timeout"
+    )
+    stun: list[str] = Field(default_factory=list)
+    turn: list[TurnServer] = Field(default_factory=list)
+    tincan_logging: Annotated[int, Field(ge=0, le=3)] = 1
+    controller_logging: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    group: str | None = None
+    # --- ours
+    controller: Literal["groupvpn", "socialvpn"] = "groupvpn"
+    state_dir: str | None = None
+    interface: Annotated[str, Field(min_length=1, max_length=15, pattern=r"^[A-Za-z0-9_.-]+$")] = (
+        "ipop0"
+    )
+    mtu: Annotated[int, Field(ge=576, le=9000)] | None = None
+    listen_port: Annotated[int, Field(ge=0, le=65535)] = 0
+    control_socket: str | None = None
+    peers: list[Peer] = Field(default_factory=list)
+    xmpp_port: Annotated[int, Field(ge=1, le=65535)] = 5222
+    xmpp_tls: Literal["starttls", "direct", "none"] = "starttls"
+    xmpp_ca_cert: str | None = None
+    security_groups: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
+    require_encryption: bool = False
+    offload: bool = True
+    rekey_seconds: Annotated[float, Field(ge=5)] = 120.0
+    keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
+    ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64
+
+    @field_validator("ip4")
+    @classmethod
+    def _ip4(cls, v: str) -> str:
+        ipaddress.IPv4Address(v)
+        return v
+
+    @field_validator("ip6")
+    @classmethod
+    def _ip6(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        iface = ipaddress.IPv6Interface(v if "/" in v else v + "/64")
+        return str(iface)
+
+    @field_validator("stun")
+    @classmethod
+    def _stun(cls, v: list[str]) -> list[str]:
+        for item in v:
+            parse_endpoint(item, default_port=3478)
+        return v
+
+    @field_validator("xmpp_username")
+    @classmethod
+    def _jid(cls, v: str | None) -> str | None:
+        if v is not None and ("@" not in v or v.startswith("@") or v.endswith("@")):
+            raise ValueError("must be a JID like user@domain")
+        return v
+
+    @model_validator(mode="after")
+    def _consistency(self) -> Config:
+        if self.xmpp_username and not self.xmpp_password:
+            raise ValueError("xmpp_password: required when xmpp_username is set")
+        if self.xmpp_username and not self.xmpp_host:
+            raise ValueError("xmpp_host: required when xmpp_username is set")
+        if self.peers and self.listen_port == 0:
+            raise ValueError("listen_port: static peers need a fixed listen_port")
+        if self.sec or self.require_encryption:
+            for i, p in enumerate(self.peers):
+                if p.fingerprint is None:
+                    raise ValueError(
+                        f"peers: peers[{i}] needs a fingerprint, since sec is true "
+                        "(its links are encrypted); run `ipop id` on that peer"
+                    )
+        return self
+
+    # --- derived values
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir or f"/var/lib/ipop/{self.interface}")
+
+    @property
+    def control_path(self) -> Path:
+        if self.control_socket:
+            return Path(self.control_socket)
+        return self.state_path / "control.sock"
+
+    @property
+    def effective_mtu(self) -> int:
+        if self.mtu is not None:
+            return self.mtu
+        return DEFAULT_MTU_TAP if self.switchmode else DEFAULT_MTU_TUN
+
+    @property
+    def ip4_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Interface(f"{self.ip4}/{self.ip4_mask}").network
+
+
+def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` into (host, port); raises ValueError with a clear message."""
+    host, sep, port_s = text.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"{text!r} must be host:port")
+        host, port_s = text, str(default_port)
+    host = host.strip("[]")
+    if not host:
+        raise ValueError(f"{text!r} has no host")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"{text!r} has a bad port") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"{text!r} port out of range")
+    return host, port
+
+
+def _error_key(err: Any) -> str:
+    loc = [str(p) for p in err.get("loc", ())]
+    msg = str(err.get("msg", ""))
+    if not loc:
+        # model-level errors name their key as "key: ..."
+        head = msg.removeprefix("Value error, ").split(":", 1)[0]
+        return head.strip() or "config"
+    key = loc[0]
+    if len(loc) > 1:
+        key += "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:])
+    return key
+
+
+def validate(data: Any) -> tuple[Config, list[str]]:
+    """Validate a decoded JSON object; returns the config and warnings."""
+    if not isinstance(data, dict):
+        raise ConfigError("config", "the file must hold one JSON object")
+    warnings: list[str] = []
+    known = set()
+    for name, field in Config.model_fields.items():
+        known.add(field.alias or name)
+        known.add(name)
+    for key in data:
+        if key in KNOWN_IGNORED:
+            warnings.append(f"config: {key} is accepted and ignored")
+        elif key not in known:
+            warnings.append(f"config: unknown key {key!r} ignored")
+    try:
+        cfg = Config.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = _error_key(err)
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        msg = msg.split(": ", 1)[1] if msg.startswith(key + ":") else msg
+        value = err.get("input")
+        shown = "" if "password" in key or isinstance(value, dict) else f" (got {value!r})"
+        raise ConfigError(key, msg + shown) from None
+    return cfg, warnings
+
+
+def load(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
+    """Read and validate a config file; warns when others can read it (it may hold a password)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {p}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError("config", f"{p} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    cfg, warnings = validate(data)
+    try:
+        mode = p.stat().st_mode
+        if mode & (stat.S_IROTH | stat.S_IRGRP) and cfg.xmpp_password:
+            warnings.append(f"config: {p} is readable by others and holds xmpp_password; chmod 600")
+    except OSError:
+        pass
+    return cfg, warnings

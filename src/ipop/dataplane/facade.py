@@ -1,0 +1,296 @@
+"""The data plane's one facade: open the NIC, add and remove links, report state and events.
+
+The controller (through the Tincan API) is its only user.  Events leave through ``on_event``,
+always called on the control thread via the ``call_soon`` the caller provides (for asyncio:
+``loop.call_soon_threadsafe``).  Everything here except the two pipelines runs on that thread.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ipop.dataplane import tun
+from ipop.dataplane.inbound import Inbound, send_keepalive
+from ipop.dataplane.link import CryptoSession, Link, Path
+from ipop.dataplane.outbound import Outbound
+from ipop.dataplane.table import ForwardingTable
+from ipop.wire import keepalive as wk
+
+log = logging.getLogger("ipop.dataplane")
+
+MISS_RATE = 20.0  # unknown-destination notifications per second, at most
+MISS_BURST = 40
+MISS_HOLD = 10.0  # seconds a packet for an unknown destination is held for a link to appear
+
+
+@dataclass
+class Event:
+    """A notification from the data plane: ``kind`` is one of
+    ``unknown_destination`` (data: dst, packet), ``control_datagram`` (STUN/DTLS: sock, data,
+    addr, channel, peer_uid), ``link_down`` (peer_uid, idle seconds), ``roamed`` (peer_uid, addr).
+    """
+
+    kind: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class TokenBucket:
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class DataPlane:
+    """A running data plane for one virtual NIC."""
+
+    def __init__(
+        self,
+        *,
+        uid: bytes,
+        interface: str,
+        ip4: str,
+        prefixlen: int,
+        mtu: int,
+        tap: bool = False,
+        ip6: str | None = None,
+        ondemand_queue: int = 64,
+        keepalive_seconds: float = 10.0,
+        on_event: Callable[[Event], None],
+        call_soon: Callable[..., Any],
+    ) -> None:
+        self.uid = uid
+        self.ip4 = ip4
+        self.prefixlen = prefixlen
+        self.mtu = mtu
+        self.tap = tap
+        self.ip6 = ip6
+        self.keepalive_seconds = keepalive_seconds
+        self.on_event = on_event
+        self.call_soon = call_soon
+        self.table = ForwardingTable()
+        self.stopping = threading.Event()
+        self._wake_r, self._wake_w = os.pipe()
+        self.dev = tun.open_device(interface, tap=tap)
+        self.interface = interface
+        try:
+            tun.configure(self.dev, ip4=ip4, prefixlen=prefixlen, mtu=mtu, ip6=ip6)
+        except BaseException:
+            self.dev.close()
+            raise
+        self.mss = mtu - 40  # IPv4 + TCP headers; IPv6 packets get 20 bytes less
+        self.held: dict[bytes, collections.deque[tuple[float, bytes]]] = {}
+        self.held_limit = ondemand_queue
+        self._held_lock = threading.Lock()
+        self._miss_bucket = TokenBucket(MISS_RATE, MISS_BURST)
+        self._miss_seen: dict[bytes, float] = {}
+        self.outbound = Outbound(
+            self.dev, self.table, mss=self.mss, on_miss=self._on_miss,
+            stopping=self.stopping, wake_fd=self._wake_r,
+        )
+        self.inbound = Inbound(
+            self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
+            stopping=self.stopping, wake_fd=self._wake_r,
+        )
+        self.sockets: list[socket.socket] = []
+        self.started = time.time()
+
+    # ---- life cycle
+    def start(self) -> None:
+        self.outbound.start()
+        self.inbound.start()
+
+    def close(self) -> None:
+        """Stop both pipelines and remove the interface (closing the device deletes it)."""
+        if self.stopping.is_set():
+            return
+        self.stopping.set()
+        os.write(self._wake_w, b"x")
+        self.inbound.stop()
+        for th in (self.outbound, self.inbound.rx_thread, self.inbound.wr_thread):
+            if th.is_alive():
+                th.join(timeout=2.0)
+        self.dev.close()
+        for s in self.sockets:
+            s.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    # ---- sockets
+    def open_listen_socket(self, port: int) -> socket.socket:
+        """A UDP socket on ``port`` (all addresses, IPv4 and IPv6) served by the data plane."""
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("::", port))
+        self.adopt_socket(sock, owned=True)
+        return sock
+
+    def adopt_socket(self, sock: socket.socket, *, owned: bool = False) -> None:
+        """Serve ``sock`` from the rx thread (e.g. the socket ICE selected)."""
+        for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
+        self.inbound.add_socket(sock)
+        if owned:
+            self.sockets.append(sock)
+
+    def release_socket(self, sock: socket.socket) -> None:
+        self.inbound.remove_socket(sock)
+
+    # ---- links
+    def add_link(
+        self,
+        *,
+        peer_uid: bytes,
+        path: Path,
+        ip4: str | None,
+        ip6: str | None = None,
+        mac: bytes | None = None,
+        encrypted: bool,
+        security_reason: str,
+        session: CryptoSession | None = None,
+    ) -> Link:
+        """Create (or replace) the link to ``peer_uid`` and release packets held for it."""
+        link = Link(
+            local_uid=self.uid, peer_uid=peer_uid, path=path,
+            overlay_ip4=ipaddress.IPv4Address(ip4).packed if ip4 else None,
+            overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None,
+            mac=mac, encrypted=encrypted, security_reason=security_reason,
+        )
+        link.session = session
+        link.stats.last_rx_mono = time.monotonic()
+        self.adopt_socket(path.sock)
+        old = self.table.add(link)
+        if old is not None:
+            old.closed = True
+        for addr in (link.overlay_ip4, link.overlay_ip6):
+            if addr:
+                self._release_held(addr, link)
+        return link
+
+    def remove_link(self, peer_uid: bytes) -> Link | None:
+        link = self.table.remove(peer_uid)
+        if link is not None:
+            link.closed = True
+        return link
+
+    def set_path(self, peer_uid: bytes, path: Path) -> None:
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return
+        self.adopt_socket(path.sock)
+        link.path = path
+        self.table.reindex()
+
+    def link(self, peer_uid: bytes) -> Link | None:
+        return self.table.by_uid.get(peer_uid)
+
+    # ---- held packets for unknown destinations (on-demand links)
+    def _on_miss(self, dst: bytes, pkt: bytes) -> None:
+        """TX thread: hold the packet briefly and tell the controller (rate limited)."""
+        now = time.monotonic()
+        if self.held_limit:
+            with self._held_lock:
+                q = self.held.get(dst)
+                if q is None:
+                    if len(self.held) >= 1024:
+                        self._expire_held(now)
+                    if len(self.held) < 1024:
+                        q = self.held[dst] = collections.deque(maxlen=self.held_limit)
+                if q is not None:
+                    q.append((now, pkt))
+        last = self._miss_seen.get(dst)
+        if last is not None and now - last < 1.0:
+            return
+        if not self._miss_bucket.take():
+            return
+        self._miss_seen[dst] = now
+        if len(self._miss_seen) > 4096:
+            self._miss_seen.clear()
+        ev = Event("unknown_destination", {"dst": dst, "packet": pkt})
+        self.call_soon(self.on_event, ev)
+
+    def _expire_held(self, now: float) -> None:
+        for key in [k for k, q in self.held.items() if not q or now - q[-1][0] > MISS_HOLD]:
+            del self.held[key]
+
+    def _release_held(self, addr: bytes, link: Link) -> None:
+        with self._held_lock:
+            q = self.held.pop(addr, None)
+        if not q:
+            return
+        now = time.monotonic()
+        for stamp, pkt in q:
+            if now - stamp <= MISS_HOLD:
+                link.send_packet(pkt)
+
+    # ---- control datagrams and roaming (called from the rx thread)
+    def _on_control(
+        self, sock: socket.socket, data: bytes, addr: tuple[str, int], channel: int | None,
+        link: Link | None,
+    ) -> None:
+        ev = Event("control_datagram", {
+            "sock": sock, "data": data, "addr": addr, "channel": channel,
+            "peer_uid": link.peer_uid if link else None,
+        })
+        self.call_soon(self.on_event, ev)
+
+    def _on_roam(self, link: Link, addr: tuple[str, int]) -> None:
+        def apply() -> None:
+            if link.closed or link.path.addr == addr:
+                return
+            log.info("link %s roamed to %s:%d", link.peer_uid.hex()[:12], addr[0], addr[1])
+            link.path = Path(link.path.sock, addr, None, link.path.kind)
+            self.table.reindex()
+            self.on_event(Event("roamed", {"peer_uid": link.peer_uid, "addr": addr}))
+
+        self.call_soon(apply)
+
+    # ---- periodic work (control thread)
+    def tick(self, now: float | None = None) -> None:
+        """Send keepalives and report links that went quiet; call about once a second."""
+        now = time.monotonic() if now is None else now
+        for link in self.table.links:
+            if now - link.ka_sent >= self.keepalive_seconds:
+                link.ka_sent = now
+                send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+            idle = now - link.stats.last_rx_mono
+            if idle > 4 * self.keepalive_seconds + 1 and not link.down:
+                link.down = True
+                self.on_event(Event("link_down", {"peer_uid": link.peer_uid, "idle": idle}))
+            elif idle <= 4 * self.keepalive_seconds and link.down:
+                link.down = False
+        with self._held_lock:
+            self._expire_held(now)
+
+    # ---- state
+    def counters(self) -> dict[str, Any]:
+        drops = collections.Counter(self.inbound.drops)
+        return {
+            "tun_read_packets": self.outbound.counters["packets"],
+            "tun_read_bytes": self.outbound.counters["bytes"],
+            "no_route": self.outbound.counters["no_route"],
+            "tun_written": self.inbound.written,
+            "drops": dict(drops),
+        }

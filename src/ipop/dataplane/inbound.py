@@ -1,0 +1,279 @@
+"""UDP → TUN: the inbound pipeline, run by two threads joined by a bounded queue.
+
+Pipeline:
+  1. [rx thread] wait in epoll on every link socket (and a wake pipe); drain each ready socket
+     into slots of a preallocated slab until it is empty or the slab is full;
+  2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
+     TURN ChannelData is unwrapped and demultiplexed again; STUN and DTLS are copied and handed
+     to the control thread; anything else is dropped and counted;
+  3. [rx thread] find the link by the source UID, check the destination UID, then either check the
+     source address (plain links never follow an unauthenticated address change) or open the
+     sealed payload (AEAD + replay window; a sealed link may roam to a new address only on a
+     frame that authenticates);
+  4. [rx thread] answer keepalive probes; learn source MACs (TAP);
+  5. [writer thread] write the batch's packets to the device, then give the slab back.
+Ordering: one socket is drained in order and batches are written in order, so a flow's order holds.
+Backpressure: slabs are bounded; when the writer falls behind, the rx thread waits for a free slab
+and the kernel's socket buffers absorb the burst (and drop, if they must) — a slow TUN write never
+blocks the control thread and never grows memory.
+Buffers: a slab is lent to the writer with its batch and comes back once every packet in it is
+written; plain payloads are memoryviews into it, opened (decrypted) payloads are new bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+import queue
+import select
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from ipop.dataplane.link import Link
+from ipop.dataplane.table import ForwardingTable
+from ipop.dataplane.tun import Device
+from ipop.errors import RemoteProtocolError
+from ipop.wire import header as wh
+from ipop.wire import keepalive as wk
+from ipop.wire import packet as wp
+
+SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
+SLOTS_PER_SLAB = 64
+SLABS = 32
+
+# (socket, datagram copy, source address, TURN channel or None, link or None)
+ControlHandler = Callable[[socket.socket, bytes, tuple[str, int], int | None, Link | None], None]
+
+
+class Inbound:
+    """Owns the rx and writer threads and the set of sockets they serve."""
+
+    def __init__(
+        self,
+        dev: Device,
+        table: ForwardingTable,
+        local_uid: bytes,
+        *,
+        on_control: ControlHandler,
+        on_roam: Callable[[Link, tuple[str, int]], None],
+        stopping: threading.Event,
+        wake_fd: int,
+    ) -> None:
+        self.dev = dev
+        self.table = table
+        self.uid = local_uid
+        self.on_control = on_control
+        self.on_roam = on_roam
+        self.stopping = stopping
+        self.wake_fd = wake_fd
+        self.epoll = select.epoll()
+        self.epoll.register(wake_fd, select.EPOLLIN)
+        self.socks: dict[int, socket.socket] = {}
+        self.drops: collections.Counter[str] = collections.Counter()
+        self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        for _ in range(SLABS):
+            self.free.put(bytearray(SLOT * SLOTS_PER_SLAB))
+        self.work: queue.SimpleQueue[tuple[bytearray, list[bytes | memoryview]] | None] = (
+            queue.SimpleQueue()
+        )
+        self.written = 0
+        self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-udp-rx", daemon=True)
+        self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
+
+    def start(self) -> None:
+        self.rx_thread.start()
+        self.wr_thread.start()
+
+    def stop(self) -> None:
+        self.work.put(None)
+
+    def add_socket(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        fd = sock.fileno()
+        if fd in self.socks:
+            return
+        self.socks[fd] = sock
+        self.epoll.register(fd, select.EPOLLIN)
+
+    def remove_socket(self, sock: socket.socket) -> None:
+        fd = sock.fileno()
+        if self.socks.pop(fd, None) is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+
+    # ---- rx thread
+    def _rx_loop(self) -> None:
+        wake = self.wake_fd
+        while not self.stopping.is_set():
+            try:
+                events = self.epoll.poll(1.0)
+            except OSError:
+                return
+            for fd, _ev in events:
+                if fd == wake:
+                    continue
+                sock = self.socks.get(fd)
+                if sock is not None:
+                    self._drain(sock)
+
+    def _drain(self, sock: socket.socket) -> None:
+        slab = self.free.get()
+        view = memoryview(slab)
+        out: list[bytes | memoryview] = []
+        slot = 0
+        recvfrom_into = sock.recvfrom_into
+        try:
+            while slot < SLOTS_PER_SLAB:
+                off = slot * SLOT
+                try:
+                    n, addr = recvfrom_into(view[off : off + SLOT])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError as exc:
+                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+                        continue  # ICMP errors surface here; the keepalive notices dead paths
+                    break
+                slot += 1
+                try:
+                    self._demux(sock, view[off : off + n], addr, None, out)
+                except RemoteProtocolError as exc:
+                    self.drops[exc.reason] += 1
+        finally:
+            if out:
+                self.work.put((slab, out))
+            else:
+                self.free.put(slab)
+
+    def _demux(
+        self,
+        sock: socket.socket,
+        dgram: memoryview,
+        addr: tuple[str, int],
+        channel: int | None,
+        out: list[bytes | memoryview],
+    ) -> None:
+        if not dgram:
+            self.drops["empty"] += 1
+            return
+        first = dgram[0]
+        if 128 <= first <= 191:
+            self._frame(sock, dgram, addr, channel, out)
+        elif 64 <= first <= 79 and channel is None:
+            if len(dgram) < 4:
+                self.drops["truncated_channeldata"] += 1
+                return
+            chan = (dgram[0] << 8) | dgram[1]
+            length = (dgram[2] << 8) | dgram[3]
+            if length > len(dgram) - 4:
+                self.drops["truncated_channeldata"] += 1
+                return
+            self._demux(sock, dgram[4 : 4 + length], addr, chan, out)
+        elif first <= 3 or 20 <= first <= 63:
+            link = self.table.by_source.get((sock.fileno(), addr, channel))
+            self.on_control(sock, bytes(dgram), addr, channel, link)
+        else:
+            self.drops["unknown_kind"] += 1
+
+    def _frame(
+        self,
+        sock: socket.socket,
+        dgram: memoryview,
+        addr: tuple[str, int],
+        channel: int | None,
+        out: list[bytes | memoryview],
+    ) -> None:
+        if len(dgram) < wh.HEADER_LEN:
+            self.drops["truncated"] += 1
+            return
+        link = self.table.by_uid.get(bytes(dgram[wh.SRC_OFF : wh.DST_OFF]))
+        if link is None:
+            self.drops["unknown_peer"] += 1
+            return
+        if dgram[wh.DST_OFF : wh.PAYLOAD_OFF] != self.uid:
+            link.stats.drops["not_for_us"] += 1
+            return
+        ftype = dgram[0]
+        stats = link.stats
+        path = link.path
+        same_path = (
+            addr == path.addr and channel == path.channel and sock.fileno() == path.sock.fileno()
+        )
+        if ftype & wh.SEALED_BIT:
+            session = link.session
+            if not link.encrypted or session is None:
+                stats.drops["sealed_on_plain_link"] += 1
+                return
+            try:
+                payload: bytes | memoryview = session.open(
+                    dgram[: wh.HEADER_LEN], dgram[wh.HEADER_LEN :]
+                )
+            except RemoteProtocolError as exc:
+                stats.drops[exc.reason] += 1
+                return
+            if not same_path and channel is None:
+                self.on_roam(link, addr)  # authenticated: the peer moved
+        else:
+            if link.encrypted:
+                stats.drops["plaintext_on_encrypted_link"] += 1
+                return
+            if not same_path:
+                stats.drops["unexpected_source"] += 1
+                return
+            payload = dgram[wh.HEADER_LEN :]
+        stats.last_rx_mono = time.monotonic()
+        if ftype == wh.T_DATA or ftype == wh.T_DATA_SEALED:
+            stats.rx_packets += 1
+            stats.rx_bytes += len(payload)
+            if self.dev.tap and len(payload) >= wp.ETH_HLEN and not (payload[6] & 1):
+                self.table.learn_mac(bytes(payload[6:12]), link)
+            out.append(payload)
+            return
+        try:
+            op, stamp = wk.parse(payload)
+        except RemoteProtocolError as exc:
+            stats.drops[exc.reason] += 1
+            return
+        if op == wk.OP_PROBE:
+            send_keepalive(link, wk.OP_ECHO, stamp)
+        else:
+            rtt = (time.monotonic_ns() - stamp) / 1e6
+            if 0 <= rtt < 60_000:
+                stats.rtt_ms = rtt
+
+    # ---- writer thread
+    def _write_loop(self) -> None:
+        fd = self.dev.fd
+        write = os.write
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            slab, pkts = item
+            for pkt in pkts:
+                try:
+                    write(fd, pkt)
+                    self.written += 1
+                except BlockingIOError:
+                    self.drops["tun_full"] += 1
+                except OSError as exc:
+                    if exc.errno == errno.EBADF:
+                        return
+                    self.drops["tun_write_error"] += 1
+            pkts.clear()
+            self.free.put(slab)
+
+
+def send_keepalive(link: Link, op: int, stamp_ns: int) -> None:
+    """Send a keepalive probe or echo on ``link`` (sealed on encrypted links, never plain)."""
+    body = wk.pack(op, stamp_ns)
+    if not link.encrypted:
+        link.send_frame([link.hdr_ka, body])
+        return
+    session = link.session
+    if session is not None and session.ready:
+        link.send_frame([link.hdr_ka_sealed, session.seal(link.hdr_ka_sealed, body)])

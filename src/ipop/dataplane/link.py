@@ -1,0 +1,162 @@
+"""A link to one peer: its underlay path, its crypto session (if encrypted) and its counters.
+
+Threads: the TX thread writes ``tx_*`` counters and calls ``send``; the RX thread writes
+``rx_*`` counters and ``last_rx``; the control thread swaps ``path`` and ``session`` (plain
+attribute stores, atomic under the GIL).  Counters have one writer each and need no lock.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import socket
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from ipop.wire import header as wh
+
+CHANNEL_HDR = struct.Struct("!HH")
+PENDING_LIMIT = 256
+
+
+class CryptoSession(Protocol):
+    """What the data plane needs from a link's crypto session (``ipop.crypto.session``)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes: ...
+
+    def open(self, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class Path:
+    """Where a link's datagrams go: a socket, a remote address, and a TURN channel if relayed."""
+
+    sock: socket.socket
+    addr: tuple[str, int]
+    channel: int | None = None
+    kind: str = "static"  # static | host | srflx | prflx | relay
+
+    @property
+    def source_key(self) -> tuple[int, tuple[str, int], int | None]:
+        """The key the RX thread computes for datagrams arriving on this path."""
+        return (self.sock.fileno(), self.addr, self.channel)
+
+    def local(self) -> str:
+        try:
+            host, port = self.sock.getsockname()[:2]
+        except OSError:
+            return "?"
+        return f"{host}:{port}"
+
+
+@dataclass
+class LinkStats:
+    tx_packets: int = 0
+    tx_bytes: int = 0
+    rx_packets: int = 0
+    rx_bytes: int = 0
+    drops: collections.Counter[str] = field(default_factory=collections.Counter)
+    last_rx: float | None = None  # time.time() of the last frame received
+    last_rx_mono: float = 0.0
+    rtt_ms: float | None = None
+
+
+class Link:
+    """One peer's link."""
+
+    def __init__(
+        self,
+        *,
+        local_uid: bytes,
+        peer_uid: bytes,
+        path: Path,
+        overlay_ip4: bytes | None,
+        overlay_ip6: bytes | None = None,
+        mac: bytes | None = None,
+        encrypted: bool = False,
+        security_reason: str = "",
+    ) -> None:
+        self.peer_uid = peer_uid
+        self.overlay_ip4 = overlay_ip4
+        self.overlay_ip6 = overlay_ip6
+        self.mac = mac
+        self.path = path
+        self.encrypted = encrypted
+        self.security_reason = security_reason
+        self.session: CryptoSession | None = None
+        self.stats = LinkStats()
+        self.created = time.monotonic()
+        self.hdr_data = wh.pack(wh.T_DATA, local_uid, peer_uid)
+        self.hdr_sealed = wh.pack(wh.T_DATA_SEALED, local_uid, peer_uid)
+        self.hdr_ka = wh.pack(wh.T_KEEPALIVE, local_uid, peer_uid)
+        self.hdr_ka_sealed = wh.pack(wh.T_KEEPALIVE_SEALED, local_uid, peer_uid)
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._pending_lock = threading.Lock()
+        self.closed = False
+        self.ka_sent = 0.0  # control thread: when the last keepalive probe left
+        self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+
+    # ---- sending (TX thread, and the control thread for keepalives and flushes)
+    def send_frame(self, parts: list[bytes | memoryview]) -> bool:
+        """Send one datagram made of ``parts``; counts and swallows underlay errors."""
+        path = self.path
+        if path.channel is not None:
+            size = sum(len(p) for p in parts)
+            parts = [CHANNEL_HDR.pack(path.channel, size), *parts]
+        try:
+            path.sock.sendmsg(parts, (), 0, path.addr)
+        except OSError as exc:
+            if exc.errno == errno.EMSGSIZE:
+                self.stats.drops["emsgsize"] += 1
+            elif exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                self.stats.drops["sndbuf_full"] += 1
+            else:
+                self.stats.drops["send_error"] += 1
+            return False
+        return True
+
+    def send_packet(self, pkt: bytes | memoryview) -> None:
+        """Send one inner packet: plain, sealed, or queued while the session is being keyed."""
+        if not self.encrypted:
+            if self.send_frame([self.hdr_data, pkt]):
+                self.stats.tx_packets += 1
+                self.stats.tx_bytes += len(pkt)
+            return
+        session = self.session
+        if session is None or not session.ready:
+            self.queue_pending(bytes(pkt))
+            return
+        sealed = session.seal(self.hdr_sealed, pkt)
+        if self.send_frame([self.hdr_sealed, sealed]):
+            self.stats.tx_packets += 1
+            self.stats.tx_bytes += len(pkt)
+
+    def queue_pending(self, pkt: bytes) -> None:
+        with self._pending_lock:
+            if len(self._pending) >= PENDING_LIMIT:
+                self._pending.popleft()
+                self.stats.drops["pending_overflow"] += 1
+            self._pending.append(pkt)
+
+    def flush_pending(self) -> int:
+        """Send what waited for keys; called once the session is ready."""
+        with self._pending_lock:
+            items = list(self._pending)
+            self._pending.clear()
+        for pkt in items:
+            self.send_packet(pkt)
+        return len(items)
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def security(self) -> str:
+        return "dtls" if self.encrypted else "none"

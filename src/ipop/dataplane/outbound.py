@@ -1,0 +1,136 @@
+"""TUN → UDP: the outbound pipeline, run by one thread.
+
+Pipeline (sequential, in this thread; one flow's order is the device's read order):
+  1. read packets from the device into one preallocated buffer (non-blocking; when the device is
+     empty, sleep in poll() on the device and a wake pipe: no busy waiting);
+  2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP);
+  3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
+     broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
+     no link → held in a small per-destination queue and reported to the controller;
+  4. clamp the MSS of TCP SYNs to the overlay MTU on the way out.
+The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
+(it does: queued packets are copied with ``bytes()``).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import select
+import threading
+from collections.abc import Callable
+
+from ipop.dataplane.link import Link
+from ipop.dataplane.table import ForwardingTable
+from ipop.dataplane.tun import Device
+from ipop.wire import packet as wp
+
+READ_SIZE = 65536 + 16
+
+
+class Outbound(threading.Thread):
+    def __init__(
+        self,
+        dev: Device,
+        table: ForwardingTable,
+        *,
+        mss: int,
+        on_miss: Callable[[bytes, bytes], None],
+        stopping: threading.Event,
+        wake_fd: int,
+    ) -> None:
+        super().__init__(name="ipop-tun-rx", daemon=True)
+        self.dev = dev
+        self.table = table
+        self.mss = mss
+        self.on_miss = on_miss  # (destination address or MAC, packet copy)
+        self.stopping = stopping
+        self.wake_fd = wake_fd
+        self.counters: dict[str, int] = {"packets": 0, "bytes": 0, "no_route": 0, "flooded": 0,
+                                         "not_ip": 0}
+
+    def run(self) -> None:
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        fd = self.dev.fd
+        os.set_blocking(fd, False)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        poller.register(self.wake_fd, select.POLLIN)
+        readv = os.readv
+        bufs = [buf]
+        handle = self._handle_tap if self.dev.tap else self._handle_tun
+        counters = self.counters
+        while not self.stopping.is_set():
+            try:
+                n = readv(fd, bufs)
+            except BlockingIOError:
+                poller.poll()
+                continue
+            except OSError as exc:
+                if exc.errno == errno.EBADF or self.stopping.is_set():
+                    return
+                counters["read_error"] = counters.get("read_error", 0) + 1
+                continue
+            counters["packets"] += 1
+            counters["bytes"] += n
+            handle(view[:n], buf, n)
+
+    # ---- L3 (TUN)
+    def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
+        ver = buf[0] >> 4
+        if ver == 4 and n >= 20:
+            dst = bytes(buf[16:20])
+            is_group = buf[16] >= 224 or dst == b"\xff\xff\xff\xff"
+        elif ver == 6 and n >= 40:
+            dst = bytes(buf[24:40])
+            is_group = buf[24] == 0xFF
+        else:
+            self.counters["not_ip"] += 1
+            return
+        if buf[9 if ver == 4 else 6] == wp.IPPROTO_TCP:
+            wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20)
+        link = self.table.by_ip.get(dst)
+        if link is not None:
+            link.send_packet(pkt)
+        elif is_group:
+            self._flood(pkt)
+        else:
+            self.counters["no_route"] += 1
+            self.on_miss(dst, bytes(pkt))
+
+    # ---- L2 (TAP)
+    def _handle_tap(self, frame: memoryview, buf: bytearray, n: int) -> None:
+        if n < wp.ETH_HLEN:
+            self.counters["not_ip"] += 1
+            return
+        dst_mac = bytes(buf[0:6])
+        ethertype = (buf[12] << 8) | buf[13]
+        if ethertype == wp.ETH_P_IP:
+            wp.clamp_mss(frame[wp.ETH_HLEN :], self.mss)
+        elif ethertype == wp.ETH_P_IPV6:
+            wp.clamp_mss(frame[wp.ETH_HLEN :], self.mss - 20)
+        if buf[0] & 1:  # broadcast / multicast
+            if ethertype == wp.ETH_P_ARP:
+                arp = wp.arp_parse(frame[wp.ETH_HLEN:])
+                if arp is not None and arp[0] == wp.ARP_REQUEST:
+                    target = arp[4]
+                    if target not in self.table.by_ip and arp[2] != target:
+                        self.counters["no_route"] += 1
+                        self.on_miss(target, bytes(frame))
+            self._flood(frame)
+            return
+        link = self.table.by_mac.get(dst_mac)
+        if link is None and ethertype == wp.ETH_P_IP and n >= wp.ETH_HLEN + 20:
+            link = self.table.by_ip.get(bytes(buf[wp.ETH_HLEN + 16 : wp.ETH_HLEN + 20]))
+        if link is not None:
+            link.send_packet(frame)
+        else:
+            self._flood(frame)  # unknown unicast: flood, as a switch does
+
+    def _flood(self, pkt: memoryview) -> None:
+        links: tuple[Link, ...] = self.table.links
+        if links:
+            self.counters["flooded"] += 1
+        for link in links:
+            link.send_packet(pkt)
