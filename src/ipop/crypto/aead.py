@@ -1,0 +1,180 @@
+"""AEAD framing of one sealed payload: seal with an explicit counter, open with a replay check.
+
+A sealed payload follows the 41-byte overlay header (``ipop.wire.header``), which is the AAD::
+
+     0        1                                  9
+    +--------+----------------------------------+-----------------------------+------------+
+    | epoch  |  counter (8 bytes, big endian)   |  ciphertext (len(plaintext))|  tag (16)  |
+    +--------+----------------------------------+-----------------------------+------------+
+    |<--------------- SEALED_HEADER_LEN = 9 --->|                             |<- TAG_LEN->|
+    |<------------------------ OVERHEAD = 25 bytes besides the ciphertext ---------------->|
+
+    nonce (12 bytes) = salt (4 bytes, per direction, from the key export) || counter (8 bytes)
+    AAD              = the caller's bytes (the overlay header: type, source UID, dest UID)
+
+The epoch byte names the key generation (one per DTLS handshake, see ``ipop.crypto.session``), so
+a receiver can hold the old and the new keys during a rekey.  The counter is part of the nonce,
+the key is chosen by the epoch, and the AAD binds the header: a change to any byte fails.
+
+Suites: AES-256-GCM (default) and ChaCha20-Poly1305, picked by :func:`choose_suite` on CPUs
+without AES instructions.  One cipher object is built per key and reused for every packet.
+
+Threads: a :class:`Sealer` belongs to one sending thread (it advances its counter without a
+lock) and an :class:`Opener` to one receiving thread (its replay window has a single consumer).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from ipop.crypto.replay import COUNTER_LIMIT, ReplayWindow
+from ipop.errors import AuthError, LocalProtocolError
+
+EPOCH_OFF = 0
+EPOCH_LEN = 1
+COUNTER_OFF = EPOCH_OFF + EPOCH_LEN  # 1
+COUNTER_LEN = 8
+CIPHERTEXT_OFF = COUNTER_OFF + COUNTER_LEN  # 9
+SEALED_HEADER_LEN = CIPHERTEXT_OFF  # 9
+TAG_LEN = 16
+OVERHEAD = SEALED_HEADER_LEN + TAG_LEN  # 25
+KEY_LEN = 32
+SALT_LEN = 4
+NONCE_LEN = SALT_LEN + COUNTER_LEN  # 12
+
+_PREFIX = struct.Struct("!BQ")  # epoch, counter
+
+
+class Suite(enum.Enum):
+    """The AEAD that seals data frames."""
+
+    AES_256_GCM = "aes-256-gcm"
+    CHACHA20_POLY1305 = "chacha20-poly1305"
+
+
+DEFAULT_SUITE = Suite.AES_256_GCM
+
+
+def choose_suite(cpuinfo: Path = Path("/proc/cpuinfo")) -> Suite:
+    """AES-256-GCM if the CPU has AES instructions (or we cannot tell), else ChaCha20-Poly1305."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return DEFAULT_SUITE
+    saw_flags = False
+    for line in text.splitlines():
+        name, sep, value = line.partition(":")
+        if not sep or name.strip().lower() not in ("flags", "features"):
+            continue
+        saw_flags = True
+        if "aes" in value.split():
+            return Suite.AES_256_GCM
+    return Suite.CHACHA20_POLY1305 if saw_flags else DEFAULT_SUITE
+
+
+def _cipher(suite: Suite, key: bytes) -> AESGCM | ChaCha20Poly1305:
+    if len(key) != KEY_LEN:
+        raise LocalProtocolError(f"AEAD key must be {KEY_LEN} bytes, not {len(key)}")
+    if suite is Suite.AES_256_GCM:
+        return AESGCM(key)
+    return ChaCha20Poly1305(key)
+
+
+def _check_params(salt: bytes, epoch: int) -> None:
+    if len(salt) != SALT_LEN:
+        raise LocalProtocolError(f"salt must be {SALT_LEN} bytes, not {len(salt)}")
+    if not 0 <= epoch <= 255:
+        raise LocalProtocolError(f"epoch must fit one byte, not {epoch}")
+
+
+def peek_epoch(sealed: bytes | bytearray | memoryview) -> int:
+    """The epoch byte of a sealed payload (which keys to open it with)."""
+    if len(sealed) < OVERHEAD:
+        raise AuthError(f"sealed payload of {len(sealed)} bytes is truncated", reason="truncated")
+    return sealed[EPOCH_OFF]
+
+
+class Sealer:
+    """Seals payloads under one key, numbering them 0, 1, 2, ... (one sending thread)."""
+
+    __slots__ = ("_aead", "_counter", "_salt", "epoch", "suite")
+
+    def __init__(
+        self,
+        key: bytes,
+        salt: bytes,
+        epoch: int,
+        suite: Suite = DEFAULT_SUITE,
+        *,
+        first_counter: int = 0,
+    ) -> None:
+        _check_params(salt, epoch)
+        self._aead = _cipher(suite, key)
+        self._salt = bytes(salt)
+        self._counter = first_counter
+        self.epoch = epoch
+        self.suite = suite
+
+    @property
+    def counter(self) -> int:
+        """The counter the next payload gets (= payloads sealed so far, from a fresh key)."""
+        return self._counter
+
+    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | memoryview) -> bytes:
+        """``epoch | counter | ciphertext || tag`` for ``plaintext``, authenticating ``aad``."""
+        counter = self._counter
+        if counter >= COUNTER_LIMIT:
+            raise LocalProtocolError("AEAD counter exhausted: rekey", reason="counter_exhausted")
+        self._counter = counter + 1
+        prefix = _PREFIX.pack(self.epoch, counter)
+        return prefix + self._aead.encrypt(self._salt + prefix[COUNTER_OFF:], plaintext, aad)
+
+
+class Opener:
+    """Opens payloads sealed under one key, rejecting forgeries and replays (one RX thread)."""
+
+    __slots__ = ("_aead", "_salt", "accepted", "epoch", "suite", "window")
+
+    def __init__(self, key: bytes, salt: bytes, epoch: int, suite: Suite = DEFAULT_SUITE) -> None:
+        _check_params(salt, epoch)
+        self._aead = _cipher(suite, key)
+        self._salt = bytes(salt)
+        self.epoch = epoch
+        self.suite = suite
+        self.window = ReplayWindow()
+        self.accepted = 0
+        """Payloads opened successfully (written by the receiving thread only)."""
+
+    def open(
+        self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview
+    ) -> bytes:
+        """The plaintext of ``sealed``; raises :class:`AuthError` if it is not authentic or fresh.
+
+        Reasons: ``truncated``, ``unknown_epoch``, ``replay``, ``bad_tag``.  The replay window
+        moves only after the tag verified.
+        """
+        if len(sealed) < OVERHEAD:
+            raise AuthError(
+                f"sealed payload of {len(sealed)} bytes is truncated", reason="truncated"
+            )
+        if sealed[EPOCH_OFF] != self.epoch:
+            raise AuthError(
+                f"epoch {sealed[EPOCH_OFF]} is not {self.epoch}", reason="unknown_epoch"
+            )
+        counter_bytes = bytes(sealed[COUNTER_OFF:CIPHERTEXT_OFF])
+        counter = int.from_bytes(counter_bytes, "big")
+        window = self.window
+        if not window.check(counter):
+            raise AuthError(f"counter {counter} replayed or too old", reason="replay")
+        try:
+            plaintext = self._aead.decrypt(self._salt + counter_bytes, sealed[CIPHERTEXT_OFF:], aad)
+        except InvalidTag:
+            raise AuthError("AEAD tag does not verify", reason="bad_tag") from None
+        window.update(counter)
+        self.accepted += 1
+        return plaintext
