@@ -1,1 +1,1 @@
-"""ipop.api"""
+"""The local control API (IPOP's Tincan API), status documents and their rendering."""

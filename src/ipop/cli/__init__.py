@@ -1,1 +1,1 @@
-"""ipop.cli"""
+"""The command line: ipop up | id | status | demo | bench."""

@@ -131,7 +131,7 @@ class Inbound:
             while slot < SLOTS_PER_SLAB:
                 off = slot * SLOT
                 try:
-                    n, addr = recvfrom_into(view[off : off + SLOT])
+                    n, raw_addr = recvfrom_into(view[off : off + SLOT])
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as exc:
@@ -139,6 +139,7 @@ class Inbound:
                         continue  # ICMP errors surface here; the keepalive notices dead paths
                     break
                 slot += 1
+                addr = raw_addr[:2]  # AF_INET6 sockets add flowinfo and scope_id
                 try:
                     self._demux(sock, view[off : off + n], addr, None, out)
                 except RemoteProtocolError as exc:

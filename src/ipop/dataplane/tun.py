@@ -11,6 +11,7 @@ import fcntl
 import ipaddress
 import os
 import struct
+import threading
 from dataclasses import dataclass
 
 from ipop.errors import EnvironmentFault
@@ -76,7 +77,30 @@ def open_device(name: str, *, tap: bool = False, vnet_hdr: bool = False) -> Devi
 
 
 def configure(dev: Device, *, ip4: str, prefixlen: int, mtu: int, ip6: str | None = None) -> None:
-    """Set address(es), MTU and link up through netlink; fills ``dev.mac`` for TAP devices."""
+    """Set address(es), MTU and link up through netlink; fills ``dev.mac`` for TAP devices.
+
+    pyroute2's synchronous API refuses to run inside a running asyncio loop, so the netlink
+    work runs in a short-lived thread of its own.
+    """
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            _configure(dev, ip4=ip4, prefixlen=prefixlen, mtu=mtu, ip6=ip6)
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=work, name="ipop-netlink")
+    th.start()
+    th.join()
+    if errors:
+        exc = errors[0]
+        if isinstance(exc, EnvironmentFault):
+            raise exc
+        raise EnvironmentFault(f"cannot configure {dev.name}: {exc}") from exc
+
+
+def _configure(dev: Device, *, ip4: str, prefixlen: int, mtu: int, ip6: str | None) -> None:
     from pyroute2 import IPRoute  # heavy: imported when a device is configured
 
     with IPRoute() as ipr:

@@ -1,0 +1,7 @@
+"""``python -m ipop`` runs the command line."""
+
+import sys
+
+from ipop.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""``ipop``: the command line entry point; every subcommand is a small function here or beside it.
+
+Exit status: 0 on success, 2 on a configuration error (one line naming the key), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ipop.errors import ConfigError, IpopError
+
+LEVELS = {0: "ERROR", 1: "WARNING", 2: "INFO", 3: "DEBUG"}
+
+
+def _load_config(path: str):  # type: ignore[no-untyped-def]
+    from ipop import config
+
+    cfg, warnings = config.load(path)
+    for w in warnings:
+        print(f"warning: {w}", file=sys.stderr)
+    return cfg
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from ipop.node import Node
+
+    cfg = _load_config(args.config)
+    level = args.log_level or cfg.controller_logging
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    logging.getLogger("ipop.dataplane").setLevel(LEVELS.get(cfg.tincan_logging, "INFO"))
+    node = Node(cfg)
+    if cfg.xmpp_username:
+        from ipop.controller import make_controller
+
+        node.controller = make_controller(node)
+    asyncio.run(node.run())
+    return 0
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    from ipop.crypto.identity import load_or_create
+
+    cfg = _load_config(args.config)
+    ident = load_or_create(cfg.state_path)
+    if args.json:
+        print(json.dumps({"uid": ident.uid_hex, "fingerprint": ident.fingerprint}))
+    else:
+        print(f"uid         {ident.uid_hex}")
+        print(f"fingerprint {ident.fingerprint}")
+    return 0
+
+
+def _control_path(args: argparse.Namespace) -> Path:
+    if args.control:
+        return Path(args.control)
+    if args.config:
+        return Path(_load_config(args.config).control_path)
+    return Path("/var/lib/ipop/ipop0/control.sock")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from ipop.api import server
+
+    state = server.call(_control_path(args), "get_state")
+    if args.json:
+        print(json.dumps(state, indent=2))
+    else:
+        from ipop.api.status import render
+
+        render(state)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ipop.cli.demo import run_demo
+
+    return run_demo(args)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ipop.cli.bench import run_bench
+
+    return run_bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    up = sub.add_parser("up", help="run a node in the foreground")
+    up.add_argument("-c", "--config", required=True)
+    up.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    up.set_defaults(func=cmd_up)
+    idp = sub.add_parser("id", help="print this node's UID and certificate fingerprint")
+    idp.add_argument("-c", "--config", required=True)
+    idp.add_argument("--json", action="store_true")
+    idp.set_defaults(func=cmd_id)
+    stp = sub.add_parser("status", help="show a running node and its links")
+    stp.add_argument("-c", "--config")
+    stp.add_argument("--control", help="path of the control socket")
+    stp.add_argument("--json", action="store_true")
+    stp.set_defaults(func=cmd_status)
+    demo = sub.add_parser("demo", help="run a demo overlay in network namespaces")
+    demo.add_argument("--nodes", type=int, default=3)
+    demo.add_argument("--controller", choices=["groupvpn", "socialvpn", "static"],
+                      default="groupvpn")
+    demo.add_argument("--seconds", type=int, default=3, help="iperf3 duration")
+    demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="measure ipop against direct links and peers")
+    bench.add_argument("--json", help="write results as JSON to this file")
+    bench.add_argument("--png", help="write the packet-size chart to this PNG")
+    bench.add_argument("--peers", action="store_true", help="also run wireguard-go and tinc")
+    bench.add_argument("--seconds", type=int, default=5)
+    bench.add_argument("--quick", action="store_true", help="fewer cases, shorter runs")
+    bench.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rc: int = args.func(args)
+        return rc
+    except ConfigError as exc:
+        print(f"ipop: {exc}", file=sys.stderr)
+        return 2
+    except IpopError as exc:
+        print(f"ipop: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""A running node: identity, lock, data plane, control API, static peers, and the controller.
+
+``Node.run()`` is the whole life of ``ipop up``: it returns when SIGINT/SIGTERM arrives, after
+removing the interface and the control socket.  All control work happens on one asyncio loop;
+the data plane's threads reach it only through ``loop.call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import ipaddress
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ipop.api import status as st
+from ipop.api.server import ControlServer
+from ipop.config import Config, parse_endpoint
+from ipop.crypto import identity as ident
+from ipop.dataplane.facade import DataPlane, Event
+from ipop.dataplane.link import Link
+from ipop.dataplane.link import Path as LinkPath
+from ipop.errors import ConfigError, IpopError, StateLockedError
+
+log = logging.getLogger("ipop.node")
+TICK = 0.25
+
+
+class Controller(Protocol):
+    """What the node expects of a controller (GroupVPN, SocialVPN)."""
+
+    async def start(self) -> None: ...
+    async def stop(self) -> None: ...
+    def on_dataplane_event(self, ev: Event) -> bool: ...
+    def peers_status(self) -> list[dict[str, Any]]: ...
+    def node_status(self) -> dict[str, Any]: ...
+    def tick(self, now: float) -> None: ...
+
+
+class Node:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.state_dir = cfg.state_path
+        self.identity: ident.Identity | None = None
+        self.dp: DataPlane | None = None
+        self.api: ControlServer | None = None
+        self.controller: Controller | None = None
+        self.listen_sock: Any = None
+        self._lock_fd = -1
+        self._stop = asyncio.Event()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.started = time.time()
+        # hooks later layers set: a DTLS session factory and a STUN/DTLS datagram router
+        self.control_datagram_hooks: list[Callable[[Event], bool]] = []
+
+    # ---- life cycle
+    def lock_state_dir(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StateLockedError(
+                f"another node runs on state_dir {self.state_dir} (lock held)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.loop = asyncio.get_running_loop()
+        self.lock_state_dir()
+        self.identity = ident.load_or_create(self.state_dir)
+        self.api = ControlServer(cfg.control_path, self.handle_api)
+        await self.api.start()
+        self.dp = DataPlane(
+            uid=self.identity.uid, interface=cfg.interface, ip4=cfg.ip4,
+            prefixlen=cfg.ip4_mask, mtu=cfg.effective_mtu, tap=cfg.switchmode, ip6=cfg.ip6,
+            ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
+            on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
+        )
+        if cfg.listen_port:
+            self.listen_sock = self.dp.open_listen_socket(cfg.listen_port)
+        self.dp.start()
+        for i, peer in enumerate(cfg.peers):
+            try:
+                self.add_static_peer(i)
+            except IpopError as exc:
+                log.error("static peer %d (%s): %s", i, peer.uid[:12], exc)
+        if self.controller is not None:
+            await self.controller.start()
+        self.notify("local_state", self.node_status())
+        log.info("node %s up on %s (%s/%d, mtu %d, %s)", self.identity.uid_hex, cfg.interface,
+                 cfg.ip4, cfg.ip4_mask, cfg.effective_mtu, "tap" if cfg.switchmode else "tun")
+
+    async def stop(self) -> None:
+        if self.controller is not None:
+            with contextlib.suppress(Exception):
+                await self.controller.stop()
+        if self.dp is not None:
+            self.dp.close()
+        if self.api is not None:
+            await self.api.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+        try:
+            await self.start()
+            ticker = asyncio.create_task(self._ticker())
+            await self._stop.wait()
+            ticker.cancel()
+        finally:
+            await self.stop()
+            log.info("node stopped")
+
+    def request_stop(self) -> None:
+        self._stop.set()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(TICK)
+            now = time.monotonic()
+            try:
+                if self.dp is not None:
+                    self.dp.tick(now)
+                if self.controller is not None:
+                    self.controller.tick(now)
+                self._tick_sessions(now)
+            except Exception:
+                log.exception("tick failed")
+
+    def _tick_sessions(self, now: float) -> None:
+        """Drive handshake retransmits and rekeys (filled in by the security layer)."""
+
+    # ---- static peers
+    def add_static_peer(self, index: int) -> Link:
+        assert self.dp is not None
+        peer = self.cfg.peers[index]
+        if self.listen_sock is None:
+            raise ConfigError("listen_port", "static peers need a listen_port")
+        host, port = parse_endpoint(peer.endpoint)
+        addr = _sockaddr(host, port)
+        encrypted = self.cfg.sec or self.cfg.require_encryption
+        reason = "static_sec" if encrypted else "static_sec_off"
+        link = self.dp.add_link(
+            peer_uid=bytes.fromhex(peer.uid), path=LinkPath(self.listen_sock, addr, None, "static"),
+            ip4=peer.ip4, mac=bytes.fromhex(peer.mac.replace(":", "")) if peer.mac else None,
+            encrypted=encrypted, security_reason=reason,
+        )
+        if encrypted:
+            self.start_security(link, peer.fingerprint)
+        self.notify("peer_state", st.link_entry(link))
+        return link
+
+    def start_security(self, link: Link, fingerprint: str | None) -> None:
+        """Begin keying an encrypted link; the security layer replaces this."""
+        raise IpopError("encrypted links are not available in this build")
+
+    # ---- data plane events (control thread)
+    def on_dataplane_event(self, ev: Event) -> None:
+        try:
+            if self.controller is not None and self.controller.on_dataplane_event(ev):
+                return
+            if ev.kind == "control_datagram":
+                for hook in self.control_datagram_hooks:
+                    if hook(ev):
+                        return
+                return
+            if ev.kind == "unknown_destination":
+                dst: bytes = ev.data["dst"]
+                pkt: bytes = ev.data["packet"]
+                self.notify("unknown_destination", {
+                    "dst": str(ipaddress.ip_address(dst)) if len(dst) in (4, 16) else dst.hex(),
+                    "size": len(pkt), "head": pkt[:64].hex(),
+                })
+            elif ev.kind in ("link_down", "roamed"):
+                link = self.dp.link(ev.data["peer_uid"]) if self.dp else None
+                if link is not None:
+                    self.notify("con_stat", {"peer_uid": link.peer_uid.hex(), "event": ev.kind,
+                                             "state": st.link_state(link)})
+        except Exception:
+            log.exception("data plane event %s failed", ev.kind)
+
+    def notify(self, kind: str, data: dict[str, Any]) -> None:
+        if self.api is not None:
+            self.api.notify(kind, data)
+
+    # ---- status and the Tincan API
+    def node_status(self) -> dict[str, Any]:
+        cfg = self.cfg
+        node: dict[str, Any] = {
+            "uid": self.identity.uid_hex if self.identity else None,
+            "fingerprint": self.identity.fingerprint if self.identity else None,
+            "ip4": cfg.ip4, "ip4_mask": cfg.ip4_mask, "ip6": cfg.ip6,
+            "interface": cfg.interface, "mode": "tap" if cfg.switchmode else "tun",
+            "mtu": cfg.effective_mtu, "listen_port": cfg.listen_port or None,
+            "controller": cfg.controller if self.controller else None,
+            "uptime_s": round(time.time() - self.started, 1),
+            "xmpp": None, "counters": self.dp.counters() if self.dp else None,
+            "pid": os.getpid(),
+        }
+        if self.controller is not None:
+            node.update(self.controller.node_status())
+        return node
+
+    def get_state(self) -> dict[str, Any]:
+        links = [st.link_entry(lk) for lk in self.dp.table.links] if self.dp else []
+        peers = self.controller.peers_status() if self.controller else []
+        return {"version": st.SCHEMA_VERSION, "node": self.node_status(), "links": links,
+                "peers": peers}
+
+    async def handle_api(self, method: str, params: dict[str, Any]) -> Any:
+        dp = self.dp
+        if dp is None:
+            raise IpopError("node is starting")
+        if method == "get_state":
+            return self.get_state()
+        if method == "register_svc":
+            return {"uid": self.identity.uid_hex if self.identity else None}
+        if method == "set_logging":
+            level = str(params.get("level", "INFO")).upper()
+            if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+                raise IpopError(f"unknown level {level}")
+            logging.getLogger("ipop").setLevel(level)
+            return {"level": level}
+        if method == "create_link":
+            uid = _uid_param(params)
+            host, port = parse_endpoint(str(params["endpoint"]))
+            sock = self.listen_sock
+            if sock is None:
+                raise IpopError("create_link needs a listen_port on this node")
+            encrypted = bool(params.get("sec", self.cfg.sec)) or self.cfg.require_encryption
+            link = dp.add_link(
+                peer_uid=uid, path=LinkPath(sock, _sockaddr(host, port), None, "static"),
+                ip4=params.get("ip4"), encrypted=encrypted,
+                security_reason="api" if encrypted else "api_plain",
+            )
+            if encrypted:
+                self.start_security(link, params.get("fingerprint"))
+            self.notify("peer_state", st.link_entry(link))
+            return st.link_entry(link)
+        if method == "trim_link":
+            link = dp.remove_link(_uid_param(params))
+            if link is None:
+                raise IpopError("no such link")
+            self.notify("con_stat", {"peer_uid": link.peer_uid.hex(), "event": "trimmed"})
+            return {"trimmed": link.peer_uid.hex()}
+        if method == "set_remote_ip":
+            link = dp.link(_uid_param(params))
+            if link is None:
+                raise IpopError("no such link")
+            link.overlay_ip4 = ipaddress.IPv4Address(str(params["ip4"])).packed
+            dp.table.reindex()
+            return st.link_entry(link)
+        if method == "set_local_ip":
+            raise IpopError("set_local_ip: the address comes from the config; restart to change")
+        raise IpopError(f"unknown method {method!r}")
+
+
+def _uid_param(params: dict[str, Any]) -> bytes:
+    raw = str(params.get("peer_uid") or params.get("uid") or "")
+    try:
+        uid = bytes.fromhex(raw)
+    except ValueError:
+        uid = b""
+    if len(uid) != 20:
+        raise IpopError("peer_uid must be 40 hex characters")
+    return uid
+
+
+def _sockaddr(host: str, port: int) -> tuple[str, int]:
+    """The address form our dual-stack (AF_INET6) sockets report for ``host``."""
+    ip = ipaddress.ip_address(host)
+    if ip.version == 4:
+        return (f"::ffff:{ip}", port)
+    return (str(ip), port)
+
+
+def state_dir_of(cfg: Config) -> Path:
+    return cfg.state_path
