@@ -1,0 +1,88 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ipop.errors import LocalProtocolError, MalformedFrame
+from ipop.wire import header as wh
+from ipop.wire import keepalive as wk
+
+SRC = bytes(range(1, 21))
+DST = bytes(range(101, 121))
+
+
+def test_pack_vector():
+    assert wh.pack(wh.T_DATA, SRC, DST).hex() == (
+        "80" "0102030405060708090a0b0c0d0e0f1011121314"
+        "65666768696a6b6c6d6e6f7071727374757677 78".replace(" ", "")
+    )
+    assert wh.HEADER_LEN == 41 and wh.IPOP_HEADER_LEN == 40
+
+
+def test_parse_vector():
+    frame = bytes.fromhex("81") + SRC + DST + b"payload"
+    hdr, payload = wh.parse(frame)
+    assert hdr == wh.Header(0x81, SRC, DST)
+    assert bytes(payload) == b"payload"
+
+
+def test_parse_errors_name_their_reason():
+    with pytest.raises(MalformedFrame) as e:
+        wh.parse(b"\x80" + SRC)
+    assert e.value.reason == "truncated"
+    with pytest.raises(MalformedFrame) as e:
+        wh.parse(b"\x9f" + SRC + DST)
+    assert e.value.reason == "unknown_type"
+
+
+def test_pack_refuses_bad_input():
+    with pytest.raises(LocalProtocolError):
+        wh.pack(0x42, SRC, DST)
+    with pytest.raises(LocalProtocolError):
+        wh.pack(wh.T_DATA, SRC[:5], DST)
+
+
+@pytest.mark.parametrize(("first", "kind"), [
+    (0, wh.Kind.STUN), (3, wh.Kind.STUN), (4, wh.Kind.UNKNOWN), (20, wh.Kind.DTLS),
+    (63, wh.Kind.DTLS), (64, wh.Kind.TURN), (79, wh.Kind.TURN), (80, wh.Kind.UNKNOWN),
+    (128, wh.Kind.OVERLAY), (191, wh.Kind.OVERLAY), (192, wh.Kind.UNKNOWN),
+])
+def test_classify_rfc7983(first, kind):
+    assert wh.classify(bytes([first, 0])) is kind
+
+
+def test_frame_types_are_in_our_range():
+    for t in wh.KNOWN_TYPES:
+        assert wh.classify(bytes([t])) is wh.Kind.OVERLAY
+
+
+@given(st.binary(max_size=100))
+def test_parse_never_raises_other_errors(data):
+    try:
+        hdr, payload = wh.parse(data)
+    except MalformedFrame:
+        return
+    assert wh.pack(hdr.type, hdr.src, hdr.dst) + bytes(payload) == data
+
+
+@given(st.sampled_from(sorted(wh.KNOWN_TYPES)), st.binary(min_size=20, max_size=20),
+       st.binary(min_size=20, max_size=20), st.binary(max_size=64))
+def test_round_trip(t, src, dst, body):
+    hdr, payload = wh.parse(wh.pack(t, src, dst) + body)
+    assert (hdr.type, hdr.src, hdr.dst, bytes(payload)) == (t, src, dst, body)
+
+
+def test_keepalive_vectors():
+    assert wk.pack(wk.OP_PROBE, 0x0102030405060708).hex() == "000102030405060708"
+    assert wk.parse(bytes.fromhex("010000000000000010")) == (wk.OP_ECHO, 16)
+    with pytest.raises(MalformedFrame):
+        wk.parse(b"\x05" + b"\x00" * 8)
+    with pytest.raises(MalformedFrame):
+        wk.parse(b"\x00")
+
+
+@given(st.binary(max_size=20))
+def test_keepalive_parse_is_total(data):
+    try:
+        wk.parse(data)
+    except MalformedFrame:
+        pass
