@@ -1,0 +1,126 @@
+"""Static-peer overlays on real TUN/TAP devices in namespaces, with real ping and iperf3.
+
+Topology (``testbed.add_lan``)::
+
+    +------------------- lan (bridge, 198.19.1.0/24) -------------------+
+         |                         |                          |
+      n1 198.19.1.1             n2 198.19.1.2             n3 198.19.1.3
+      ipop0 100.64.0.1          ipop0 100.64.0.2          ipop0 100.64.0.3
+"""
+
+from __future__ import annotations
+
+import itertools
+import signal
+from pathlib import Path
+
+import pytest
+
+from ipop.testbed.netns import Testbed
+from ipop.testbed.nodes import NodeProc, static_mesh
+
+from .helpers import Subscriber, gbits, iperf3, ping, wait_for
+
+
+def mesh(testbed: Testbed, tmp_path: Path, n: int, *, tap: bool, **extra) -> list[NodeProc]:
+    hosts = [testbed.add_host(f"h{i + 1}") for i in range(n)]
+    lan = testbed.add_lan("lan", hosts)
+    underlay = [lan.members[h.name] for h in hosts]
+    nodes = static_mesh(hosts, tmp_path, underlay=underlay, switchmode=tap,
+                        extra={"sec": False, **extra})
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    return nodes
+
+
+@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_static_mesh_ping_and_iperf(testbed, tmp_path, n, tap):
+    nodes = mesh(testbed, tmp_path, n, tap=tap)
+    for a, b in itertools.permutations(nodes, 2):
+        assert ping(a.host, b.config["ip4"]), f"{a.name} -> {b.name}\n{a.log()[-1500:]}"
+    result = iperf3(nodes[0].host, nodes[-1].host, nodes[-1].config["ip4"], seconds=5)
+    assert gbits(result) > 0.01
+    link = nodes[0].link_to(nodes[-1])
+    assert link is not None and link["state"] == "up" and link["security"] == "none"
+    assert link["tx_packets"] > 1000 and link["rx_packets"] > 100
+    assert link["tx_bytes"] > 1_000_000
+
+
+def test_status_counters_grow(testbed, tmp_path):
+    a, b = mesh(testbed, tmp_path, 2, tap=False)
+    before = a.link_to(b)
+    assert ping(a.host, b.config["ip4"], count=5)
+    after = a.link_to(b)
+    assert after["tx_packets"] >= before["tx_packets"] + 5
+    assert after["rx_packets"] >= before["rx_packets"] + 5
+    state = a.status()
+    assert state["version"] == 1
+    assert state["node"]["uid"] == a.uid and state["node"]["fingerprint"] == a.fingerprint
+    expected = {"peer_uid", "overlay_ip", "endpoint", "state", "security", "security_reason",
+                "path", "rtt_ms", "tx_packets", "tx_bytes", "rx_packets", "rx_bytes", "drops",
+                "last_rx"}
+    assert expected <= set(state["links"][0])
+    assert state["links"][0]["overlay_ip"] == b.config["ip4"]
+
+
+@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+def test_unknown_destination_is_notified(testbed, tmp_path, tap):
+    a, _b = mesh(testbed, tmp_path, 2, tap=tap)
+    sub = Subscriber(a.control)
+    try:
+        assert not ping(a.host, "100.64.0.99", count=2, wait=1)
+        events = wait_for(
+            lambda: [e for e in sub.events(1.0) if e["notify"] == "unknown_destination"],
+            timeout=8, what="unknown_destination notification",
+        )
+        assert events[0]["data"]["dst"] == "100.64.0.99"
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+def test_sigterm_removes_interface(testbed, tmp_path, tap):
+    a, _b = mesh(testbed, tmp_path, 2, tap=tap)
+    assert a.host.run(["ip", "link", "show", "ipop0"], check=False).returncode == 0
+    assert a.stop(signal.SIGTERM) == 0
+    assert a.host.run(["ip", "link", "show", "ipop0"], check=False).returncode != 0
+    assert not a.control.exists()
+
+
+def test_second_node_on_same_state_dir_refuses(testbed, tmp_path):
+    a, _b = mesh(testbed, tmp_path, 2, tap=False)
+    twin = NodeProc(a.host, tmp_path, "n1", {**a.config, "interface": "ipop1",
+                                              "control_socket": str(tmp_path / "twin.sock")})
+    twin.start()
+    assert twin.proc.wait(15) == 1
+    assert "another node runs on state_dir" in twin.log()
+
+
+def test_stale_control_socket_is_replaced(testbed, tmp_path):
+    a, b = mesh(testbed, tmp_path, 2, tap=False)
+    a.kill()
+    assert a.control.exists()  # a killed node leaves its socket
+    a.start()
+    a.wait_ready()
+    wait_for(lambda: ping(a.host, b.config["ip4"], count=1), timeout=10, what="ping after restart")
+
+
+def test_plain_link_ignores_spoofed_source(testbed, tmp_path):
+    """A plain link never follows an unauthenticated source change."""
+    a, b = mesh(testbed, tmp_path, 2, tap=False)
+    assert ping(a.host, b.config["ip4"], count=1)
+    # b's frame header, sent from a third host: must be dropped as unexpected_source
+    c = testbed.add_host("h9")
+    testbed.attach(testbed.lans["lan"], c)
+    frame = "80" + b.uid + a.uid + "45000014000000004001000064400002644000010000"
+    a_under = next(p["endpoint"] for p in b.config["peers"] if p["uid"] == a.uid)
+    host, port = a_under.rsplit(":", 1)
+    c.run(["python3", "-c",
+           "import socket,sys;s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM);"
+           f"s.sendto(bytes.fromhex('{frame}'),('{host}',{port}))"])
+    wait_for(lambda: a.link_to(b)["drops"].get("unexpected_source", 0) >= 1, timeout=5,
+             what="unexpected_source drop")
+
