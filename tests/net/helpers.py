@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -43,7 +44,8 @@ def ping_until(host: Host, addr: str, timeout: float = 10.0) -> float:
 def iperf3(client: Host, server: Host, addr: str, seconds: int = 5,
            extra: list[str] | None = None) -> dict[str, Any]:
     """Run an iperf3 TCP test; returns iperf3's JSON result."""
-    srv = server.popen(["iperf3", "-s", "-1", "-B", addr])
+    srv = server.popen(["iperf3", "-s", "-1", "-B", addr], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: ":5201 " in server.run(["ss", "-Htln"], check=False).stdout,
                  timeout=5, what="iperf3 server")

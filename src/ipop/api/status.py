@@ -14,6 +14,7 @@ Fields not yet known are null.  Secrets never appear here.
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -73,7 +74,7 @@ def render(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 150)
     node = status.get("node", {})
     console.print(
         f"[bold]{node.get('interface')}[/bold] {node.get('ip4')}  uid {node.get('uid')}  "

@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--controller", choices=["groupvpn", "socialvpn", "static"],
                       default="groupvpn")
     demo.add_argument("--seconds", type=int, default=3, help="iperf3 duration")
+    demo.add_argument("--plain", dest="sec", action="store_false",
+                      help="static mode: plain links (default: encrypted)")
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="measure ipop against direct links and peers")
     bench.add_argument("--json", help="write results as JSON to this file")
