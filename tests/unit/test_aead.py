@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -148,6 +150,29 @@ def test_counter_exhaustion() -> None:
     with pytest.raises(LocalProtocolError) as info:
         sealer.seal(AAD, b"one too many")
     assert info.value.reason == "counter_exhausted"
+
+
+def test_sealer_shared_by_threads_never_repeats_a_counter() -> None:
+    sealer, _ = pair()
+    results: list[list[bytes]] = [[] for _ in range(4)]
+
+    def work(out: list[bytes]) -> None:
+        for _ in range(3000):
+            out.append(sealer.seal(AAD, b"x")[1:9])
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in results]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    counters = [c for r in results for c in r]
+    assert len(set(counters)) == len(counters) == 12000
+    assert sealer.counter <= 12000
 
 
 def test_bad_parameters_are_local_errors() -> None:

@@ -19,13 +19,17 @@ the key is chosen by the epoch, and the AAD binds the header: a change to any by
 Suites: AES-256-GCM (default) and ChaCha20-Poly1305, picked by :func:`choose_suite` on CPUs
 without AES instructions.  One cipher object is built per key and reused for every packet.
 
-Threads: a :class:`Sealer` belongs to one sending thread (it advances its counter without a
-lock) and an :class:`Opener` to one receiving thread (its replay window has a single consumer).
+Threads: a :class:`Sealer` may be shared by several sending threads (the TX thread, the RX
+thread echoing keepalives, a timer): each payload's counter comes from ``next()`` on an
+``itertools.count``, which is atomic under the GIL, so no two payloads ever share a nonce, and no
+lock is taken.  An :class:`Opener` belongs to one receiving thread (its replay window has a
+single consumer).
 """
 
 from __future__ import annotations
 
 import enum
+import itertools
 import struct
 from pathlib import Path
 
@@ -100,9 +104,9 @@ def peek_epoch(sealed: bytes | bytearray | memoryview) -> int:
 
 
 class Sealer:
-    """Seals payloads under one key, numbering them 0, 1, 2, ... (one sending thread)."""
+    """Seals payloads under one key, numbering them 0, 1, 2, ... (safe from several threads)."""
 
-    __slots__ = ("_aead", "_counter", "_salt", "epoch", "suite")
+    __slots__ = ("_aead", "_counts", "_issued", "_salt", "epoch", "suite")
 
     def __init__(
         self,
@@ -116,21 +120,26 @@ class Sealer:
         _check_params(salt, epoch)
         self._aead = _cipher(suite, key)
         self._salt = bytes(salt)
-        self._counter = first_counter
+        self._counts = itertools.count(first_counter)
+        self._issued = first_counter
         self.epoch = epoch
         self.suite = suite
 
     @property
     def counter(self) -> int:
-        """The counter the next payload gets (= payloads sealed so far, from a fresh key)."""
-        return self._counter
+        """The counter the next payload gets (= payloads sealed so far, from a fresh key).
+
+        Exact with one sending thread; with several it may lag by a payload or two, which is
+        fine for deciding when to rekey.
+        """
+        return self._issued
 
     def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | memoryview) -> bytes:
         """``epoch | counter | ciphertext || tag`` for ``plaintext``, authenticating ``aad``."""
-        counter = self._counter
+        counter = next(self._counts)  # atomic: each counter is handed out once
         if counter >= COUNTER_LIMIT:
             raise LocalProtocolError("AEAD counter exhausted: rekey", reason="counter_exhausted")
-        self._counter = counter + 1
+        self._issued = counter + 1
         prefix = _PREFIX.pack(self.epoch, counter)
         return prefix + self._aead.encrypt(self._salt + prefix[COUNTER_OFF:], plaintext, aad)
 
