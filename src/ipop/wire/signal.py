@@ -1,0 +1,257 @@
+"""Signaling messages between peers (con_req, con_resp, trim) as JSON text: build and parse, pure.
+
+These travel in the ``<body>`` of XMPP messages (or any other signaling backend).  One message is a
+JSON object, at most ``MAX_BODY`` (16 KiB) of UTF-8:
+
+    {"v": 1,                                   protocol version, must be the integer 1
+     "type": "con_req" | "con_resp" | "trim",  con_req: "link to me?"; con_resp: the answer;
+                                               trim: "I have removed our link"
+     "uid": "3f…(40 hex)",                     sender's UID (SHA-256(public key)[:20], hex)
+     "overlay_id": "lab",                      overlay (group) the link belongs to, 1..64 chars
+     "ip4": "100.64.0.2",                      sender's overlay IPv4 address   (con_req/con_resp)
+     "mac": "02:00:00:00:00:02",               sender's virtual MAC, TAP mode only   (optional)
+     "fingerprint": "sha-256 AB:CD:…",         SHA-256 of sender's certificate (con_req/con_resp)
+     "security_groups": ["dc1", …],            sender's security groups            (optional)
+     "sec": true,                              sender's plain ``sec`` setting      (optional)
+     "encrypt": true,                          the verdict, repeated by con_resp   (optional)
+     "candidates": ["candidate:…", …]}         ICE candidates (SDP) or "host IP:PORT"  (optional)
+
+As in the seed paper's section 5, the group list travels in front of the fingerprint and the
+candidates: the receiver of a con_req intersects the groups, decides, and its con_resp carries its
+own groups, its candidates and (``encrypt``) the verdict.  A missing ``security_groups`` (None:
+"this peer predates security groups, use ``sec``") is NOT the same as ``[]`` ("member of none").
+
+``SignalMessage.parse`` never raises anything but ``MalformedMessage``: unknown fields are
+ignored, a JSON ``null`` counts as missing, everything else is checked for type and size and put
+into canonical form (lower-case UID and MAC, upper-case fingerprint hex).  Building a message that
+breaks these rules raises ``LocalProtocolError``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+from ipop.errors import LocalProtocolError, MalformedMessage
+
+__all__ = [
+    "MAX_BODY",
+    "MAX_CANDIDATES",
+    "MAX_CANDIDATE_LEN",
+    "MAX_GROUPS",
+    "MAX_GROUP_LEN",
+    "MAX_OVERLAY_ID_LEN",
+    "VERSION",
+    "MsgType",
+    "SignalMessage",
+]
+
+VERSION: Final = 1
+MAX_BODY: Final = 16 * 1024  # bytes of UTF-8
+MAX_GROUPS: Final = 64
+MAX_GROUP_LEN: Final = 64
+MAX_CANDIDATES: Final = 32
+MAX_CANDIDATE_LEN: Final = 256
+MAX_OVERLAY_ID_LEN: Final = 64
+
+MsgType = Literal["con_req", "con_resp", "trim"]
+_TYPES: Final[frozenset[str]] = frozenset(get_args(MsgType))
+# types that set up a link and so must say who we are on the overlay and how to authenticate us
+_LINK_TYPES: Final = frozenset({"con_req", "con_resp"})
+
+_UID_RE: Final = re.compile(r"[0-9a-fA-F]{40}")
+_MAC_RE: Final = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+_FPR_RE: Final = re.compile(r"(?i:sha-256) ([0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31})")
+
+
+def _fail(message: str) -> MalformedMessage:
+    return MalformedMessage(f"signal: {message}")
+
+
+def _text(value: object, field: str, max_len: int, *, ascii_only: bool = False) -> str:
+    if not isinstance(value, str):
+        raise _fail(f"{field} must be a string")
+    if not 1 <= len(value) <= max_len:
+        raise _fail(f"{field} must be 1..{max_len} characters")
+    if not value.isprintable() or (ascii_only and not value.isascii()):
+        raise _fail(f"{field} holds characters that are not allowed")
+    return value
+
+
+def _uid(value: object) -> str:
+    if not isinstance(value, str) or _UID_RE.fullmatch(value) is None:
+        raise _fail("uid must be 40 hex digits")
+    return value.lower()
+
+
+def _ip4(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 15:
+        raise _fail("ip4 must be an IPv4 address string")
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except ValueError:
+        raise _fail("ip4 must be an IPv4 address string") from None
+
+
+def _mac(value: object) -> str:
+    if not isinstance(value, str) or _MAC_RE.fullmatch(value) is None:
+        raise _fail("mac must look like 02:00:5e:00:00:01")
+    return value.lower()
+
+
+def _fingerprint(value: object) -> str:
+    m = _FPR_RE.fullmatch(value) if isinstance(value, str) else None
+    if m is None:
+        raise _fail('fingerprint must be "sha-256 XX:XX:…" (32 hex pairs)')
+    return "sha-256 " + m.group(1).upper()
+
+
+def _bool(value: object, field: str) -> bool:
+    if type(value) is not bool:
+        raise _fail(f"{field} must be true or false")
+    return value
+
+
+def _str_list(
+    value: object, field: str, max_items: int, max_len: int, *, ascii_only: bool
+) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _fail(f"{field} must be a list")
+    if len(value) > max_items:
+        raise _fail(f"{field} holds more than {max_items} items")
+    return tuple(_text(v, f"{field} item", max_len, ascii_only=ascii_only) for v in value)
+
+
+def _groups(value: object) -> tuple[str, ...]:
+    return _str_list(value, "security_groups", MAX_GROUPS, MAX_GROUP_LEN, ascii_only=False)
+
+
+def _candidates(value: object) -> tuple[str, ...]:
+    return _str_list(value, "candidates", MAX_CANDIDATES, MAX_CANDIDATE_LEN, ascii_only=True)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+@dataclass(frozen=True, slots=True)
+class SignalMessage:
+    """One signaling message.  Construct with canonical values; see the module docstring."""
+
+    type: MsgType
+    uid: str
+    """Sender's UID: 40 lower-case hex digits."""
+    overlay_id: str
+    """The overlay (group) this is about."""
+    ip4: str | None = None
+    """Sender's overlay IPv4 address; required for con_req and con_resp."""
+    fingerprint: str | None = None
+    """``"sha-256 AB:…"`` of the sender's certificate; required for con_req and con_resp."""
+    candidates: tuple[str, ...] = ()
+    """ICE candidates (SDP attribute values) or ``"host IP:PORT"`` strings."""
+    mac: str | None = None
+    """Sender's virtual MAC (TAP/switch mode), lower-case."""
+    security_groups: tuple[str, ...] | None = None
+    """Sender's security groups; None = not given (older peer), () = member of none."""
+    sec: bool | None = None
+    """Sender's plain ``sec`` setting, used when a side gives no security groups."""
+    encrypt: bool | None = None
+    """The link's verdict, repeated by con_resp so both sides can check they agree."""
+    v: int = VERSION
+
+    def __post_init__(self) -> None:
+        try:
+            canonical = _from_dict(self._fields())
+        except MalformedMessage as e:
+            raise LocalProtocolError(str(e)) from None
+        if canonical._fields() != self._fields():
+            raise LocalProtocolError(f"signal: not in canonical form: {self!r}")
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "v": self.v,
+            "type": self.type,
+            "uid": self.uid,
+            "overlay_id": self.overlay_id,
+            "ip4": self.ip4,
+            "mac": self.mac,
+            "fingerprint": self.fingerprint,
+            "security_groups": (
+                None if self.security_groups is None else list(self.security_groups)
+            ),
+            "sec": self.sec,
+            "encrypt": self.encrypt,
+            "candidates": list(self.candidates),
+        }
+
+    def to_json(self) -> str:
+        """Compact JSON (None fields left out).  Raises LocalProtocolError above MAX_BODY."""
+        body = {k: v for k, v in self._fields().items() if v is not None}
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        if len(text.encode("utf-8")) > MAX_BODY:
+            raise LocalProtocolError(f"signal: message of {len(text)} chars exceeds {MAX_BODY} B")
+        return text
+
+    @classmethod
+    def parse(cls, text: str) -> SignalMessage:
+        """Parse one message body.  Raises MalformedMessage, and nothing else, on bad input."""
+        if not isinstance(text, str):
+            raise _fail("body is not text")
+        if len(text) > MAX_BODY or len(text.encode("utf-8", "surrogatepass")) > MAX_BODY:
+            raise _fail(f"body larger than {MAX_BODY} bytes")
+        try:
+            obj = json.loads(text, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+            raise _fail(f"not JSON ({type(e).__name__})") from None
+        if not isinstance(obj, dict):
+            raise _fail("body is not a JSON object")
+        return _from_dict(obj)
+
+
+def _from_dict(obj: dict[str, Any]) -> SignalMessage:
+    """Check a decoded object and build the canonical message (MalformedMessage otherwise)."""
+    v = obj.get("v")
+    if type(v) is not int or v != VERSION:
+        raise _fail(f"v must be {VERSION}")
+    mtype = obj.get("type")
+    if not isinstance(mtype, str) or mtype not in _TYPES:
+        raise _fail(f"unknown type (expected one of {sorted(_TYPES)})")
+
+    def opt(name: str) -> object:
+        return obj.get(name)  # JSON null and a missing key both give None
+
+    link = mtype in _LINK_TYPES
+    ip4 = opt("ip4")
+    fpr = opt("fingerprint")
+    if link and (ip4 is None or fpr is None):
+        raise _fail(f"{mtype} needs ip4 and fingerprint")
+    mac, groups, sec, enc, cands = (
+        opt("mac"),
+        opt("security_groups"),
+        opt("sec"),
+        opt("encrypt"),
+        opt("candidates"),
+    )
+    return _build(
+        type=mtype,  # checked against _TYPES above
+        uid=_uid(obj.get("uid")),
+        overlay_id=_text(obj.get("overlay_id"), "overlay_id", MAX_OVERLAY_ID_LEN),
+        ip4=None if ip4 is None else _ip4(ip4),
+        fingerprint=None if fpr is None else _fingerprint(fpr),
+        candidates=() if cands is None else _candidates(cands),
+        mac=None if mac is None else _mac(mac),
+        security_groups=None if groups is None else _groups(groups),
+        sec=None if sec is None else _bool(sec, "sec"),
+        encrypt=None if enc is None else _bool(enc, "encrypt"),
+    )
+
+
+def _build(**fields: Any) -> SignalMessage:
+    """Make a message from already checked, canonical values, skipping ``__post_init__``."""
+    msg = object.__new__(SignalMessage)
+    for name, value in {"v": VERSION, **fields}.items():
+        object.__setattr__(msg, name, value)
+    return msg
