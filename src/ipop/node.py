@@ -16,7 +16,6 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 from ipop.api import status as st
@@ -56,8 +55,13 @@ class Node:
         self._stop = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
-        # hooks later layers set: a DTLS session factory and a STUN/DTLS datagram router
+        # hooks later layers set: a STUN/DTLS datagram router, and link up/failed listeners
         self.control_datagram_hooks: list[Callable[[Event], bool]] = []
+        self.link_hooks: list[Callable[[str, str], None]] = []
+        self.link_sock: Any = None
+        self.fatal: BaseException | None = None
+        self._activity: dict[bytes, tuple[int, float]] = {}
+        self._host_addrs: tuple[float, list[str]] = (0.0, [])
 
     # ---- life cycle
     def lock_state_dir(self) -> None:
@@ -89,6 +93,8 @@ class Node:
         )
         if cfg.listen_port:
             self.listen_sock = self.dp.open_listen_socket(cfg.listen_port)
+        if self.controller is not None:
+            self.link_sock = self.listen_sock or self.dp.open_listen_socket(0)
         self.dp.start()
         for i, peer in enumerate(cfg.peers):
             try:
@@ -125,8 +131,12 @@ class Node:
         finally:
             await self.stop()
             log.info("node stopped")
+        if self.fatal is not None:
+            raise self.fatal
 
-    def request_stop(self) -> None:
+    def request_stop(self, fatal: BaseException | None = None) -> None:
+        if fatal is not None and self.fatal is None:
+            self.fatal = fatal
         self._stop.set()
 
     async def _ticker(self) -> None:
@@ -168,6 +178,85 @@ class Node:
     def start_security(self, link: Link, fingerprint: str | None) -> None:
         """Begin keying an encrypted link; the security layer replaces this."""
         raise IpopError("encrypted links are not available in this build")
+
+    # ---- links made by a controller
+    def link_candidates(self) -> list[str]:
+        """Host candidates ``host IP:PORT`` of the link socket (never the overlay itself)."""
+        if self.link_sock is None:
+            return []
+        port = self.link_sock.getsockname()[1]
+        return [f"host {a}:{port}" for a in self.host_addresses()]
+
+    def host_addresses(self) -> list[str]:
+        now = time.monotonic()
+        stamp, addrs = self._host_addrs
+        if now - stamp < 10.0 and addrs:
+            return addrs
+        addrs = underlay_addresses(self.cfg.interface)
+        self._host_addrs = (now, addrs)
+        return addrs
+
+    def mac_text(self) -> str | None:
+        if self.dp is None or self.dp.dev.mac is None:
+            return None
+        return ":".join(f"{b:02x}" for b in self.dp.dev.mac)
+
+    def create_signaled_link(
+        self, *, peer_uid: str, ip4: str | None, candidates: list[str],
+        fingerprint: str | None, mac: str | None, encrypt: bool, reason: str,
+    ) -> Link:
+        """``create_link`` for a controller: pick the peer's candidate and add the link."""
+        assert self.dp is not None
+        if self.link_sock is None:
+            raise IpopError("no link socket")
+        addr = None
+        for cand in candidates:
+            kind, _, hostport = cand.partition(" ")
+            if kind == "host" and hostport:
+                host, port = parse_endpoint(hostport)
+                addr = _sockaddr(host, port)
+                break
+        if addr is None:
+            raise IpopError("peer sent no usable candidate")
+        link = self.dp.add_link(
+            peer_uid=bytes.fromhex(peer_uid), path=LinkPath(self.link_sock, addr, None, "host"),
+            ip4=ip4, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
+            encrypted=encrypt, security_reason=reason,
+        )
+        if encrypt:
+            self.start_security(link, fingerprint)
+        self.notify("peer_state", st.link_entry(link))
+        return link
+
+    def remove_link(self, peer_uid: str) -> None:
+        if self.dp is not None:
+            link = self.dp.remove_link(bytes.fromhex(peer_uid))
+            if link is not None:
+                self._activity.pop(link.peer_uid, None)
+                self.stop_security(link)
+
+    def stop_security(self, link: Link) -> None:
+        """Forget a removed link's keys (the security layer replaces this)."""
+
+    def link_is_up(self, peer_uid: str) -> bool:
+        link = self.dp.link(bytes.fromhex(peer_uid)) if self.dp else None
+        return link is not None and st.link_state(link) == "up"
+
+    def link_activity(self, peer_uid: str) -> float | None:
+        """When the link last carried data (not keepalives), in monotonic seconds."""
+        link = self.dp.link(bytes.fromhex(peer_uid)) if self.dp else None
+        if link is None:
+            return None
+        count = link.stats.tx_packets + link.stats.rx_packets
+        last = self._activity.get(link.peer_uid)
+        if last is None or last[0] != count:
+            self._activity[link.peer_uid] = (count, time.monotonic())
+            return time.monotonic()
+        return last[1]
+
+    def link_event(self, peer_uid: bytes, event: str) -> None:
+        for hook in self.link_hooks:
+            hook(peer_uid.hex(), event)
 
     # ---- data plane events (control thread)
     def on_dataplane_event(self, ev: Event) -> None:
@@ -253,18 +342,19 @@ class Node:
             self.notify("peer_state", st.link_entry(link))
             return st.link_entry(link)
         if method == "trim_link":
-            link = dp.remove_link(_uid_param(params))
-            if link is None:
+            gone = dp.remove_link(_uid_param(params))
+            if gone is None:
                 raise IpopError("no such link")
-            self.notify("con_stat", {"peer_uid": link.peer_uid.hex(), "event": "trimmed"})
-            return {"trimmed": link.peer_uid.hex()}
+            self.stop_security(gone)
+            self.notify("con_stat", {"peer_uid": gone.peer_uid.hex(), "event": "trimmed"})
+            return {"trimmed": gone.peer_uid.hex()}
         if method == "set_remote_ip":
-            link = dp.link(_uid_param(params))
-            if link is None:
+            found = dp.link(_uid_param(params))
+            if found is None:
                 raise IpopError("no such link")
-            link.overlay_ip4 = ipaddress.IPv4Address(str(params["ip4"])).packed
+            found.overlay_ip4 = ipaddress.IPv4Address(str(params["ip4"])).packed
             dp.table.reindex()
-            return st.link_entry(link)
+            return st.link_entry(found)
         if method == "set_local_ip":
             raise IpopError("set_local_ip: the address comes from the config; restart to change")
         raise IpopError(f"unknown method {method!r}")
@@ -289,5 +379,29 @@ def _sockaddr(host: str, port: int) -> tuple[str, int]:
     return (str(ip), port)
 
 
-def state_dir_of(cfg: Config) -> Path:
-    return cfg.state_path
+def underlay_addresses(exclude_iface: str) -> list[str]:
+    """This namespace's global addresses, without loopback, our NIC, and the overlay range."""
+    import json
+    import subprocess
+
+    try:
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout
+        data = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+    overlay4 = ipaddress.ip_network("100.64.0.0/10")
+    overlay6 = ipaddress.ip_network("2001:db8::/32")
+    found: list[str] = []
+    for iface in data:
+        if iface.get("ifname") in (exclude_iface, "lo"):
+            continue
+        for a in iface.get("addr_info", []):
+            ip = ipaddress.ip_address(a.get("local", "0.0.0.0"))
+            if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
+                continue
+            if ip in (overlay4 if ip.version == 4 else overlay6):
+                continue
+            found.append(str(ip))
+    found.sort(key=lambda x: ":" in x)  # IPv4 first
+    return found

@@ -74,7 +74,7 @@ def render(status: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
+    console = Console(width=None if sys.stdout.isatty() else 150, emoji=False, highlight=False)
     node = status.get("node", {})
     console.print(
         f"[bold]{node.get('interface')}[/bold] {node.get('ip4')}  uid {node.get('uid')}  "

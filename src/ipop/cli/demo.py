@@ -25,7 +25,7 @@ from ipop.api.status import render
 from ipop.testbed.netns import Host, Testbed
 from ipop.testbed.nodes import NodeProc, static_mesh
 
-console = Console(width=None if sys.stdout.isatty() else 150)
+console = Console(width=None if sys.stdout.isatty() else 150, emoji=False, highlight=False)
 
 
 def _ping_ok(host: Host, addr: str, count: int = 3) -> tuple[bool, float | None]:
@@ -117,5 +117,9 @@ def run_demo(args: argparse.Namespace) -> int:
         rc = _report(nodes, args.seconds, under)
         for node in nodes:
             node.stop()
+        if mode != "static":
+            from ipop.cli.demo_signal import stop_servers
+
+            stop_servers(tb)
         console.print("[green]demo finished[/green]" if rc == 0 else "[red]demo failed[/red]")
         return rc

@@ -40,6 +40,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         from ipop.controller import make_controller
 
         node.controller = make_controller(node)
+    elif not cfg.peers:
+        print("warning: config: neither xmpp_username nor peers: this node will have no links",
+              file=sys.stderr)
     asyncio.run(node.run())
     return 0
 
@@ -84,12 +87,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from ipop.cli.bench import run_bench
-
-    return run_bench(args)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -114,13 +111,6 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", dest="sec", action="store_false",
                       help="static mode: plain links (default: encrypted)")
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="measure ipop against direct links and peers")
-    bench.add_argument("--json", help="write results as JSON to this file")
-    bench.add_argument("--png", help="write the packet-size chart to this PNG")
-    bench.add_argument("--peers", action="store_true", help="also run wireguard-go and tinc")
-    bench.add_argument("--seconds", type=int, default=5)
-    bench.add_argument("--quick", action="store_true", help="fewer cases, shorter runs")
-    bench.set_defaults(func=cmd_bench)
     return p
 
 

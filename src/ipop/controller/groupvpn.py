@@ -1,0 +1,388 @@
+"""GroupVPN: one address space per group; links made proactively or on demand over signaling.
+
+The seed paper's seven steps, as this controller runs them:
+  1-3. at start it reads the data plane's state (``get_state``); the signaling backend reports
+       each group member's presence (``peer_state``);
+  4.   it sends ``con_req`` (UID, overlay address, fingerprint, security groups, candidates);
+  5-6. the peer decides the link's security, calls ``create_link`` and answers ``con_resp``;
+  7.   the initiator checks the verdict, calls ``create_link``; the data plane keys the link
+       (DTLS when encrypted) and reports it up.
+Proactive mode links every online member; on-demand mode links when the data plane reports a
+packet for a known peer's address (those packets wait in the data plane, they are not dropped)
+and trims links idle for ``on-demand_inactive_timeout`` seconds, telling the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
+from ipop.crypto import policy
+from ipop.dataplane.facade import Event
+from ipop.errors import ConfigError, LocalProtocolError
+from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
+from ipop.wire.signal import SignalMessage
+
+if TYPE_CHECKING:
+    from ipop.node import Node
+
+log = logging.getLogger("ipop.controller")
+
+CON_REQ_RATE = 10.0  # con_req per second, at most
+CON_REQ_BURST = 20.0
+
+
+class GroupVPN(SignalListener):
+    """The GroupVPN controller of one node."""
+
+    name = "groupvpn"
+
+    def __init__(self, node: Node, backend: SignalBackend | None = None) -> None:
+        self.node = node
+        self.cfg = node.cfg
+        self.backend = backend
+        self.peers = PeerTable()
+        self.connected = False
+        self.signal_error: str | None = None
+        self.overlay_id = self.cfg.group or "ipop"
+        self._req_bucket = TokenBucket(CON_REQ_RATE, CON_REQ_BURST)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._connect_task: asyncio.Task[None] | None = None
+        self.counters: dict[str, int] = {}
+        self.fatal: BaseException | None = None
+
+    # ---- helpers
+    @property
+    def my_uid(self) -> str:
+        assert self.node.identity is not None
+        return self.node.identity.uid_hex
+
+    def _count(self, key: str) -> None:
+        self.counters[key] = self.counters.get(key, 0) + 1
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _now(self) -> float:
+        return time.monotonic()
+
+    # ---- life cycle
+    async def start(self) -> None:
+        if self.backend is None:
+            self.backend = self._make_backend()
+        self.node.link_hooks.append(self._on_link_event)
+        state = self.node.get_state()  # step 1: the data plane's view
+        log.debug("controller start: %d links", len(state["links"]))
+        self._connect_task = asyncio.get_running_loop().create_task(self._connect())
+
+    def _make_backend(self) -> SignalBackend:
+        from ipop.signal.xmpp import XmppSettings, XmppSignal
+
+        cfg = self.cfg
+        assert cfg.xmpp_username and cfg.xmpp_password and cfg.xmpp_host
+        settings = XmppSettings(
+            jid=cfg.xmpp_username, password=cfg.xmpp_password, host=cfg.xmpp_host,
+            port=cfg.xmpp_port, tls=cfg.xmpp_tls,
+            ca_cert=None if cfg.xmpp_ca_cert is None else Path(cfg.xmpp_ca_cert),
+            group=self.group_filter(),
+        )
+        settings.check()
+        return XmppSignal(settings, self)
+
+    def group_filter(self) -> str | None:
+        return self.cfg.group
+
+    async def _connect(self) -> None:
+        assert self.backend is not None
+        try:
+            await self.backend.set_presence(self.my_uid, self.cfg.ip4)
+            await self.backend.connect()
+        except ConfigError as exc:
+            log.error("%s", exc)
+            self.fatal = exc
+            self.node.request_stop(exc)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("signaling failed")
+
+    async def stop(self) -> None:
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.backend is not None:
+            try:
+                await asyncio.wait_for(self.backend.close(), 3.0)
+            except (TimeoutError, Exception):
+                pass
+
+    # ---- signaling events
+    def on_state(self, connected: bool, error: str | None) -> None:
+        self.connected = connected
+        self.signal_error = error
+        self.node.notify("con_stat", {"signal": "connected" if connected else "disconnected",
+                                      "error": error})
+
+    def on_presence(self, jid: str, uid: str | None, online: bool,
+                    ip4: str | None = None) -> None:
+        if uid == self.my_uid:
+            return  # another resource of ourselves
+        peer = self.peers.get(jid)
+        now = self._now()
+        was_online = peer.online
+        if online:
+            if peer.uid is not None and uid is not None and uid != peer.uid:
+                self._drop_link(peer, "peer identity changed")
+            peer.uid = uid or peer.uid
+            if ip4 is not None:
+                self._set_ip(peer, ip4)
+            peer.online = True
+            peer.jid = jid
+            if not was_online:
+                peer.retry_at = now
+                peer.backoff = 1.0
+        else:
+            peer.online = False
+            if peer.state is not LinkState.IDLE:
+                self._drop_link(peer, "peer went offline")
+        self.node.notify("peer_state", self.peer_entry(peer))
+        if online and not self.cfg.on_demand_connection:
+            peer.wanted = True
+            self._maybe_request(peer, now)
+
+    def on_message(self, jid: str, msg: SignalMessage) -> None:
+        try:
+            if msg.overlay_id != self.overlay_id:
+                self._count("wrong_overlay")
+                return
+            if msg.uid == self.my_uid:
+                return
+            if msg.type == "con_req":
+                self._on_con_req(jid, msg)
+            elif msg.type == "con_resp":
+                self._on_con_resp(jid, msg)
+            elif msg.type == "trim":
+                peer = self.peers.get(jid)
+                if peer.uid == msg.uid:
+                    self._drop_link(peer, "trimmed by peer", tell=False)
+        except Exception:
+            log.exception("signal message from %s failed", jid)
+            self._count("message_error")
+
+    # ---- steps 4-7
+    def _my_view(self) -> policy.SecurityView:
+        groups = self.cfg.security_groups
+        return policy.SecurityView(
+            sec=self.cfg.sec,
+            security_groups=None if groups is None else frozenset(groups),
+            require_encryption=self.cfg.require_encryption,
+        )
+
+    def _their_view(self, msg: SignalMessage, *, is_request: bool) -> policy.SecurityView:
+        return policy.SecurityView(
+            sec=True if msg.sec is None else msg.sec,
+            security_groups=None if msg.security_groups is None else frozenset(
+                msg.security_groups),
+            # a con_req that says encrypt=true insists on encryption (its require_encryption)
+            require_encryption=bool(is_request and msg.encrypt),
+        )
+
+    def _message(self, mtype: str, encrypt: bool | None) -> SignalMessage:
+        assert self.node.identity is not None
+        groups = self.cfg.security_groups
+        return SignalMessage(
+            type=mtype,  # type: ignore[arg-type]
+            uid=self.my_uid, overlay_id=self.overlay_id, ip4=self.cfg.ip4,
+            fingerprint=self.node.identity.fingerprint,
+            candidates=tuple(self.node.link_candidates()),
+            mac=self.node.mac_text(),
+            security_groups=None if groups is None else tuple(groups),
+            sec=self.cfg.sec, encrypt=encrypt,
+        )
+
+    def _maybe_request(self, peer: Peer, now: float) -> None:
+        if not peer.wanted or not peer.may_request(now) or not self.connected:
+            return
+        if not self._req_bucket.take(now):
+            self._count("con_req_rate_limited")
+            peer.retry_at = now + 0.5
+            return
+        peer.enter(LinkState.REQUESTED, now)
+        peer.attempts += 1
+        msg = self._message("con_req", True if self.cfg.require_encryption else None)
+        self._send(peer.jid, msg)
+        self.node.notify("peer_state", self.peer_entry(peer))
+
+    def _send(self, jid: str, msg: SignalMessage) -> None:
+        backend = self.backend
+        if backend is None:
+            return
+        self._spawn(backend.send(jid, msg))
+
+    def _set_ip(self, peer: Peer, ip4: str) -> bool:
+        conflict = self.peers.address_conflict(peer, ip4, self.cfg.ip4)
+        if conflict is not None:
+            if peer.conflict != conflict:
+                log.error("%s (%s)", conflict, peer.jid)
+                self.node.notify("con_stat", {"peer": peer.jid, "event": "duplicate_address",
+                                              "error": conflict})
+            peer.conflict = conflict
+            self._count("duplicate_address")
+            return False
+        peer.conflict = None
+        peer.ip4 = ip4
+        return True
+
+    def _check_peer_msg(self, jid: str, msg: SignalMessage) -> Peer | None:
+        peer = self.peers.get(jid)
+        if peer.uid is not None and peer.uid != msg.uid and peer.online:
+            # a new identity on this account: the node was reinstalled or restarted fresh
+            self._drop_link(peer, "peer identity changed", tell=False)
+        peer.uid = msg.uid
+        peer.online = True
+        if msg.ip4 is None or not self._set_ip(peer, msg.ip4):
+            return None
+        return peer
+
+    def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
+        now = self._now()
+        peer = self._check_peer_msg(jid, msg)
+        if peer is None:
+            return
+        if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
+            self._count("collision_won")
+            return  # our request stands; the peer answers it
+        verdict = policy.decide(self._my_view(), self._their_view(msg, is_request=True))
+        if not self._create_link(peer, msg, verdict, now):
+            return
+        self._send(jid, self._message("con_resp", verdict.encrypt))
+
+    def _on_con_resp(self, jid: str, msg: SignalMessage) -> None:
+        now = self._now()
+        peer = self._check_peer_msg(jid, msg)
+        if peer is None:
+            return
+        if peer.state is not LinkState.REQUESTED:
+            self._count("unexpected_con_resp")
+            return
+        mine = policy.decide(self._my_view(), self._their_view(msg, is_request=False))
+        verdict = policy.reconcile(mine, msg.encrypt)
+        if verdict is not mine:
+            log.warning("security verdict disagreement with %s: mine %s, theirs %s -> encrypt",
+                        jid, mine.encrypt, msg.encrypt)
+        self._create_link(peer, msg, verdict, now)
+
+    def _create_link(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
+                     now: float) -> bool:
+        try:
+            self.node.create_signaled_link(
+                peer_uid=msg.uid, ip4=msg.ip4, candidates=list(msg.candidates),
+                fingerprint=msg.fingerprint, mac=msg.mac, encrypt=verdict.encrypt,
+                reason=verdict.reason,
+            )
+        except (LocalProtocolError, ValueError, OSError) as exc:
+            log.warning("create_link for %s failed: %s", peer.jid, exc)
+            peer.failed(now)
+            return False
+        peer.security = "dtls" if verdict.encrypt else "none"
+        peer.security_reason = verdict.reason
+        peer.enter(LinkState.LINKING, now)
+        peer.last_activity = now
+        self.node.notify("peer_state", self.peer_entry(peer))
+        return True
+
+    def _drop_link(self, peer: Peer, why: str, *, tell: bool = False) -> None:
+        if peer.uid is not None:
+            self.node.remove_link(peer.uid)
+        if tell and peer.uid is not None and peer.online:
+            self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
+                                               overlay_id=self.overlay_id))
+        log.info("link to %s removed: %s", peer.jid, why)
+        peer.enter(LinkState.IDLE, self._now())
+        peer.retry_at = self._now() + (0.5 if peer.online else 0)
+        self.node.notify("con_stat", {"peer": peer.jid, "uid": peer.uid, "event": "removed",
+                                      "why": why})
+
+    # ---- data plane events
+    def on_dataplane_event(self, ev: Event) -> bool:
+        if ev.kind == "unknown_destination":
+            dst: bytes = ev.data["dst"]
+            if len(dst) != 4:
+                return False
+            ip = str(ipaddress.IPv4Address(dst))
+            peer = self.peers.find_ip(ip)
+            if peer is not None and peer.online:
+                peer.wanted = True
+                peer.last_activity = self._now()
+                self._maybe_request(peer, self._now())
+            return False  # the node still notifies API subscribers
+        if ev.kind == "link_down":
+            peer = self.peers.find_uid(ev.data["peer_uid"].hex())
+            if peer is not None and peer.state is not LinkState.IDLE:
+                self._drop_link(peer, "keepalive timeout")
+                peer.failed(self._now())
+            return False
+        return False
+
+    def _on_link_event(self, peer_uid: str, event: str) -> None:
+        """From the node: a link became usable (keyed) or failed its handshake."""
+        peer = self.peers.find_uid(peer_uid)
+        if peer is None:
+            return
+        now = self._now()
+        if event == "up" and peer.state is not LinkState.UP:
+            peer.enter(LinkState.UP, now)
+            peer.last_activity = now
+            self.node.notify("peer_state", self.peer_entry(peer))
+        elif event == "failed":
+            self._drop_link(peer, "handshake failed")
+            peer.failed(now)
+
+    # ---- periodic work
+    def tick(self, now: float) -> None:
+        idle_limit = self.cfg.on_demand_inactive_timeout
+        for peer in self.peers:
+            if peer.timed_out(now):
+                log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
+                if peer.uid is not None:
+                    self.node.remove_link(peer.uid)
+                peer.failed(now)
+            if (peer.state is LinkState.LINKING and peer.uid is not None
+                    and self.node.link_is_up(peer.uid)):
+                self._on_link_event(peer.uid, "up")
+            if peer.state is LinkState.UP and peer.uid is not None:
+                activity = self.node.link_activity(peer.uid)
+                if activity is not None and activity > peer.last_activity:
+                    peer.last_activity = activity
+                if self.cfg.on_demand_connection and now - peer.last_activity > idle_limit:
+                    peer.wanted = False
+                    self._drop_link(peer, f"idle for {idle_limit:g} s (on-demand)", tell=True)
+                    self.node.notify("con_stat", {"peer": peer.jid, "event": "trimmed"})
+            self._maybe_request(peer, now)
+
+    # ---- status
+    def peer_entry(self, peer: Peer) -> dict[str, Any]:
+        return {
+            "uid": peer.uid, "jid": bare(peer.jid), "online": peer.online,
+            "linked": peer.state is LinkState.UP, "overlay_ip": peer.ip4,
+            "state": peer.state.value, "security": peer.security,
+            "security_reason": peer.security_reason, "conflict": peer.conflict,
+        }
+
+    def peers_status(self) -> list[dict[str, Any]]:
+        return [self.peer_entry(p) for p in self.peers]
+
+    def node_status(self) -> dict[str, Any]:
+        drops = dict(self.backend.drops) if self.backend is not None else {}
+        return {"xmpp": {"jid": self.cfg.xmpp_username, "connected": self.connected,
+                         "error": self.signal_error, "drops": drops,
+                         "counters": dict(self.counters)},
+                "controller": self.name}

@@ -1,0 +1,132 @@
+"""What a controller knows of its peers, and each link's life cycle, as pure data and rules.
+
+A peer's link moves through these states (time comes in as an argument; nothing here does I/O)::
+
+                 con_req sent                con_resp received / create_link
+    idle ───────────────────────► requested ─────────────────────────────────┐
+     ▲  │ con_req received: create_link, send con_resp                        ▼
+     │  └───────────────────────────────────────────────────────────────► linking
+     │                                                                        │ data plane: keyed
+     │          trimmed (idle), peer offline, link down, request timed out    ▼
+     └──────────────────────────────────────────────────────────────────────  up
+
+Collisions: when both ends send con_req at once, the lower UID's request wins; the higher UID
+drops its own request and answers the lower's.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+REQUEST_TIMEOUT = 6.0  # seconds a con_req waits for its con_resp
+LINKING_TIMEOUT = 12.0  # seconds from create_link to an up link (handshake, connectivity)
+RETRY_MIN = 1.0
+RETRY_MAX = 30.0
+
+
+class LinkState(enum.Enum):
+    IDLE = "idle"
+    REQUESTED = "requested"
+    LINKING = "linking"
+    UP = "up"
+
+
+@dataclass
+class Peer:
+    """A node we know through signaling."""
+
+    jid: str
+    uid: str | None = None
+    ip4: str | None = None
+    online: bool = False
+    state: LinkState = LinkState.IDLE
+    since: float = 0.0  # when ``state`` was entered
+    retry_at: float = 0.0  # no new con_req before this time
+    backoff: float = RETRY_MIN
+    last_activity: float = 0.0  # last time the link carried traffic (on-demand trimming)
+    wanted: bool = False  # a link is wanted (proactive, or on-demand traffic waiting)
+    security: str | None = None
+    security_reason: str | None = None
+    conflict: str | None = None  # e.g. a duplicate overlay address
+    attempts: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def enter(self, state: LinkState, now: float) -> None:
+        self.state = state
+        self.since = now
+        if state is LinkState.UP:
+            self.backoff = RETRY_MIN
+            self.attempts = 0
+
+    def failed(self, now: float) -> None:
+        """A set-up attempt failed: back to idle, retry later with a growing backoff."""
+        self.state = LinkState.IDLE
+        self.since = now
+        self.retry_at = now + self.backoff
+        self.backoff = min(RETRY_MAX, self.backoff * 2)
+
+    def may_request(self, now: float) -> bool:
+        return (
+            self.online and self.uid is not None and self.state is LinkState.IDLE
+            and now >= self.retry_at and self.conflict is None
+        )
+
+    def timed_out(self, now: float) -> bool:
+        if self.state is LinkState.REQUESTED:
+            return now - self.since > REQUEST_TIMEOUT
+        if self.state is LinkState.LINKING:
+            return now - self.since > LINKING_TIMEOUT
+        return False
+
+
+def wins_collision(my_uid: str, their_uid: str) -> bool:
+    """True when our own outstanding con_req should stand against theirs."""
+    return my_uid < their_uid
+
+
+def bare(jid: str) -> str:
+    return jid.split("/", 1)[0]
+
+
+class PeerTable:
+    """Peers by bare JID, with indexes by UID and overlay address."""
+
+    def __init__(self) -> None:
+        self.by_jid: dict[str, Peer] = {}
+
+    def get(self, jid: str) -> Peer:
+        key = bare(jid)
+        peer = self.by_jid.get(key)
+        if peer is None:
+            peer = self.by_jid[key] = Peer(jid=jid)
+        else:
+            peer.jid = jid if "/" in jid else peer.jid
+        return peer
+
+    def find_uid(self, uid: str) -> Peer | None:
+        for p in self.by_jid.values():
+            if p.uid == uid:
+                return p
+        return None
+
+    def find_ip(self, ip4: str) -> Peer | None:
+        for p in self.by_jid.values():
+            if p.ip4 == ip4:
+                return p
+        return None
+
+    def remove(self, jid: str) -> Peer | None:
+        return self.by_jid.pop(bare(jid), None)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(list(self.by_jid.values()))
+
+    def address_conflict(self, peer: Peer, ip4: str, my_ip4: str) -> str | None:
+        """Why ``peer`` may not use ``ip4``: it is ours, or another online peer holds it."""
+        if ip4 == my_ip4:
+            return f"duplicate overlay address {ip4}: it is this node's own"
+        other = self.find_ip(ip4)
+        if other is not None and other is not peer and other.online and other.uid != peer.uid:
+            return f"duplicate overlay address {ip4}: {other.jid} holds it"
+        return None
