@@ -75,7 +75,7 @@ def test_arp_round_trip():
                                bytes([100, 64, 0, 2]))
     dst, src, et = wp.eth_split(frame)
     assert (dst, src, et) == (b"\x04" * 6, b"\x02" * 6, wp.ETH_P_ARP)
-    op, sha, spa, tha, tpa = wp.arp_parse(frame[14:])
+    op, _sha, spa, _tha, tpa = wp.arp_parse(frame[14:])
     assert op == wp.ARP_REPLY and spa == bytes([100, 64, 0, 1]) and tpa == bytes([100, 64, 0, 2])
     assert wp.arp_parse(b"\x00" * 5) is None
     assert wp.is_multicast_mac(wp.BROADCAST_MAC) and not wp.is_multicast_mac(b"\x02" * 6)
