@@ -23,6 +23,7 @@ from ipop.api.server import ControlServer
 from ipop.config import Config, parse_endpoint
 from ipop.crypto import identity as ident
 from ipop.dataplane.facade import DataPlane, Event
+from ipop.dataplane.keying import Keying
 from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
@@ -47,6 +48,7 @@ class Node:
         self.cfg = cfg
         self.state_dir = cfg.state_path
         self.identity: ident.Identity | None = None
+        self.keying: Keying | None = None
         self.dp: DataPlane | None = None
         self.api: ControlServer | None = None
         self.controller: Controller | None = None
@@ -83,6 +85,8 @@ class Node:
         self.loop = asyncio.get_running_loop()
         self.lock_state_dir()
         self.identity = ident.load_or_create(self.state_dir)
+        self.keying = Keying(self.identity, rekey_seconds=cfg.rekey_seconds,
+                             on_event=self.link_event)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
         self.dp = DataPlane(
@@ -153,7 +157,10 @@ class Node:
                 log.exception("tick failed")
 
     def _tick_sessions(self, now: float) -> None:
-        """Drive handshake retransmits and rekeys (filled in by the security layer)."""
+        """Drive handshake retransmits and rekeys; report frames that show a sec mismatch."""
+        if self.keying is not None and self.dp is not None:
+            self.keying.tick(now)
+            self.keying.watch_plain(self.dp.table.links)
 
     # ---- static peers
     def add_static_peer(self, index: int) -> Link:
@@ -176,8 +183,9 @@ class Node:
         return link
 
     def start_security(self, link: Link, fingerprint: str | None) -> None:
-        """Begin keying an encrypted link; the security layer replaces this."""
-        raise IpopError("encrypted links are not available in this build")
+        """Begin keying an encrypted link (DTLS on the link's own path)."""
+        assert self.keying is not None
+        self.keying.start(link, fingerprint)
 
     # ---- links made by a controller
     def link_candidates(self) -> list[str]:
@@ -236,7 +244,9 @@ class Node:
                 self.stop_security(link)
 
     def stop_security(self, link: Link) -> None:
-        """Forget a removed link's keys (the security layer replaces this)."""
+        """Forget a removed link's keys."""
+        if self.keying is not None:
+            self.keying.stop(link)
 
     def link_is_up(self, peer_uid: str) -> bool:
         link = self.dp.link(bytes.fromhex(peer_uid)) if self.dp else None
@@ -255,6 +265,9 @@ class Node:
         return last[1]
 
     def link_event(self, peer_uid: bytes, event: str) -> None:
+        link = self.dp.link(peer_uid) if self.dp else None
+        if link is not None:
+            self.notify("peer_state", st.link_entry(link))
         for hook in self.link_hooks:
             hook(peer_uid.hex(), event)
 
@@ -264,6 +277,10 @@ class Node:
             if self.controller is not None and self.controller.on_dataplane_event(ev):
                 return
             if ev.kind == "control_datagram":
+                data: bytes = ev.data["data"]
+                if (20 <= data[0] <= 63 and self.keying is not None
+                        and self.keying.on_dtls(ev.data["peer_uid"], data)):
+                    return
                 for hook in self.control_datagram_hooks:
                     if hook(ev):
                         return
