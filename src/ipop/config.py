@@ -165,6 +165,9 @@ class Config(BaseModel):
             raise ValueError("xmpp_password: required when xmpp_username is set")
         if self.xmpp_username and not self.xmpp_host:
             raise ValueError("xmpp_host: required when xmpp_username is set")
+        if self.controller == "socialvpn" and self.switchmode:
+            raise ValueError("controller: socialvpn translates IPv4 addresses and needs "
+                             "switchmode 0 (TUN)")
         if self.peers and self.listen_port == 0:
             raise ValueError("listen_port: static peers need a fixed listen_port")
         if self.sec or self.require_encryption:

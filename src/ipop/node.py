@@ -27,6 +27,7 @@ from ipop.dataplane.keying import Keying
 from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
+from ipop.wire.nat44 import Translator
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
@@ -212,6 +213,7 @@ class Node:
     def create_signaled_link(
         self, *, peer_uid: str, ip4: str | None, candidates: list[str],
         fingerprint: str | None, mac: str | None, encrypt: bool, reason: str,
+        real_ip4: str | None = None,
     ) -> Link:
         """``create_link`` for a controller: pick the peer's candidate and add the link."""
         assert self.dp is not None
@@ -230,6 +232,8 @@ class Node:
             peer_uid=bytes.fromhex(peer_uid), path=LinkPath(self.link_sock, addr, None, "host"),
             ip4=ip4, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
             encrypted=encrypt, security_reason=reason,
+            xlat=None if real_ip4 is None or ip4 is None else Translator(
+                ipaddress.IPv4Address(ip4).packed, ipaddress.IPv4Address(real_ip4).packed),
         )
         if encrypt:
             self.start_security(link, fingerprint)
@@ -374,6 +378,9 @@ class Node:
             return st.link_entry(found)
         if method == "set_local_ip":
             raise IpopError("set_local_ip: the address comes from the config; restart to change")
+        extra = getattr(self.controller, "handle_api", None)
+        if extra is not None:
+            return await extra(method, params)
         raise IpopError(f"unknown method {method!r}")
 
 

@@ -42,14 +42,15 @@ def ping_until(host: Host, addr: str, timeout: float = 10.0) -> float:
 
 
 def iperf3(client: Host, server: Host, addr: str, seconds: int = 5,
-           extra: list[str] | None = None) -> dict[str, Any]:
-    """Run an iperf3 TCP test; returns iperf3's JSON result."""
+           extra: list[str] | None = None, connect: str | None = None) -> dict[str, Any]:
+    """Run an iperf3 test (server bound to ``addr``, client to ``connect`` or ``addr``)."""
     srv = server.popen(["iperf3", "-s", "-1", "-B", addr], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     try:
         wait_for(lambda: ":5201 " in server.run(["ss", "-Htln"], check=False).stdout,
                  timeout=5, what="iperf3 server")
-        r = client.run(["iperf3", "-c", addr, "-t", str(seconds), "-J", *(extra or [])],
+        r = client.run(["iperf3", "-c", connect or addr, "-t", str(seconds), "-J",
+                        *(extra or [])],
                        check=False, timeout=seconds + 30)
         result: dict[str, Any] = json.loads(r.stdout or "{}")
         assert r.returncode == 0 and "error" not in result, (

@@ -29,7 +29,8 @@ TURN_USER, TURN_PASS = "ipop", "turn-pass"
 
 
 class World:
-    def __init__(self, groups: dict[str, list[str]], *, turn: bool = False) -> None:
+    def __init__(self, groups: dict[str, list[str]], *, turn: bool = False,
+                 users: list[str] | None = None) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="ipop-world-")
         self.dir = Path(self.tmp.name)
         self.tb = Testbed()
@@ -41,9 +42,8 @@ class World:
             self.server_ip = self.inet.members["srv"]
             self.prosody = Prosody(self.dir / "prosody", domain=DOMAIN, bind=self.server_ip,
                                    netns=self.servers.ns)
-            for members in groups.values():
-                for user in members:
-                    self.prosody.register(user, PASSWORD)
+            for user in {u for members in groups.values() for u in members} | set(users or []):
+                self.prosody.register(user, PASSWORD)
             self.prosody.set_groups(groups, restart=False)
             self.prosody.start()
             self.coturn: Coturn | None = None
@@ -61,7 +61,7 @@ class World:
         self.tb.attach(self.inet, host)
         return host
 
-    def node(self, user: str, ip4: str, *, host: Host | None = None, group: str,
+    def node(self, user: str, ip4: str, *, host: Host | None = None, group: str | None,
              **extra: Any) -> NodeProc:
         host = host or self.host(user)
         cfg: dict[str, Any] = {
@@ -90,8 +90,9 @@ class World:
             self.tmp.cleanup()
 
 
-def world_fixture(groups: dict[str, list[str]], *, turn: bool = False) -> Iterator[World]:
-    w = World(groups, turn=turn)
+def world_fixture(groups: dict[str, list[str]], *, turn: bool = False,
+                  users: list[str] | None = None) -> Iterator[World]:
+    w = World(groups, turn=turn, users=users)
     try:
         yield w
     finally:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ipop.errors import ConfigError
-
 if TYPE_CHECKING:
     from ipop.node import Controller, Node
 
@@ -13,12 +11,9 @@ if TYPE_CHECKING:
 def make_controller(node: Node) -> Controller:
     """The controller the config names."""
     if node.cfg.controller == "socialvpn":
-        try:
-            from ipop.controller.socialvpn import SocialVPN  # type: ignore[import-not-found]
-        except ImportError:
-            raise ConfigError("controller", "socialvpn is not available in this build") from None
-        ctl: Controller = SocialVPN(node)
-        return ctl
+        from ipop.controller.socialvpn import SocialVPN
+
+        return SocialVPN(node)
     from ipop.controller.groupvpn import GroupVPN
 
     return GroupVPN(node)

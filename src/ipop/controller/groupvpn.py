@@ -282,11 +282,12 @@ class GroupVPN(SignalListener):
 
     def _create_link(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
                      now: float) -> bool:
+        local_ip, real_ip = self.link_addresses(peer, msg)
         try:
             self.node.create_signaled_link(
-                peer_uid=msg.uid, ip4=msg.ip4, candidates=list(msg.candidates),
+                peer_uid=msg.uid, ip4=local_ip, candidates=list(msg.candidates),
                 fingerprint=msg.fingerprint, mac=msg.mac, encrypt=verdict.encrypt,
-                reason=verdict.reason,
+                reason=verdict.reason, real_ip4=real_ip,
             )
         except (LocalProtocolError, ValueError, OSError) as exc:
             log.warning("create_link for %s failed: %s", peer.jid, exc)
@@ -298,6 +299,10 @@ class GroupVPN(SignalListener):
         peer.last_activity = now
         self.node.notify("peer_state", self.peer_entry(peer))
         return True
+
+    def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
+        """(address this node routes to the peer, the peer's own address if it differs)."""
+        return msg.ip4, None
 
     def _drop_link(self, peer: Peer, why: str, *, tell: bool = False) -> None:
         if peer.uid is not None:
@@ -375,6 +380,7 @@ class GroupVPN(SignalListener):
             "linked": peer.state is LinkState.UP, "overlay_ip": peer.ip4,
             "state": peer.state.value, "security": peer.security,
             "security_reason": peer.security_reason, "conflict": peer.conflict,
+            "name": bare(peer.jid),
         }
 
     def peers_status(self) -> list[dict[str, Any]]:

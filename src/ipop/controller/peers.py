@@ -38,7 +38,8 @@ class Peer:
 
     jid: str
     uid: str | None = None
-    ip4: str | None = None
+    ip4: str | None = None  # the peer's overlay address as this node routes it
+    real_ip4: str | None = None  # SocialVPN: the address the peer gives itself
     online: bool = False
     state: LinkState = LinkState.IDLE
     since: float = 0.0  # when ``state`` was entered

@@ -52,7 +52,6 @@ from ipop.wire import vnet
 from ipop.wire.vnet import Buf
 
 _slice_of: Callable[[Any, slice], Buf] = _getitem  # typed alias: C-level calls in map()
-_view_of: Callable[[Buf], memoryview] = memoryview
 
 MAX_SIZE = 65535  # bytes of one merged IP packet
 _H_SLICES: dict[int, slice] = {}
@@ -113,14 +112,14 @@ def coalesce(
                 continue
             m = ln - size
             if m and not p[o + 13] & _NO_MERGE and i + 1 < n:
-                limit = min(n, i + (max_size - size) // m)
+                limit = min(n, i + (max_size - size) // m + 1)  # full segments + a shorter tail
                 if flags is not None and limit > i + 1:
                     try:
                         limit = flags.index(False, i, limit)
                     except ValueError:
                         pass
                 if limit > i + 1:
-                    merged = _merge(pkts, i, limit, p, ln, size, o, v4, m)
+                    merged = _merge(pkts, i, limit, p, ln, size, o, v4, m, max_size)
                     if merged is not None:
                         append(merged)
                         i += len(merged) - 2
@@ -135,41 +134,57 @@ def coalesce(
 
 
 def _merge(
-    pkts: Sequence[Buf], i: int, limit: int, p: Buf, ln: int, size: int, o: int, v4: bool, m: int
+    pkts: Sequence[Buf], i: int, limit: int, p: Buf, ln: int, size: int, o: int, v4: bool, m: int,
+    max_size: int,
 ) -> list[Buf] | None:
-    """Merge the longest run starting at ``pkts[i]`` (ending before ``limit``), or None."""
-    k = limit - i
+    """Merge the longest run starting at ``pkts[i]`` (ending before ``limit``), or None.
+
+    The merged header is made from the first one alone, so the other segments' IPv4 ids and
+    header checksums do not matter (any id scheme merges); everything else must be predicted.
+    """
     h0 = bytes(p[:size])
-    block = header_block(h0, k, o, v4, m)
+    if v4 and vnet.ones_sum(h0[:o]) != 0xFFFF:
+        return None  # a bad IPv4 header checksum: keep the packet to itself
+    run = pkts[i:limit]
+    lens = list(map(len, run))
+    k = len(run)
+    if min(lens) < size:  # only packets with a whole header can be compared
+        k = next(j for j, x in enumerate(lens) if x < size)
+        run = run[:k]
     hs = _H_SLICES.get(size)
     if hs is None:
         hs = _H_SLICES[size] = slice(0, size)
-    got = b"".join(map(_slice_of, pkts[i:limit], repeat(hs)))
+    got = b"".join(map(_slice_of, run, repeat(hs)))
+    block = header_block(h0, k, o, m, False)
+    if v4:  # take ids and header checksums as they came
+        step = size >> 1
+        with memoryview(block).cast("H") as b16, memoryview(got).cast("H") as g16:
+            b16[2::step] = g16[2::step]
+            b16[5::step] = g16[5::step]
     good = k if got == block else _same_headers(got, block, size)
-    if good and not all(map(ln.__eq__, map(len, pkts[i : i + good]))):
-        good = next(j for j in range(good) if len(pkts[i + j]) != ln)
+    good = min(good, (max_size - size) // m)  # full-size segments that fit
+    if lens[:good].count(ln) != good:
+        good = next(j for j in range(good) if lens[j] != ln)
     if not good:
         return None
     cnt = good
     total = size + good * m
     psh = 0
     if good < k:  # may the next packet end the run (shorter, or PSH)?
-        q = pkts[i + good]
-        lq = len(q)
-        if size < lq <= ln:
+        lq = lens[good]
+        if lq <= ln and total + lq - size <= max_size:
             at = good * size
-            hq = bytearray(q[:size])
+            hq = bytearray(got[at : at + size])
             if v4:
                 ok = ((hq[2] << 8) | hq[3]) == lq
                 hq[2:4] = block[at + 2 : at + 4]
-                hq[10:12] = block[at + 10 : at + 12]
             else:
                 ok = ((hq[4] << 8) | hq[5]) + 40 == lq
                 hq[4:6] = block[at + 4 : at + 6]
             psh = hq[o + 13] & PSH
             hq[o + 13] &= ~PSH
             hq[o + 16 : o + 18] = block[at + o + 16 : at + o + 18]
-            if ok and hq == block[at : at + size]:
+            if ok and lq > size and hq == block[at : at + size]:
                 cnt += 1
                 total += lq - size
             else:
@@ -189,7 +204,7 @@ def _merge(
     csum = fold(pseudo_base(h0, v4, IPPROTO_TCP) + total - o)
     hdr[o + 16], hdr[o + 17] = csum >> 8, csum & 0xFF
     iov: list[Buf] = [vnet.VNET.pack(vnet.F_NEEDS_CSUM, gso, size, m, o, vnet.CSUM_OFFSET_TCP), hdr]
-    iov.extend(map(_slice_of, map(_view_of, pkts[i : i + cnt]), repeat(slice(size, None))))
+    iov.extend(map(_slice_of, pkts[i : i + cnt], repeat(slice(size, None))))
     return iov
 
 

@@ -24,6 +24,7 @@ from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.table import ForwardingTable
 from ipop.wire import keepalive as wk
+from ipop.wire.nat44 import Translator
 
 log = logging.getLogger("ipop.dataplane")
 
@@ -170,6 +171,7 @@ class DataPlane:
         encrypted: bool,
         security_reason: str,
         session: CryptoSession | None = None,
+        xlat: Translator | None = None,
     ) -> Link:
         """Create (or replace) the link to ``peer_uid`` and release packets held for it."""
         link = Link(
@@ -179,6 +181,7 @@ class DataPlane:
             mac=mac, encrypted=encrypted, security_reason=security_reason,
         )
         link.session = session
+        link.xlat = xlat
         link.stats.last_rx_mono = time.monotonic()
         self.adopt_socket(path.sock)
         old = self.table.add(link)

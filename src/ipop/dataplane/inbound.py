@@ -40,6 +40,7 @@ from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
 from ipop.wire import packet as wp
 
+Batch = tuple[bytearray, list[bytes | bytearray | memoryview]]  # (slab, packets in it)
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
 SLABS = 32
@@ -76,9 +77,7 @@ class Inbound:
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         for _ in range(SLABS):
             self.free.put(bytearray(SLOT * SLOTS_PER_SLAB))
-        self.work: queue.SimpleQueue[tuple[bytearray, list[bytes | memoryview]] | None] = (
-            queue.SimpleQueue()
-        )
+        self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.written = 0
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-udp-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
@@ -124,7 +123,7 @@ class Inbound:
     def _drain(self, sock: socket.socket) -> None:
         slab = self.free.get()
         view = memoryview(slab)
-        out: list[bytes | memoryview] = []
+        out: list[bytes | bytearray | memoryview] = []
         slot = 0
         recvfrom_into = sock.recvfrom_into
         try:
@@ -156,7 +155,7 @@ class Inbound:
         dgram: memoryview,
         addr: tuple[str, int],
         channel: int | None,
-        out: list[bytes | memoryview],
+        out: list[bytes | bytearray | memoryview],
     ) -> None:
         if not dgram:
             self.drops["empty"] += 1
@@ -186,7 +185,7 @@ class Inbound:
         dgram: memoryview,
         addr: tuple[str, int],
         channel: int | None,
-        out: list[bytes | memoryview],
+        out: list[bytes | bytearray | memoryview],
     ) -> None:
         if len(dgram) < wh.HEADER_LEN:
             self.drops["truncated"] += 1
@@ -210,7 +209,7 @@ class Inbound:
                 stats.drops["sealed_on_plain_link"] += 1
                 return
             try:
-                payload: bytes | memoryview = session.open(
+                payload: bytes | bytearray | memoryview = session.open(
                     dgram[: wh.HEADER_LEN], dgram[wh.HEADER_LEN :]
                 )
             except RemoteProtocolError as exc:
@@ -232,6 +231,10 @@ class Inbound:
             stats.rx_bytes += len(payload)
             if self.dev.tap and len(payload) >= wp.ETH_HLEN and not (payload[6] & 1):
                 self.table.learn_mac(bytes(payload[6:12]), link)
+            if link.xlat is not None:
+                writable = bytearray(payload) if isinstance(payload, bytes) else payload
+                link.xlat.rx(writable)
+                payload = writable
             out.append(payload)
             return
         try:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ipop.wire import header as wh
+from ipop.wire.nat44 import Translator
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
@@ -90,6 +91,7 @@ class Link:
         self.encrypted = encrypted
         self.security_reason = security_reason
         self.session: CryptoSession | None = None
+        self.xlat: Translator | None = None  # SocialVPN: this friend's address in our view
         self.stats = LinkStats()
         self.created = time.monotonic()
         self.hdr_data = wh.pack(wh.T_DATA, local_uid, peer_uid)

@@ -92,6 +92,8 @@ class Outbound(threading.Thread):
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20)
         link = self.table.by_ip.get(dst)
         if link is not None:
+            if link.xlat is not None:
+                link.xlat.tx(pkt)
             link.send_packet(pkt)
         elif is_group:
             self._flood(pkt)

@@ -72,6 +72,23 @@ class Segments(NamedTuple):
         return len(self.parts) // self.stride
 
 
+_CUTS: dict[tuple[int, int, int], list[slice]] = {}
+
+
+def cuts(start: int, step: int, count: int) -> list[slice]:
+    """``[slice(start + i*step, start + (i+1)*step) for i in range(count)]``, cached: making
+    slice objects costs more than slicing with them, and (header size, MSS, count) repeat."""
+    key = (start, step, count)
+    got = _CUTS.get(key)
+    if got is None:
+        if len(_CUTS) >= 1024:
+            _CUTS.clear()
+        end = start + count * step
+        got = list(map(slice, range(start, end, step), range(start + step, end + step, step)))
+        _CUTS[key] = got
+    return got
+
+
 def fold(x: int) -> int:
     """Fold a sum of 16-bit words to its ones'-complement value in 1..0xFFFF (x may be negative)."""
     return (x - 1) % 0xFFFF + 1
@@ -112,10 +129,10 @@ def _ramp(code: str, start: int, count: int, step: int, modulus: int) -> array[i
     return out
 
 
-def header_block(tmpl: Buf, count: int, l4: int, v4: bool, seq_step: int) -> bytearray:
-    """``count`` copies of the header ``tmpl`` (IP + L4) back to back, where copy i has IPv4 id
-    ``id+i`` with its header checksum made right and TCP sequence number ``seq + i*seq_step``
-    (no sequence numbers when ``seq_step`` is 0).  ``len(tmpl)`` and ``l4`` are multiples of 4.
+def header_block(tmpl: Buf, count: int, l4: int, seq_step: int, ipv4_ids: bool) -> bytearray:
+    """``count`` copies of the header ``tmpl`` (IP + L4) back to back, where copy i has TCP
+    sequence number ``seq + i*seq_step`` (unless ``seq_step`` is 0) and, with ``ipv4_ids``, IPv4
+    id ``id+i`` and its header checksum made right.  ``len(tmpl)`` and ``l4`` are multiples of 4.
     """
     size = len(tmpl)
     block = bytearray(tmpl) * count
@@ -127,7 +144,7 @@ def header_block(tmpl: Buf, count: int, l4: int, v4: bool, seq_step: int) -> byt
             seqs.byteswap()
         with view.cast("I") as v32:
             v32[(l4 + 4) >> 2 :: size >> 2] = seqs
-    if v4:
+    if ipv4_ids:
         id0 = (tmpl[4] << 8) | tmpl[5]
         # sum of the IPv4 header's words without id and checksum, mod 0xFFFF
         base = (int.from_bytes(tmpl[:l4], "big") - id0 - ((tmpl[10] << 8) | tmpl[11])) % 0xFFFF
@@ -192,7 +209,7 @@ def segment(hdr: VnetHdr, pkt: Buf, prefix: bytes = b"") -> Segments:
     if proto == IPPROTO_TCP:
         flags = tmpl[o + 13]
         tmpl[o + 13] = flags & ~(FIN | PSH | CWR)
-        block = header_block(tmpl, count, o, v4, mss)
+        block = header_block(tmpl, count, o, mss, v4)
         if flags & CWR:
             block[o + 13] = flags & ~(FIN | PSH)
         at = (count - 1) * size
@@ -200,7 +217,7 @@ def segment(hdr: VnetHdr, pkt: Buf, prefix: bytes = b"") -> Segments:
         _H.pack_into(block, at + o + 16, fold(base + rest))
     else:
         _H.pack_into(tmpl, o + 4, 8 + mss)
-        block = header_block(tmpl, count, o, v4, 0)
+        block = header_block(tmpl, count, o, 0, v4)
         at = (count - 1) * size
         _H.pack_into(block, at + o + 4, 8 + rest)
         _H.pack_into(block, at + o + 6, fold(base + rest))
@@ -211,13 +228,8 @@ def segment(hdr: VnetHdr, pkt: Buf, prefix: bytes = b"") -> Segments:
     else:
         _H.pack_into(block, at + 4, size - 40 + rest)
     hv = memoryview(block)
-    end = count * size
-    headers: list[Buf] = list(
-        map(hv.__getitem__, map(slice, range(0, end, size), range(size, end + size, size)))
-    )
-    stop = size + count * mss
-    cuts = map(slice, range(size, stop, mss), range(size + mss, stop + mss, mss))
-    payloads: list[Buf] = list(map(view.__getitem__, cuts))
+    headers: list[Buf] = list(map(hv.__getitem__, cuts(0, size, count)))
+    payloads: list[Buf] = list(map(view.__getitem__, cuts(size, mss, count)))
     return _pack(headers, payloads, prefix, size + mss, size + rest, True)
 
 

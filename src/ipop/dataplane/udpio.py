@@ -33,6 +33,7 @@ from itertools import repeat
 from operator import getitem as _getitem
 from typing import Any
 
+from ipop.dataplane.segment import cuts
 from ipop.errors import MalformedFrame
 from ipop.wire.vnet import Buf
 
@@ -184,8 +185,7 @@ def split_gro(view: memoryview, n: int, gso_size: int) -> list[memoryview]:
     if n <= gso_size or gso_size <= 0:
         return [view[:n]]
     data = view[:n]
-    return list(map(data.__getitem__, map(slice, range(0, n, gso_size),
-                                          range(gso_size, n + gso_size, gso_size))))
+    return list(map(data.__getitem__, cuts(0, gso_size, -(-n // gso_size))))
 
 
 def same_prefix(datagrams: Sequence[Buf], prefix: bytes) -> bool:

@@ -26,7 +26,7 @@ def pack(op: int, stamp_ns: int) -> bytes:
     return _FMT.pack(op, stamp_ns & 0xFFFF_FFFF_FFFF_FFFF)
 
 
-def parse(payload: bytes | memoryview) -> tuple[int, int]:
+def parse(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
     """(op, timestamp) of a keepalive payload; raises MalformedFrame only."""
     if len(payload) != SIZE:
         raise MalformedFrame(f"keepalive of {len(payload)} bytes", reason="bad_keepalive")
