@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def _ping_ok(host: Host, addr: str, count: int = 3) -> tuple[bool, float | None]
     return r.returncode == 0, rtt
 
 
-def _iperf(client: Host, server: Host, addr: str, seconds: int) -> float:
+def _iperf(client: Host, server: Host, addr: str, seconds: int,
+           connect: str | None = None) -> float:
     srv = server.popen(["iperf3", "-s", "-1", "-B", addr], stdout=subprocess.DEVNULL,
                        stderr=subprocess.DEVNULL)
     try:
@@ -47,8 +49,8 @@ def _iperf(client: Host, server: Host, addr: str, seconds: int) -> float:
             if time.monotonic() > deadline:
                 return 0.0
             time.sleep(0.05)
-        r = client.run(["iperf3", "-c", addr, "-t", str(seconds), "-J", "--connect-timeout",
-                        "3000"], check=False, timeout=seconds + 30)
+        r = client.run(["iperf3", "-c", connect or addr, "-t", str(seconds), "-J",
+                        "--connect-timeout", "3000"], check=False, timeout=seconds + 30)
         data: dict[str, Any] = json.loads(r.stdout or "{}")
         if "error" in data or r.returncode:
             return 0.0
@@ -58,21 +60,23 @@ def _iperf(client: Host, server: Host, addr: str, seconds: int) -> float:
         srv.wait(5)
 
 
-def _report(nodes: list[NodeProc], seconds: int, under: dict[str, str]) -> int:
+def _report(nodes: list[NodeProc], seconds: int, under: dict[str, str],
+            address_of: Callable[[NodeProc, NodeProc], str]) -> int:
     console.rule("reachability")
     failures = 0
     table = Table()
     for col in ("from", "to", "overlay ip", "ok", "rtt ms"):
         table.add_column(col)
     for a, b in itertools.permutations(nodes, 2):
-        ok, rtt = _ping_ok(a.host, b.config["ip4"])
+        addr = address_of(a, b)
+        ok, rtt = _ping_ok(a.host, addr)
         failures += not ok
-        table.add_row(a.name, b.name, b.config["ip4"], "yes" if ok else "[red]NO[/red]",
+        table.add_row(a.name, b.name, addr, "yes" if ok else "[red]NO[/red]",
                       f"{rtt:.3f}" if rtt is not None else "-")
     console.print(table)
     a, b = nodes[0], nodes[1]
     console.rule(f"throughput {a.name} -> {b.name} (iperf3 TCP, {seconds} s)")
-    overlay = _iperf(a.host, b.host, b.config["ip4"], seconds)
+    overlay = _iperf(a.host, b.host, b.config["ip4"], seconds, connect=address_of(a, b))
     direct = _iperf(a.host, b.host, under[b.name], seconds)
     tt = Table()
     for col in ("path", "Gbit/s", "vs direct"):
@@ -85,6 +89,10 @@ def _report(nodes: list[NodeProc], seconds: int, under: dict[str, str]) -> int:
         console.rule(f"ipop status: {node.name}")
         render(node.status())
     return 1 if failures or overlay == 0 else 0
+
+
+def _own_address(_a: NodeProc, b: NodeProc) -> str:
+    return str(b.config["ip4"])
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -109,12 +117,16 @@ def run_demo(args: argparse.Namespace) -> int:
             node.start()
         for node in nodes:
             node.wait_ready()
+        address_of: Callable[[NodeProc, NodeProc], str] = _own_address
         if mode != "static":
-            from ipop.cli.demo_signal import wait_linked
+            from ipop.cli import demo_signal
 
-            wait_linked(nodes, timeout=30)
+            if mode == "socialvpn":
+                demo_signal.befriend_all(nodes)
+            demo_signal.wait_linked(nodes, timeout=30)
+            address_of = demo_signal.address_of
         console.print(f"all {n} nodes up and linked in {time.monotonic() - t0:.2f} s")
-        rc = _report(nodes, args.seconds, under)
+        rc = _report(nodes, args.seconds, under, address_of)
         for node in nodes:
             node.stop()
         if mode != "static":

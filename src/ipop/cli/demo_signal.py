@@ -33,7 +33,8 @@ def build_signaled(tb: Testbed, work: Path, n: int, mode: str) -> tuple[list[Nod
     users = [f"n{i + 1}" for i in range(n)]
     for u in users:
         prosody.register(u, PASSWORD)
-    prosody.set_groups({"demo": users}, restart=False)
+    if mode != "socialvpn":
+        prosody.set_groups({"demo": users}, restart=False)
     prosody.start()
     coturn = Coturn(work / "coturn", listen_ip=server_ip, relay_ip=server_ip,
                     users={TURN_USER: TURN_PASS}, netns=srv.ns)
@@ -49,16 +50,39 @@ def build_signaled(tb: Testbed, work: Path, n: int, mode: str) -> tuple[list[Nod
             under[user] = nat.inside.members[user]
         else:
             under[user] = tb.attach(inet, host)
+        social = mode == "socialvpn"
         cfg: dict[str, Any] = {
-            "ip4": f"100.64.0.{i + 1}", "ip4_mask": 24, "xmpp_username": f"{user}@{DOMAIN}",
+            # SocialVPN: every user picks the same subnet and address; views are private
+            "ip4": "100.64.0.1" if social else f"100.64.0.{i + 1}", "ip4_mask": 24,
+            "xmpp_username": f"{user}@{DOMAIN}",
             "xmpp_password": PASSWORD, "xmpp_host": server_ip, "xmpp_tls": "none",
-            "group": "demo", "controller": mode,
+            "controller": mode,
             "stun": [f"{server_ip}:3478"],
             "turn": [{"server": f"{server_ip}:3478", "user": TURN_USER, "pass": TURN_PASS}],
             "sec": False,
         }
+        if not social:
+            cfg["group"] = "demo"
         nodes.append(NodeProc(host, work, user, cfg))
     return nodes, under
+
+
+def befriend_all(nodes: list[NodeProc]) -> None:
+    """SocialVPN: every user adds every other as a friend (mutual subscriptions)."""
+    for a in nodes:
+        for b in nodes:
+            if a is not b:
+                a.call("add_friend", {"jid": f"{b.name}@{DOMAIN}"})
+
+
+def address_of(a: NodeProc, b: NodeProc) -> str:
+    """The address ``a`` uses for ``b``: its own for GroupVPN, a's view of b for SocialVPN."""
+    if a.config.get("controller") != "socialvpn":
+        return str(b.config["ip4"])
+    for p in a.status()["peers"]:
+        if p.get("jid") == f"{b.name}@{DOMAIN}":
+            return str(p["overlay_ip"])
+    raise IpopError(f"{a.name} has no friend {b.name}")
 
 
 def wait_linked(nodes: list[NodeProc], timeout: float = 30.0) -> None:
