@@ -222,6 +222,8 @@ def test_split_gro_and_same_prefix():
     assert [bytes(p) for p in udpio.split_gro(view, 8, 3)] == [b"aaa", b"bbb", b"cc"]
     assert [bytes(p) for p in udpio.split_gro(view, 8, 8)] == [b"aaabbbcc"]
     assert [bytes(p) for p in udpio.split_gro(view, 6, 0)] == [b"aaabbb"]
+    assert [bytes(p) for p in udpio.split_gro(view, 8, 3, skip=1)] == [b"aa", b"bb", b"c"]
+    assert [bytes(p) for p in udpio.split_gro(view, 8, 8, skip=2)] == [b"abbbcc"]
     assert udpio.same_prefix([b"\x80abc1", memoryview(b"\x80abc22")], b"\x80abc")
     assert not udpio.same_prefix([b"\x80abc1", b"\x81abc2"], b"\x80abc")
     assert not udpio.same_prefix([b"\x80abc1", b"\x80a"], b"\x80abc")
@@ -260,7 +262,9 @@ def test_segment_train_gro_coalesce_end_to_end(rx, tx):
     n, _, gso = udpio.recv_batch(rx, buf)
     frames = udpio.split_gro(memoryview(buf), n, gso)
     assert len(frames) == 39 and udpio.same_prefix(frames, prefix)
-    out = co.coalesce([f[len(prefix) :] for f in frames], True)
+    inner = udpio.split_gro(memoryview(buf), n, gso, skip=len(prefix))
+    assert [bytes(f[len(prefix) :]) for f in frames] == [bytes(x) for x in inner]
+    out = co.coalesce(inner, True)
     assert len(out) == 1
     assert vnet.parse(out[0][0]).gso_size == 1334
     assert b"".join(out[0][1:]) == orig

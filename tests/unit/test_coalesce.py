@@ -226,6 +226,21 @@ def test_size_limit():
     assert len(co.coalesce(pkts, max_size=52 + 3 * 1400)) == 20
 
 
+@pytest.mark.parametrize("v4", [True, False])
+@pytest.mark.parametrize("tail", [0, 1, 65, 9999])
+def test_largest_super_packets_round_trip(v4, tail):
+    # 49 segments of 1334 bytes and a short tail, up to 65535 bytes: the largest there are
+    payload = bytes(range(251)) * 261
+    payload = payload[: min(49 * 1334 + tail, 65535 - (52 if v4 else 72))]
+    orig = tcp_packet(v4, payload, 0xFFFFF000, ACK | PSH)
+    assert len(orig) <= 65535
+    res = writes(co.coalesce(datagrams(sg.segment(tso_hdr(v4, 1334), orig))))
+    assert [p for _, p in res] == [orig]
+    check_write(*res[0])
+    assert len(co.coalesce(datagrams(sg.segment(tso_hdr(v4, 1334), orig)),
+                           max_size=len(orig) - 1)) == 2
+
+
 def test_bad_ipv4_checksum_is_not_merged():
     a, b = _run(n=2)
     bad = bytearray(a)

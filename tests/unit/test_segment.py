@@ -225,6 +225,17 @@ def test_plain_packet_passes_untouched():
     assert datagrams(seg) == [pkt] and not seg.partial
 
 
+def test_plain_prefix_marks_complete_packets():
+    pkt = ip4(28, 1, proto=1) + bytes(8)
+    seg = sg.segment(vnet.VnetHdr(), pkt, b"PARTIAL", b"FULL")
+    assert datagrams(seg) == [b"FULL" + pkt] and seg.size == seg.last == 4 + len(pkt)
+    ack = tcp_packet(True, b"", 1, ACK)
+    seg = sg.segment(vnet.VnetHdr(vnet.F_NEEDS_CSUM, 0, 0, 0, 20, 16), ack, b"PARTIAL", b"FULL")
+    assert datagrams(seg) == [b"PARTIAL" + ack] and seg.partial
+    seg = sg.segment(tso_hdr(True, 500), tcp_packet(True, bytes(1200), 1), b"P", b"F")
+    assert [d[:1] for d in datagrams(seg)] == [b"P"] * 3
+
+
 def test_needs_csum_standard_layout_stays_partial():
     for v4 in (True, False):
         pkt = tcp_packet(v4, b"", 1, ACK)  # a pure ACK with a partial checksum

@@ -72,19 +72,20 @@ class Segments(NamedTuple):
         return len(self.parts) // self.stride
 
 
-_CUTS: dict[tuple[int, int, int], list[slice]] = {}
+_CUTS: dict[tuple[int, int, int, int], list[slice]] = {}
 
 
-def cuts(start: int, step: int, count: int) -> list[slice]:
-    """``[slice(start + i*step, start + (i+1)*step) for i in range(count)]``, cached: making
-    slice objects costs more than slicing with them, and (header size, MSS, count) repeat."""
-    key = (start, step, count)
+def cuts(start: int, step: int, count: int, skip: int = 0) -> list[slice]:
+    """``[slice(start + i*step + skip, start + (i+1)*step) for i in range(count)]``, cached:
+    making slice objects costs more than slicing with them, and (size, MSS, count) repeat."""
+    key = (start, step, count, skip)
     got = _CUTS.get(key)
     if got is None:
         if len(_CUTS) >= 1024:
             _CUTS.clear()
         end = start + count * step
-        got = list(map(slice, range(start, end, step), range(start + step, end + step, step)))
+        firsts = range(start + skip, end + skip, step)
+        got = list(map(slice, firsts, range(start + step, end + step, step)))
         _CUTS[key] = got
     return got
 
@@ -165,17 +166,27 @@ def header_block(tmpl: Buf, count: int, l4: int, seq_step: int, ipv4_ids: bool) 
     return block
 
 
-def segment(hdr: VnetHdr, pkt: Buf, prefix: bytes = b"") -> Segments:
+def segment(
+    hdr: VnetHdr, pkt: Buf, prefix: bytes = b"", plain_prefix: bytes | None = None
+) -> Segments:
     """Cut the packet ``pkt`` read behind the virtio header ``hdr`` into standalone packets.
 
     GSO_TCPV4/GSO_TCPV6 (with or without ECN) and GSO_UDP_L4 super-packets are cut into
     ``gso_size`` payload bytes per segment; a packet without GSO passes through whole.
+    Every datagram starts with ``prefix`` (e.g. the frame header that says "partial"), except a
+    packet whose checksum is complete (``partial`` False; always a single datagram), which
+    starts with ``plain_prefix`` when given (of the same emptiness as ``prefix``).
     Raises ``LocalProtocolError`` (reasons ``not_ip``, ``gso_unsupported``, ``gso_malformed``).
     """
     view = memoryview(pkt)
     gso = hdr.gso_type & ~vnet.GSO_ECN
     if gso == vnet.GSO_NONE:
-        return _single(hdr, view, prefix)
+        seg = _single(hdr, view, prefix)
+        if plain_prefix is not None and not seg.partial and prefix:
+            seg.parts[0] = plain_prefix
+            return seg._replace(size=seg.size + len(plain_prefix) - len(prefix),
+                                last=seg.last + len(plain_prefix) - len(prefix))
+        return seg
     v4, o, proto = l4_offset(view)
     n = len(view)
     mss = hdr.gso_size

@@ -180,12 +180,13 @@ def recv_batch(sock: socket.socket, buf: bytearray | memoryview) -> tuple[int, A
     return n, addr[:2], gso
 
 
-def split_gro(view: memoryview, n: int, gso_size: int) -> list[memoryview]:
-    """The datagrams of a batch of ``n`` bytes at the start of ``view``: views, in order."""
+def split_gro(view: memoryview, n: int, gso_size: int, skip: int = 0) -> list[memoryview]:
+    """The datagrams of a batch of ``n`` bytes at the start of ``view``: views, in order,
+    each without its first ``skip`` bytes (e.g. a frame header already checked)."""
     if n <= gso_size or gso_size <= 0:
-        return [view[:n]]
+        return [view[skip:n]]
     data = view[:n]
-    return list(map(data.__getitem__, cuts(0, gso_size, -(-n // gso_size))))
+    return list(map(data.__getitem__, cuts(0, gso_size, -(-n // gso_size), skip)))
 
 
 def same_prefix(datagrams: Sequence[Buf], prefix: bytes) -> bool:
