@@ -216,7 +216,7 @@ def test_property_round_trip(suite: Suite, aad: bytes, plaintext: bytes, epoch: 
     assert opener.open(aad, sealer.seal(aad, plaintext)) == plaintext
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     suite=st.sampled_from(list(Suite)),
     plaintext=st.binary(max_size=200),

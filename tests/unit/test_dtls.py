@@ -259,7 +259,7 @@ def test_non_dtls_garbage_is_ignored_mid_handshake() -> None:
     assert_matching(client, server)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     junk=st.lists(
         st.one_of(
