@@ -61,10 +61,8 @@ class Node:
         # hooks later layers set: a STUN/DTLS datagram router, and link up/failed listeners
         self.control_datagram_hooks: list[Callable[[Event], bool]] = []
         self.link_hooks: list[Callable[[str, str], None]] = []
-        self.link_sock: Any = None
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
-        self._host_addrs: tuple[float, list[str]] = (0.0, [])
 
     # ---- life cycle
     def lock_state_dir(self) -> None:
@@ -98,8 +96,6 @@ class Node:
         )
         if cfg.listen_port:
             self.listen_sock = self.dp.open_listen_socket(cfg.listen_port)
-        if self.controller is not None:
-            self.link_sock = self.listen_sock or self.dp.open_listen_socket(0)
         self.dp.start()
         for i, peer in enumerate(cfg.peers):
             try:
@@ -189,47 +185,20 @@ class Node:
         self.keying.start(link, fingerprint)
 
     # ---- links made by a controller
-    def link_candidates(self) -> list[str]:
-        """Host candidates ``host IP:PORT`` of the link socket (never the overlay itself)."""
-        if self.link_sock is None:
-            return []
-        port = self.link_sock.getsockname()[1]
-        return [f"host {a}:{port}" for a in self.host_addresses()]
-
-    def host_addresses(self) -> list[str]:
-        now = time.monotonic()
-        stamp, addrs = self._host_addrs
-        if now - stamp < 10.0 and addrs:
-            return addrs
-        addrs = underlay_addresses(self.cfg.interface)
-        self._host_addrs = (now, addrs)
-        return addrs
-
     def mac_text(self) -> str | None:
         if self.dp is None or self.dp.dev.mac is None:
             return None
         return ":".join(f"{b:02x}" for b in self.dp.dev.mac)
 
-    def create_signaled_link(
-        self, *, peer_uid: str, ip4: str | None, candidates: list[str],
-        fingerprint: str | None, mac: str | None, encrypt: bool, reason: str,
-        real_ip4: str | None = None,
+    def create_link_on_path(
+        self, *, peer_uid: str, ip4: str | None, path: LinkPath, fingerprint: str | None,
+        mac: str | None, encrypt: bool, reason: str, real_ip4: str | None = None,
+        early: list[bytes] | None = None,
     ) -> Link:
-        """``create_link`` for a controller: pick the peer's candidate and add the link."""
+        """``create_link`` for a controller, on the path ICE selected."""
         assert self.dp is not None
-        if self.link_sock is None:
-            raise IpopError("no link socket")
-        addr = None
-        for cand in candidates:
-            kind, _, hostport = cand.partition(" ")
-            if kind == "host" and hostport:
-                host, port = parse_endpoint(hostport)
-                addr = _sockaddr(host, port)
-                break
-        if addr is None:
-            raise IpopError("peer sent no usable candidate")
         link = self.dp.add_link(
-            peer_uid=bytes.fromhex(peer_uid), path=LinkPath(self.link_sock, addr, None, "host"),
+            peer_uid=bytes.fromhex(peer_uid), path=path,
             ip4=ip4, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
             encrypted=encrypt, security_reason=reason,
             xlat=None if real_ip4 is None or ip4 is None else Translator(
@@ -237,6 +206,9 @@ class Node:
         )
         if encrypt:
             self.start_security(link, fingerprint)
+            for d in early or []:
+                if d and 20 <= d[0] <= 63 and self.keying is not None:
+                    self.keying.on_dtls(link.peer_uid, d)
         self.notify("peer_state", st.link_entry(link))
         return link
 
@@ -401,31 +373,3 @@ def _sockaddr(host: str, port: int) -> tuple[str, int]:
     if ip.version == 4:
         return (f"::ffff:{ip}", port)
     return (str(ip), port)
-
-
-def underlay_addresses(exclude_iface: str) -> list[str]:
-    """This namespace's global addresses, without loopback, our NIC, and the overlay range."""
-    import json
-    import subprocess
-
-    try:
-        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout
-        data = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return []
-    overlay4 = ipaddress.ip_network("100.64.0.0/10")
-    overlay6 = ipaddress.ip_network("2001:db8::/32")
-    found: list[str] = []
-    for iface in data:
-        if iface.get("ifname") in (exclude_iface, "lo"):
-            continue
-        for a in iface.get("addr_info", []):
-            ip = ipaddress.ip_address(a.get("local", "0.0.0.0"))
-            if ip.is_loopback or ip.is_link_local or ip.is_unspecified:
-                continue
-            if ip in (overlay4 if ip.version == 4 else overlay6):
-                continue
-            found.append(str(ip))
-    found.sort(key=lambda x: ":" in x)  # IPv4 first
-    return found

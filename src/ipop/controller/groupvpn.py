@@ -15,16 +15,19 @@ and trims links idle for ``on-demand_inactive_timeout`` seconds, telling the pee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ipop.controller.icepaths import IcePaths
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
 from ipop.crypto import policy
 from ipop.dataplane.facade import Event
-from ipop.errors import ConfigError, LocalProtocolError
+from ipop.dataplane.link import Path as LinkPath
+from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
 from ipop.wire.signal import SignalMessage
 
@@ -55,6 +58,7 @@ class GroupVPN(SignalListener):
         self._connect_task: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {}
         self.fatal: BaseException | None = None
+        self.paths: IcePaths | None = None
 
     # ---- helpers
     @property
@@ -78,6 +82,10 @@ class GroupVPN(SignalListener):
         if self.backend is None:
             self.backend = self._make_backend()
         self.node.link_hooks.append(self._on_link_event)
+        assert self.node.dp is not None
+        self.paths = IcePaths(self.cfg, self.node.dp, on_path_change=self._path_changed,
+                              on_failed=self._ice_failed)
+        self.node.control_datagram_hooks.append(self._on_stun)
         state = self.node.get_state()  # step 1: the data plane's view
         log.debug("controller start: %d links", len(state["links"]))
         self._connect_task = asyncio.get_running_loop().create_task(self._connect())
@@ -118,6 +126,9 @@ class GroupVPN(SignalListener):
             self._connect_task.cancel()
         for task in list(self._tasks):
             task.cancel()
+        if self.paths is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.paths.close_all(), 3.0)
         if self.backend is not None:
             try:
                 await asyncio.wait_for(self.backend.close(), 3.0)
@@ -195,14 +206,15 @@ class GroupVPN(SignalListener):
             require_encryption=bool(is_request and msg.encrypt),
         )
 
-    def _message(self, mtype: str, encrypt: bool | None) -> SignalMessage:
+    def _message(self, mtype: str, encrypt: bool | None,
+                 candidates: list[str] | None = None) -> SignalMessage:
         assert self.node.identity is not None
         groups = self.cfg.security_groups
         return SignalMessage(
             type=mtype,  # type: ignore[arg-type]
             uid=self.my_uid, overlay_id=self.overlay_id, ip4=self.cfg.ip4,
             fingerprint=self.node.identity.fingerprint,
-            candidates=tuple(self.node.link_candidates()),
+            candidates=tuple(candidates or ()),
             mac=self.node.mac_text(),
             security_groups=None if groups is None else tuple(groups),
             sec=self.cfg.sec, encrypt=encrypt,
@@ -217,9 +229,37 @@ class GroupVPN(SignalListener):
             return
         peer.enter(LinkState.REQUESTED, now)
         peer.attempts += 1
-        msg = self._message("con_req", True if self.cfg.require_encryption else None)
-        self._send(peer.jid, msg)
+        self._spawn(self._request(peer, peer.attempt_id))
         self.node.notify("peer_state", self.peer_entry(peer))
+
+    async def _request(self, peer: Peer, attempt: int) -> None:
+        """Step 4: gather our candidates, then send con_req."""
+        assert self.paths is not None and peer.uid is not None
+        try:
+            candidates = await self.paths.prepare(peer.uid, self.my_uid)
+        except Exception as exc:
+            self._attempt_failed(peer, attempt, f"gathering candidates failed: {exc}")
+            return
+        if peer.attempt_id != attempt or peer.state is not LinkState.REQUESTED:
+            return
+        msg = self._message("con_req", True if self.cfg.require_encryption else None,
+                            candidates)
+        self._send(peer.jid, msg)
+
+    def _attempt_failed(self, peer: Peer, attempt: int, why: str) -> None:
+        if peer.attempt_id != attempt:
+            return
+        log.warning("link set-up with %s failed: %s", peer.jid, why)
+        self._count("setup_failed")
+        if peer.uid is not None:
+            self.node.remove_link(peer.uid)
+            self._spawn(self._close_path(peer.uid))
+        peer.failed(self._now())
+        self.node.notify("peer_state", self.peer_entry(peer))
+
+    async def _close_path(self, peer_uid: str) -> None:
+        if self.paths is not None:
+            await self.paths.close(peer_uid)
 
     def _send(self, jid: str, msg: SignalMessage) -> None:
         backend = self.backend
@@ -260,10 +300,28 @@ class GroupVPN(SignalListener):
         if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
             self._count("collision_won")
             return  # our request stands; the peer answers it
+        if peer.state in (LinkState.UP, LinkState.LINKING) or (
+                self.paths is not None and msg.uid in self.paths.connected):
+            # the peer starts over (it restarted, or lost the link): so do we
+            self._drop_link(peer, "peer asked for a new link")
         verdict = policy.decide(self._my_view(), self._their_view(msg, is_request=True))
-        if not self._create_link(peer, msg, verdict, now):
+        self._begin_linking(peer, verdict, now)
+        self._spawn(self._answer(peer, msg, verdict, peer.attempt_id))
+
+    async def _answer(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
+                      attempt: int) -> None:
+        """Steps 5-6: gather, answer con_resp, then connect and create the link."""
+        assert self.paths is not None
+        try:
+            candidates = await self.paths.prepare(msg.uid, self.my_uid)
+            if peer.attempt_id != attempt:
+                return
+            self._send(peer.jid, self._message("con_resp", verdict.encrypt, candidates))
+            path, early = await self.paths.connect(msg.uid, list(msg.candidates))
+        except Exception as exc:
+            self._attempt_failed(peer, attempt, f"ICE: {exc}")
             return
-        self._send(jid, self._message("con_resp", verdict.encrypt))
+        self._finish_link(peer, msg, verdict, path, early, attempt)
 
     def _on_con_resp(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
@@ -278,27 +336,60 @@ class GroupVPN(SignalListener):
         if verdict is not mine:
             log.warning("security verdict disagreement with %s: mine %s, theirs %s -> encrypt",
                         jid, mine.encrypt, msg.encrypt)
-        self._create_link(peer, msg, verdict, now)
+        self._begin_linking(peer, verdict, now)
+        self._spawn(self._complete(peer, msg, verdict, peer.attempt_id))
 
-    def _create_link(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
-                     now: float) -> bool:
-        local_ip, real_ip = self.link_addresses(peer, msg)
+    async def _complete(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
+                        attempt: int) -> None:
+        """Step 7: connect to the answer's candidates and create the link."""
+        assert self.paths is not None
         try:
-            self.node.create_signaled_link(
-                peer_uid=msg.uid, ip4=local_ip, candidates=list(msg.candidates),
-                fingerprint=msg.fingerprint, mac=msg.mac, encrypt=verdict.encrypt,
-                reason=verdict.reason, real_ip4=real_ip,
-            )
-        except (LocalProtocolError, ValueError, OSError) as exc:
-            log.warning("create_link for %s failed: %s", peer.jid, exc)
-            peer.failed(now)
-            return False
+            path, early = await self.paths.connect(msg.uid, list(msg.candidates))
+        except Exception as exc:
+            self._attempt_failed(peer, attempt, f"ICE: {exc}")
+            return
+        self._finish_link(peer, msg, verdict, path, early, attempt)
+
+    def _begin_linking(self, peer: Peer, verdict: policy.Verdict, now: float) -> None:
         peer.security = "dtls" if verdict.encrypt else "none"
         peer.security_reason = verdict.reason
         peer.enter(LinkState.LINKING, now)
         peer.last_activity = now
         self.node.notify("peer_state", self.peer_entry(peer))
-        return True
+
+    def _finish_link(self, peer: Peer, msg: SignalMessage, verdict: policy.Verdict,
+                     path: LinkPath, early: list[bytes], attempt: int) -> None:
+        """``create_link`` on the path ICE selected; the data plane keys it if encrypted."""
+        if peer.attempt_id != attempt or peer.state is not LinkState.LINKING:
+            self._spawn(self._close_path(msg.uid))
+            return
+        local_ip, real_ip = self.link_addresses(peer, msg)
+        try:
+            self.node.create_link_on_path(
+                peer_uid=msg.uid, ip4=local_ip, path=path, fingerprint=msg.fingerprint,
+                mac=msg.mac, encrypt=verdict.encrypt, reason=verdict.reason, real_ip4=real_ip,
+                early=early,
+            )
+        except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
+            self._attempt_failed(peer, attempt, f"create_link: {exc}")
+            return
+        peer.last_activity = self._now()
+
+    def _on_stun(self, ev: Event) -> bool:
+        data: bytes = ev.data["data"]
+        if self.paths is None or not data or data[0] > 3:
+            return False
+        return self.paths.feed(ev.data["sock"], data, ev.data["addr"], ev.data["channel"])
+
+    def _path_changed(self, peer_uid: str, path: LinkPath) -> None:
+        if self.node.dp is not None:
+            self.node.dp.set_path(bytes.fromhex(peer_uid), path)
+
+    def _ice_failed(self, peer_uid: str, why: str) -> None:
+        peer = self.peers.find_uid(peer_uid)
+        if peer is not None and peer.state is not LinkState.IDLE:
+            self._drop_link(peer, f"path lost ({why})")
+            peer.failed(self._now())
 
     def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
         """(address this node routes to the peer, the peer's own address if it differs)."""
@@ -307,6 +398,7 @@ class GroupVPN(SignalListener):
     def _drop_link(self, peer: Peer, why: str, *, tell: bool = False) -> None:
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
+            self._spawn(self._close_path(peer.uid))
         if tell and peer.uid is not None and peer.online:
             self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
                                                overlay_id=self.overlay_id))

@@ -51,9 +51,13 @@ class Peer:
     security_reason: str | None = None
     conflict: str | None = None  # e.g. a duplicate overlay address
     attempts: int = 0
+    attempt_id: int = 0  # bumped by every new set-up attempt; stale tasks check it
     notes: list[str] = field(default_factory=list)
 
     def enter(self, state: LinkState, now: float) -> None:
+        if state in (LinkState.REQUESTED, LinkState.IDLE) or (
+                state is LinkState.LINKING and self.state is not LinkState.REQUESTED):
+            self.attempt_id += 1
         self.state = state
         self.since = now
         if state is LinkState.UP:
@@ -62,6 +66,7 @@ class Peer:
 
     def failed(self, now: float) -> None:
         """A set-up attempt failed: back to idle, retry later with a growing backoff."""
+        self.attempt_id += 1
         self.state = LinkState.IDLE
         self.since = now
         self.retry_at = now + self.backoff

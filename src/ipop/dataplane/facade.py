@@ -259,12 +259,13 @@ class DataPlane:
         })
         self.call_soon(self.on_event, ev)
 
-    def _on_roam(self, link: Link, addr: tuple[str, int]) -> None:
+    def _on_roam(self, link: Link, sock: socket.socket, addr: tuple[str, int]) -> None:
         def apply() -> None:
-            if link.closed or link.path.addr == addr:
+            path = link.path
+            if link.closed or (path.addr == addr and path.sock is sock):
                 return
             log.info("link %s roamed to %s:%d", link.peer_uid.hex()[:12], addr[0], addr[1])
-            link.path = Path(link.path.sock, addr, None, link.path.kind)
+            link.path = Path(sock, addr, None, path.kind)
             self.table.reindex()
             self.on_event(Event("roamed", {"peer_uid": link.peer_uid, "addr": addr}))
 

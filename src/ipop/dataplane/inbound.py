@@ -59,7 +59,7 @@ class Inbound:
         local_uid: bytes,
         *,
         on_control: ControlHandler,
-        on_roam: Callable[[Link, tuple[str, int]], None],
+        on_roam: Callable[[Link, socket.socket, tuple[str, int]], None],
         stopping: threading.Event,
         wake_fd: int,
     ) -> None:
@@ -216,7 +216,7 @@ class Inbound:
                 stats.drops[exc.reason] += 1
                 return
             if not same_path and channel is None:
-                self.on_roam(link, addr)  # authenticated: the peer moved
+                self.on_roam(link, sock, addr)  # authenticated: the peer moved
         else:
             if link.encrypted:
                 stats.drops["plaintext_on_encrypted_link"] += 1

@@ -1,0 +1,130 @@
+"""Underlay paths for signaled links: one ICE session per peer, its sockets lent to the data plane.
+
+``prepare`` gathers our candidates (once per attempt), ``connect`` runs the checks and returns a
+data-plane ``Path`` on the selected pair after the data plane has adopted the sockets; later
+path changes (relay -> direct) and ICE failures are reported through the callbacks; ``close``
+gives the sockets back and ends the session.  STUN that the data plane reads on those sockets
+comes back through ``feed``.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ipop.config import Config, parse_endpoint
+from ipop.dataplane.link import Path
+from ipop.nat.params import IceParams, SelectedPath, TurnConf
+
+if TYPE_CHECKING:
+    from ipop.dataplane.facade import DataPlane
+    from ipop.nat.ice import IceDispatcher, IceLink
+
+log = logging.getLogger("ipop.controller.ice")
+CONNECT_DEADLINE = 8.0
+
+
+def to_path(sp: SelectedPath) -> Path:
+    return Path(sp.sock, (sp.remote_addr[0], sp.remote_addr[1]), sp.channel, sp.kind)
+
+
+class IcePaths:
+    """The ICE sessions of one node, by peer UID (hex)."""
+
+    def __init__(
+        self, cfg: Config, dp: DataPlane, *,
+        on_path_change: Callable[[str, Path], None],
+        on_failed: Callable[[str, str], None],
+    ) -> None:
+        self.cfg = cfg
+        self.dp = dp
+        self.on_path_change = on_path_change
+        self.on_failed = on_failed
+        self.sessions: dict[str, IceLink] = {}
+        self.connected: set[str] = set()
+        self.stun = [parse_endpoint(s, default_port=3478) for s in cfg.stun]
+        self.turn = [TurnConf(parse_endpoint(t.server, default_port=3478), t.user, t.password)
+                     for t in cfg.turn]
+        self._dispatcher: IceDispatcher | None = None
+
+    @property
+    def dispatcher(self) -> IceDispatcher:
+        if self._dispatcher is None:
+            from ipop.nat.ice import IceDispatcher
+
+            self._dispatcher = IceDispatcher()
+        return self._dispatcher
+
+    async def prepare(self, peer_uid: str, my_uid: str) -> list[str]:
+        """Our ICE parameters for a link to ``peer_uid`` (gathered once per attempt)."""
+        ice = self.sessions.get(peer_uid)
+        if ice is None:
+            from ipop.nat.ice import IceLink
+
+            excluded = [ipaddress.ip_network("2001:db8::/32"), self.cfg.ip4_network]
+            ice = IceLink(
+                controlling=my_uid < peer_uid, stun=self.stun, turn=self.turn,
+                exclude_prefixes=excluded, exclude_ifaces=[self.cfg.interface],
+                on_path_change=functools.partial(self._moved, peer_uid),
+                on_closed=functools.partial(self._closed, peer_uid),
+            )
+            self.sessions[peer_uid] = ice
+        params = await ice.gather()
+        return params.to_wire()
+
+    async def connect(self, peer_uid: str, remote: list[str]) -> tuple[Path, list[bytes]]:
+        """Run the checks; returns the path (sockets already adopted) and early datagrams."""
+        ice = self.sessions.get(peer_uid)
+        if ice is None:
+            raise LookupError("no ICE session for this peer")
+        theirs = IceParams.from_wire(remote)
+        sp = await ice.connect(theirs, deadline=CONNECT_DEADLINE)
+        if self.sessions.get(peer_uid) is not ice:
+            raise LookupError("ICE session was closed meanwhile")
+        for sock in ice.sockets:  # nothing reads them now: adopt before the next await
+            self.dp.adopt_socket(sock)
+        self.dispatcher.add(ice)
+        self.connected.add(peer_uid)
+        log.info("path to %s: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
+        return to_path(sp), ice.take_early()
+
+    def feed(self, sock: object, data: bytes, addr: tuple[str, int], channel: int | None) -> bool:
+        if self._dispatcher is None:
+            return False
+        return self._dispatcher.feed(sock, data, addr, channel)  # type: ignore[arg-type]
+
+    async def close(self, peer_uid: str) -> None:
+        ice = self.sessions.pop(peer_uid, None)
+        self.connected.discard(peer_uid)
+        if ice is None:
+            return
+        for sock in ice.sockets:
+            self.dp.release_socket(sock)
+        if self._dispatcher is not None:
+            self._dispatcher.remove(ice)
+        await ice.close()
+
+    async def close_all(self) -> None:
+        for uid in list(self.sessions):
+            await self.close(uid)
+
+    def kind(self, peer_uid: str) -> str | None:
+        ice = self.sessions.get(peer_uid)
+        return ice.selected.kind if ice is not None and ice.selected is not None else None
+
+    def _moved(self, peer_uid: str, sp: SelectedPath) -> None:
+        ice = self.sessions.get(peer_uid)
+        if ice is None:
+            return
+        for sock in ice.sockets:
+            self.dp.adopt_socket(sock)
+        log.info("path to %s moved: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
+        self.on_path_change(peer_uid, to_path(sp))
+
+    def _closed(self, peer_uid: str, why: str) -> None:
+        if peer_uid in self.sessions:
+            log.info("ICE session with %s ended: %s", peer_uid[:12], why)
+            self.on_failed(peer_uid, why)
