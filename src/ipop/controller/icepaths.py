@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("ipop.controller.ice")
 CONNECT_DEADLINE = 8.0
+DIRECT_PHASE = 1.2  # seconds of direct-only checks before relayed pairs join (LAN/NAT: < 0.1 s)
 
 
 def to_path(sp: SelectedPath) -> Path:
@@ -68,6 +69,7 @@ class IcePaths:
             ice = IceLink(
                 controlling=my_uid < peer_uid, stun=self.stun, turn=self.turn,
                 exclude_prefixes=excluded, exclude_ifaces=[self.cfg.interface],
+                direct_timeout=DIRECT_PHASE,
                 on_path_change=functools.partial(self._moved, peer_uid),
                 on_closed=functools.partial(self._closed, peer_uid),
             )
