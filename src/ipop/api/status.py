@@ -85,14 +85,15 @@ def render(status: dict[str, Any]) -> None:
         x = node["xmpp"]
         console.print(f"xmpp {x.get('jid')} {'connected' if x.get('connected') else 'offline'}")
     table = Table(title="links")
-    for col in ("peer", "overlay ip", "endpoint", "path", "state", "security", "why", "rtt ms",
-                "tx", "rx", "drops"):
+    for col in ("peer", "overlay ip", "local", "remote", "path", "state", "security", "why",
+                "rtt ms", "tx", "rx", "drops"):
         table.add_column(col)
     for lk in status.get("links", []):
         drops = ", ".join(f"{k}={v}" for k, v in sorted(lk.get("drops", {}).items())) or "-"
         rtt = lk.get("rtt_ms")
         table.add_row(
-            lk["peer_uid"][:12], str(lk.get("overlay_ip")), str(lk.get("endpoint")),
+            lk["peer_uid"][:12], str(lk.get("overlay_ip")), str(lk.get("local")),
+            str(lk.get("endpoint")),
             str(lk.get("path")), lk.get("state", "?"), lk.get("security", "?"),
             str(lk.get("security_reason") or "-"), "-" if rtt is None else f"{rtt:.2f}",
             f"{lk['tx_packets']} / {_size(lk['tx_bytes'])}",

@@ -42,7 +42,7 @@ def build_signaled(tb: Testbed, work: Path, n: int, mode: str) -> tuple[list[Nod
     tb.servers = [prosody, coturn]  # type: ignore[attr-defined]
     nodes: list[NodeProc] = []
     under: dict[str, str] = {}
-    behind_nat = False  # enabled with NAT traversal
+    behind_nat = n >= 3  # the last node sits behind a cone NAT
     for i, user in enumerate(users):
         host = tb.add_host(user)
         if behind_nat and i == n - 1:
@@ -59,7 +59,7 @@ def build_signaled(tb: Testbed, work: Path, n: int, mode: str) -> tuple[list[Nod
             "controller": mode,
             "stun": [f"{server_ip}:3478"],
             "turn": [{"server": f"{server_ip}:3478", "user": TURN_USER, "pass": TURN_PASS}],
-            "sec": False,
+            "security_groups": ["demo"],
         }
         if not social:
             cfg["group"] = "demo"
