@@ -288,3 +288,74 @@ def test_complete_partial():
         co.complete_partial(ip4(28, 1, proto=1) + bytes(8))
     with pytest.raises(MalformedFrame):
         co.complete_partial(b"\x45" + bytes(10))
+
+
+# ---- coalesce_gro: one GRO batch straight from the receive buffer
+PREFIX = b"\x84" + bytes(range(40))
+
+
+def gro_batch(frames: list[bytes]) -> tuple[memoryview, int, int]:
+    """A receive buffer holding ``frames`` back to back, as UDP GRO hands them over."""
+    gso = len(frames[0])
+    assert all(len(f) == gso for f in frames[:-1]) and len(frames[-1]) <= gso
+    data = b"".join(frames)
+    return memoryview(bytearray(data) + bytes(100)), len(data), gso
+
+
+def same_writes(a, b) -> bool:
+    def flat(out):
+        return [(bytes(w[0]), b"".join(w[1:])) for w in out]
+
+    return flat(a) == flat(b)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(drop=st.integers(-1, 60), cut=st.integers(0, 60), ip_opts=st.booleans(), **SUPER)
+def test_gro_batch_equals_coalesce_of_its_frames(drop, cut, ip_opts, v4, length, mss, seq0, id0,
+                                                 flags, ts, data):
+    payload = data.randbytes(length)
+    orig = tcp_packet(v4, payload, seq0, flags, ident=id0, options=TS_OPTS if ts else b"",
+                      ip_options=b"\x01\x01\x01\x00" if v4 and ip_opts else b"")
+    o = 24 if v4 and ip_opts else (20 if v4 else 40)
+    pkts = datagrams(sg.segment(tso_hdr(v4, mss, o), orig))
+    if 0 <= drop < len(pkts) - 1:
+        del pkts[drop]  # a loss in the middle: frames stay equal-sized (GRO keeps a batch so)
+    pkts = pkts[: max(1, len(pkts) - cut % 3)]  # the batch may end early
+    view, n, gso = gro_batch([PREFIX + p for p in pkts])
+    got = co.coalesce_gro(view, n, gso, PREFIX)
+    assert got is not None
+    assert same_writes(got, co.coalesce(pkts, True))
+    for h, pkt in writes(got):
+        check_write(h, pkt)
+
+
+def test_gro_clean_run_is_one_write_from_the_buffer():
+    for v4 in (True, False):
+        orig = tcp_packet(v4, bytes(range(256)) * 150, 7, ACK | PSH)
+        pkts = datagrams(sg.segment(tso_hdr(v4, 1334), orig))
+        view, n, gso = gro_batch([PREFIX + p for p in pkts])
+        out = co.coalesce_gro(view, n, gso, PREFIX)
+        assert len(out) == 1 and b"".join(out[0][1:]) == orig
+        assert all(isinstance(b, memoryview) and b.obj is view.obj for b in out[0][2:])
+
+
+def test_gro_foreign_prefix_is_refused():
+    pkts = _run(n=5)
+    frames = [PREFIX + p for p in pkts]
+    frames[3] = b"\x80" + frames[3][1:]  # one frame of another type
+    assert co.coalesce_gro(*gro_batch(frames), PREFIX) is None
+    frames = [PREFIX + pkts[0]]
+    assert co.coalesce_gro(*gro_batch(frames), PREFIX) is not None
+    assert co.coalesce_gro(*gro_batch([b"\x85" + frames[0][1:]]), PREFIX) is None
+    short = [PREFIX + pkts[0], PREFIX[:10]]
+    view = memoryview(bytearray(b"".join(short)))
+    assert co.coalesce_gro(view, len(view), len(short[0]), PREFIX) is None
+
+
+def test_gro_batches_of_acks_and_others():
+    acks = [tcp_packet(True, b"", 1, ACK)] * 5
+    out = co.coalesce_gro(*gro_batch([PREFIX + a for a in acks]), PREFIX)
+    assert same_writes(out, co.coalesce(acks, True)) and len(out) == 5
+    udp = [udp_packet(False, b"q" * 30)] * 3
+    out = co.coalesce_gro(*gro_batch([PREFIX + u for u in udp]), PREFIX)
+    assert same_writes(out, co.coalesce(udp, True))

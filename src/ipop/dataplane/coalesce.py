@@ -29,7 +29,7 @@ copied: the iovecs hold views of the packets (which must stay alive until writte
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import getitem as _getitem
 from typing import Any
@@ -43,9 +43,11 @@ from ipop.dataplane.segment import (
     RST,
     SYN,
     URG,
+    cuts,
     fold,
     header_block,
     pseudo_base,
+    spans,
 )
 from ipop.errors import MalformedFrame
 from ipop.wire import vnet
@@ -137,24 +139,37 @@ def _merge(
     pkts: Sequence[Buf], i: int, limit: int, p: Buf, ln: int, size: int, o: int, v4: bool, m: int,
     max_size: int,
 ) -> list[Buf] | None:
-    """Merge the longest run starting at ``pkts[i]`` (ending before ``limit``), or None.
-
-    The merged header is made from the first one alone, so the other segments' IPv4 ids and
-    header checksums do not matter (any id scheme merges); everything else must be predicted.
-    """
+    """Merge the longest run starting at ``pkts[i]`` (ending before ``limit``), or None."""
     h0 = bytes(p[:size])
-    if v4 and vnet.ones_sum(h0[:o]) != 0xFFFF:
+    if v4 and int.from_bytes(h0[:o], "big") % 0xFFFF:  # the sum must fold to 0xFFFF
         return None  # a bad IPv4 header checksum: keep the packet to itself
     run = pkts[i:limit]
     lens = list(map(len, run))
-    k = len(run)
     if min(lens) < size:  # only packets with a whole header can be compared
-        k = next(j for j, x in enumerate(lens) if x < size)
-        run = run[:k]
+        run = run[: next(j for j, x in enumerate(lens) if x < size)]
     hs = _H_SLICES.get(size)
     if hs is None:
         hs = _H_SLICES[size] = slice(0, size)
     got = b"".join(map(_slice_of, run, repeat(hs)))
+    cnt, total, psh = _run(h0, got, lens, ln, size, o, v4, m, max_size)
+    if cnt < 2:
+        return None
+    return _merged(h0, cnt, total, psh, ln, size, o, v4, m,
+                   map(_slice_of, pkts[i : i + cnt], repeat(slice(size, None))))
+
+
+def _run(
+    h0: bytes, got: bytes, lens: list[int], ln: int, size: int, o: int, v4: bool, m: int,
+    max_size: int,
+) -> tuple[int, int, int]:
+    """How many of the packets whose headers are ``got`` (joined, ``size`` bytes each) and whose
+    lengths are ``lens`` form one run behind the first (header ``h0``, length ``ln``, payload
+    ``m``): (count, merged length, PSH of the last).
+
+    The merged header is made from the first one alone, so the other segments' IPv4 ids and
+    header checksums do not matter (any id scheme merges); everything else must be predicted.
+    """
+    k = len(got) // size
     block = header_block(h0, k, o, m, False)
     if v4:  # take ids and header checksums as they came
         step = size >> 1
@@ -165,14 +180,10 @@ def _merge(
     good = min(good, (max_size - size) // m)  # full-size segments that fit
     if lens[:good].count(ln) != good:
         good = next(j for j in range(good) if lens[j] != ln)
-    if not good:
-        return None
-    cnt = good
     total = size + good * m
-    psh = 0
-    if good < k:  # may the next packet end the run (shorter, or PSH)?
+    if 0 < good < k:  # may the next packet end the run (shorter, or PSH)?
         lq = lens[good]
-        if lq <= ln and total + lq - size <= max_size:
+        if size < lq <= ln and total + lq - size <= max_size:
             at = good * size
             hq = bytearray(got[at : at + size])
             if v4:
@@ -184,13 +195,16 @@ def _merge(
             psh = hq[o + 13] & PSH
             hq[o + 13] &= ~PSH
             hq[o + 16 : o + 18] = block[at + o + 16 : at + o + 18]
-            if ok and lq > size and hq == block[at : at + size]:
-                cnt += 1
-                total += lq - size
-            else:
-                psh = 0
-    if cnt < 2:
-        return None
+            if ok and hq == block[at : at + size]:
+                return good + 1, total + lq - size, psh
+    return good, total, 0
+
+
+def _merged(
+    h0: bytes, cnt: int, total: int, psh: int, ln: int, size: int, o: int, v4: bool, m: int,
+    payloads: Iterable[Buf],
+) -> list[Buf]:
+    """The TUN write of a run: virtio header, the first header made whole-run, payloads."""
     hdr = bytearray(h0)
     if v4:
         hdr[2], hdr[3] = total >> 8, total & 0xFF
@@ -204,8 +218,64 @@ def _merge(
     csum = fold(pseudo_base(h0, v4, IPPROTO_TCP) + total - o)
     hdr[o + 16], hdr[o + 17] = csum >> 8, csum & 0xFF
     iov: list[Buf] = [vnet.VNET.pack(vnet.F_NEEDS_CSUM, gso, size, m, o, vnet.CSUM_OFFSET_TCP), hdr]
-    iov.extend(map(_slice_of, pkts[i : i + cnt], repeat(slice(size, None))))
+    iov.extend(payloads)
     return iov
+
+
+def coalesce_gro(
+    view: memoryview, n: int, gso_size: int, prefix: bytes, *, max_size: int = MAX_SIZE
+) -> list[list[Buf]] | None:
+    """The TUN writes for one GRO batch (``n`` bytes at the start of ``view``, datagrams of
+    ``gso_size`` bytes but the last) whose frames must all start with ``prefix`` (the frame header
+    of one link for partial inner packets) -- or None when one does not (then split the batch
+    and take its frames one by one).
+
+    Same result as ``coalesce(udpio.split_gro(view, n, gso_size, len(prefix)), True)``, but a
+    batch that is one clean run is checked and merged straight from the buffer, with one
+    ``bytes.join`` for the prefixes and one for the headers.
+    """
+    skip = len(prefix)
+    data = view[:n]
+    count = -(-n // gso_size) if gso_size > 0 else 1
+    if count < 2:
+        return coalesce([data[skip:]], True, max_size=max_size) if data[:skip] == prefix else None
+    if b"".join(map(data.__getitem__, spans(0, gso_size, count, skip))) != prefix * count:
+        return None
+    ln = gso_size - skip
+    p = data[skip:gso_size]
+    if ln >= 40 and p[0] == 0x45:  # the common IPv4 case, checked here; anything else: below
+        o = 20
+        size = o + (p[32] >> 4) * 4
+        if (p[9] == IPPROTO_TCP and size >= 40 and ln > size and ((p[2] << 8) | p[3]) == ln
+                and not (p[6] & 0x3F) and not p[7] and not p[33] & _NO_MERGE):
+            last = n - (count - 1) * gso_size - skip
+            h0 = bytes(p[:size])
+            if last >= size and not int.from_bytes(h0[:o], "big") % 0xFFFF:
+                got = b"".join(map(data.__getitem__, spans(skip, gso_size, count, size)))
+                lens = [ln] * (count - 1)
+                lens.append(last)
+                m = ln - size
+                cnt, total, psh = _run(h0, got, lens, ln, size, o, True, m, max_size)
+                if cnt == count:
+                    payloads = map(data.__getitem__, cuts(0, gso_size, count, skip + size))
+                    return [_merged(h0, cnt, total, psh, ln, size, o, True, m, payloads)]
+    elif ln >= 60 and p[0] >> 4 == 6 and p[6] == IPPROTO_TCP and ((p[4] << 8) | p[5]) + 40 == ln:
+        o = 40
+        size = o + (p[52] >> 4) * 4
+        if size >= 60 and ln > size and not p[53] & _NO_MERGE:
+            last = n - (count - 1) * gso_size - skip
+            if last >= size:
+                h0 = bytes(p[:size])
+                got = b"".join(map(data.__getitem__, spans(skip, gso_size, count, size)))
+                lens = [ln] * (count - 1)
+                lens.append(last)
+                m = ln - size
+                cnt, total, psh = _run(h0, got, lens, ln, size, o, False, m, max_size)
+                if cnt == count:
+                    payloads = map(data.__getitem__, cuts(0, gso_size, count, skip + size))
+                    return [_merged(h0, cnt, total, psh, ln, size, o, False, m, payloads)]
+    return coalesce(list(map(data.__getitem__, cuts(0, gso_size, count, skip))), True,
+                    max_size=max_size)
 
 
 def _same_headers(got: bytes, want: bytearray, size: int) -> int:

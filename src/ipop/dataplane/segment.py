@@ -34,7 +34,6 @@ buffer is reused.
 from __future__ import annotations
 
 import struct
-import sys
 from array import array
 from typing import NamedTuple
 
@@ -47,7 +46,6 @@ IPPROTO_UDP = 17
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 _H = struct.Struct("!H")
-_SWAP = sys.byteorder == "little"
 assert array("I").itemsize == 4 and array("H").itemsize == 2  # true on every Linux ABI
 
 
@@ -90,6 +88,22 @@ def cuts(start: int, step: int, count: int, skip: int = 0) -> list[slice]:
     return got
 
 
+_SPANS: dict[tuple[int, int, int, int], list[slice]] = {}
+
+
+def spans(start: int, step: int, count: int, length: int) -> list[slice]:
+    """``[slice(start + i*step, start + i*step + length) for i in range(count)]``, cached."""
+    key = (start, step, count, length)
+    got = _SPANS.get(key)
+    if got is None:
+        if len(_SPANS) >= 1024:
+            _SPANS.clear()
+        end = start + count * step
+        got = list(map(slice, range(start, end, step), range(start + length, end + length, step)))
+        _SPANS[key] = got
+    return got
+
+
 def fold(x: int) -> int:
     """Fold a sum of 16-bit words to its ones'-complement value in 1..0xFFFF (x may be negative)."""
     return (x - 1) % 0xFFFF + 1
@@ -117,14 +131,36 @@ def pseudo_base(pkt: Buf, v4: bool, proto: int) -> int:
     return (int.from_bytes(addrs, "big") + proto) % 0xFFFF
 
 
-def _ramp(code: str, start: int, count: int, step: int, modulus: int) -> array[int]:
-    """``(start + i*step) % modulus`` for i in range(count), built from at most a few ranges."""
-    out: array[int] = array(code)
+_LANES: dict[tuple[int, int], tuple[int, int]] = {}
+
+
+def _lanes(bits: int, count: int) -> tuple[int, int]:
+    """(sum of 1 << (bits*k), sum of i << (bits*(count-1-i))) for k, i < count: big integers
+    whose big-endian bytes are ``count`` lanes of ``bits`` bits holding 1, 1, ... and 0, 1, 2..."""
+    key = (bits, count)
+    got = _LANES.get(key)
+    if got is None:
+        if len(_LANES) >= 512:
+            _LANES.clear()
+        ones = sum(1 << (bits * k) for k in range(count))
+        index = sum(i << (bits * (count - 1 - i)) for i in range(count))
+        got = _LANES[key] = (ones, index)
+    return got
+
+
+def _ramp(width: int, start: int, count: int, step: int, modulus: int) -> bytes:
+    """``(start + i*step) % modulus`` for i in range(count), as big-endian ``width``-byte lanes.
+
+    Without a wrap the lanes are one big integer, ``start*ones + step*index``: no lane carries
+    into the next, so a few big-integer operations replace a Python loop.
+    """
+    out = b""
     v = start % modulus
     while count > 0:
         k = (modulus - 1 - v) // step + 1 if step > 0 else v // -step + 1
         k = min(k, count)
-        out.extend(range(v, v + k * step, step))
+        ones, index = _lanes(width * 8, k)
+        out += (v * ones + step * index).to_bytes(width * k, "big")
         v = (v + k * step) % modulus
         count -= k
     return out
@@ -140,28 +176,25 @@ def header_block(tmpl: Buf, count: int, l4: int, seq_step: int, ipv4_ids: bool) 
     view = memoryview(block)
     if seq_step:
         seq0 = int.from_bytes(tmpl[l4 + 4 : l4 + 8], "big")
-        seqs = _ramp("I", seq0, count, seq_step, 1 << 32)
-        if _SWAP:
-            seqs.byteswap()
-        with view.cast("I") as v32:
-            v32[(l4 + 4) >> 2 :: size >> 2] = seqs
+        seqs = _ramp(4, seq0, count, seq_step, 1 << 32)
+        with view.cast("I") as v32, memoryview(seqs).cast("I") as src32:
+            v32[(l4 + 4) >> 2 :: size >> 2] = src32
     if ipv4_ids:
         id0 = (tmpl[4] << 8) | tmpl[5]
         # sum of the IPv4 header's words without id and checksum, mod 0xFFFF
         base = (int.from_bytes(tmpl[:l4], "big") - id0 - ((tmpl[10] << 8) | tmpl[11])) % 0xFFFF
-        ids = _ramp("H", id0, count, 1, 0x10000)
+        ids = _ramp(2, id0, count, 1, 0x10000)
         # checksum of copy i: 0xFFFF - fold(base + id_i) = 0xFFFE - (base - 1 + id_i) % 0xFFFF,
         # falling by one per copy, and restarting when the id wraps to 0
         before_wrap = min(count, 0x10000 - id0)
-        csums = _ramp("H", 0xFFFE - (base - 1 + id0) % 0xFFFF, before_wrap, -1, 0xFFFF)
+        csums = _ramp(2, 0xFFFE - (base - 1 + id0) % 0xFFFF, before_wrap, -1, 0xFFFF)
         if before_wrap < count:
-            csums.extend(_ramp("H", 0xFFFE - (base - 1) % 0xFFFF, count - before_wrap, -1, 0xFFFF))
-        if _SWAP:
-            ids.byteswap()
-            csums.byteswap()
-        with view.cast("H") as v16:
-            v16[2 :: size >> 1] = ids
-            v16[5 :: size >> 1] = csums
+            csums += _ramp(2, 0xFFFE - (base - 1) % 0xFFFF, count - before_wrap, -1, 0xFFFF)
+        with view.cast("H") as v16, memoryview(ids).cast("H") as i16, memoryview(
+            csums
+        ).cast("H") as c16:
+            v16[2 :: size >> 1] = i16
+            v16[5 :: size >> 1] = c16
     view.release()
     return block
 
