@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from .helpers import gbits, iperf3, ping, ping_until, wait_for
+from .helpers import Subscriber, gbits, iperf3, ping, ping_until, wait_for
 from .world import DOMAIN, PASSWORD, World, world_fixture
 
 GROUPS = {
@@ -19,6 +19,7 @@ GROUPS = {
     "bad": ["b1", "b2", "bx"],
     "dup": ["d1", "d2", "d3"],
     "setup": ["s1", "s2"],
+    "scan": ["c1", "c2"],
 }
 
 
@@ -205,3 +206,37 @@ def test_wrong_password_exits_2(world: World):
     assert a.proc.wait(30) == 2
     lines = [ln for ln in a.log().splitlines() if ln.startswith("ipop:")]
     assert len(lines) == 1 and "xmpp_password" in lines[0]
+
+
+SCAN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(4000):
+    s.sendto(b"x", (f"100.64.{(i >> 8) & 63}.{i & 255 or 1}", 9))
+"""
+
+
+def test_scan_of_the_prefix_does_not_flood(world: World):
+    extra = {"on-demand_connection": True, "ip4_mask": 10}
+    a = world.node("c1", "100.64.10.1", group="scan", **extra)
+    b = world.node("c2", "100.64.10.2", group="scan", **extra)
+    start_all([a, b])
+    wait_for(lambda: a.status()["peers"] and a.status()["peers"][0]["online"], timeout=15,
+             what="peer online")
+    sub = Subscriber(a.control)
+    lines_before = len(a.log().splitlines())
+    try:
+        t0 = time.monotonic()
+        a.host.run([__import__("sys").executable, "-c", SCAN], timeout=60)
+        events = sub.events(2.0)
+        took = time.monotonic() - t0
+    finally:
+        sub.close()
+    unknown = [e for e in events if e["notify"] == "unknown_destination"]
+    assert len(unknown) <= 40 + 20 * (took + 1), len(unknown)  # the token bucket holds
+    xmpp = a.status()["node"]["xmpp"]
+    assert xmpp["counters"].get("setup_failed", 0) == 0
+    new_lines = len(a.log().splitlines()) - lines_before
+    assert new_lines < 30, a.log()[-3000:]
+    # the node still works: the scan's hit on the peer's address made the on-demand link
+    ping_until(a.host, "100.64.10.2", timeout=15)
