@@ -267,10 +267,14 @@ def load(path: str | os.PathLike[str]) -> tuple[Config, list[str]]:
         text = p.read_text()
     except OSError as exc:
         raise ConfigError("config", f"cannot read {p}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{p} is not UTF-8 text (byte {exc.start})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError("config", f"{p} is not JSON: {exc.msg} at line {exc.lineno}") from None
+    except RecursionError:
+        raise ConfigError("config", f"{p} nests JSON too deeply") from None
     cfg, warnings = validate(data)
     try:
         mode = p.stat().st_mode
