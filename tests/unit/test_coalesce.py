@@ -352,6 +352,15 @@ def test_gro_foreign_prefix_is_refused():
     assert co.coalesce_gro(view, len(view), len(short[0]), PREFIX) is None
 
 
+def test_gro_foreign_prefix_is_refused_in_batches_that_do_not_merge():
+    acks = [PREFIX + tcp_packet(True, b"", 1, ACK)] * 4
+    acks[2] = b"\x80" + acks[2][1:]
+    assert co.coalesce_gro(*gro_batch(acks), PREFIX) is None
+    udp = [PREFIX + udp_packet(True, b"x" * 40)] * 3
+    udp[0] = PREFIX[:-1] + b"\xee" + udp[0][len(PREFIX) :]
+    assert co.coalesce_gro(*gro_batch(udp), PREFIX) is None
+
+
 def test_gro_batches_of_acks_and_others():
     acks = [tcp_packet(True, b"", 1, ACK)] * 5
     out = co.coalesce_gro(*gro_batch([PREFIX + a for a in acks]), PREFIX)

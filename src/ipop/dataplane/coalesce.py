@@ -29,6 +29,7 @@ copied: the iovecs hold views of the packets (which must stay alive until writte
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import getitem as _getitem
@@ -47,7 +48,6 @@ from ipop.dataplane.segment import (
     fold,
     header_block,
     pseudo_base,
-    spans,
 )
 from ipop.errors import MalformedFrame
 from ipop.wire import vnet
@@ -222,6 +222,22 @@ def _merged(
     return iov
 
 
+_LAYOUTS: dict[tuple[int, int, int, int], struct.Struct] = {}
+
+
+def _layout(skip: int, size: int, step: int, count: int) -> struct.Struct:
+    """A Struct that picks ``skip`` then ``size`` bytes out of each of ``count`` datagrams
+    ``step`` bytes apart, in one C call (``size`` may be 0): cached."""
+    key = (skip, size, step, count)
+    got = _LAYOUTS.get(key)
+    if got is None:
+        if len(_LAYOUTS) >= 256:
+            _LAYOUTS.clear()
+        one = f"{skip}s{size}s" if size else f"{skip}s"
+        got = _LAYOUTS[key] = struct.Struct(f"{one}{step - skip - size}x" * (count - 1) + one)
+    return got
+
+
 def coalesce_gro(
     view: memoryview, n: int, gso_size: int, prefix: bytes, *, max_size: int = MAX_SIZE
 ) -> list[list[Buf]] | None:
@@ -231,49 +247,47 @@ def coalesce_gro(
     and take its frames one by one).
 
     Same result as ``coalesce(udpio.split_gro(view, n, gso_size, len(prefix)), True)``, but a
-    batch that is one clean run is checked and merged straight from the buffer, with one
-    ``bytes.join`` for the prefixes and one for the headers.
+    batch that is one clean run is checked and merged straight from the buffer: one cached
+    ``struct`` call picks out every prefix and header, one comparison checks them all.
     """
     skip = len(prefix)
     data = view[:n]
     count = -(-n // gso_size) if gso_size > 0 else 1
     if count < 2:
         return coalesce([data[skip:]], True, max_size=max_size) if data[:skip] == prefix else None
-    if b"".join(map(data.__getitem__, spans(0, gso_size, count, skip))) != prefix * count:
+    last = n - (count - 1) * gso_size  # bytes of the last datagram
+    if last < skip:
         return None
     ln = gso_size - skip
     p = data[skip:gso_size]
-    if ln >= 40 and p[0] == 0x45:  # the common IPv4 case, checked here; anything else: below
+    b0 = p[0] if ln else 0
+    size = o = 0
+    if b0 == 0x45 and ln >= 40:  # IPv4 without options; anything else goes the general way
         o = 20
-        size = o + (p[32] >> 4) * 4
-        if (p[9] == IPPROTO_TCP and size >= 40 and ln > size and ((p[2] << 8) | p[3]) == ln
-                and not (p[6] & 0x3F) and not p[7] and not p[33] & _NO_MERGE):
-            last = n - (count - 1) * gso_size - skip
-            h0 = bytes(p[:size])
-            if last >= size and not int.from_bytes(h0[:o], "big") % 0xFFFF:
-                got = b"".join(map(data.__getitem__, spans(skip, gso_size, count, size)))
-                lens = [ln] * (count - 1)
-                lens.append(last)
-                m = ln - size
-                cnt, total, psh = _run(h0, got, lens, ln, size, o, True, m, max_size)
-                if cnt == count:
-                    payloads = map(data.__getitem__, cuts(0, gso_size, count, skip + size))
-                    return [_merged(h0, cnt, total, psh, ln, size, o, True, m, payloads)]
-    elif ln >= 60 and p[0] >> 4 == 6 and p[6] == IPPROTO_TCP and ((p[4] << 8) | p[5]) + 40 == ln:
+        if (p[9] == IPPROTO_TCP and ((p[2] << 8) | p[3]) == ln and not (p[6] & 0x3F)
+                and not p[7] and not p[33] & _NO_MERGE):
+            size = o + (p[32] >> 4) * 4
+    elif b0 >> 4 == 6 and ln >= 60 and p[6] == IPPROTO_TCP and ((p[4] << 8) | p[5]) + 40 == ln:
         o = 40
-        size = o + (p[52] >> 4) * 4
-        if size >= 60 and ln > size and not p[53] & _NO_MERGE:
-            last = n - (count - 1) * gso_size - skip
-            if last >= size:
-                h0 = bytes(p[:size])
-                got = b"".join(map(data.__getitem__, spans(skip, gso_size, count, size)))
-                lens = [ln] * (count - 1)
-                lens.append(last)
-                m = ln - size
-                cnt, total, psh = _run(h0, got, lens, ln, size, o, False, m, max_size)
-                if cnt == count:
-                    payloads = map(data.__getitem__, cuts(0, gso_size, count, skip + size))
-                    return [_merged(h0, cnt, total, psh, ln, size, o, False, m, payloads)]
+        if not p[53] & _NO_MERGE:
+            size = o + (p[52] >> 4) * 4
+    if size >= o + 20 and ln > size and last >= skip + size:
+        picked = _layout(skip, size, gso_size, count).unpack_from(data)
+        if picked[0::2] != (prefix,) * count:
+            return None
+        h0 = picked[1]
+        v4 = o == 20
+        if not v4 or not int.from_bytes(h0[:o], "big") % 0xFFFF:
+            lens = [ln] * (count - 1)
+            lens.append(last - skip)
+            m = ln - size
+            cnt, total, psh = _run(h0, b"".join(picked[1::2]), lens, ln, size, o, v4, m,
+                                   max_size)
+            if cnt == count:
+                payloads = map(data.__getitem__, cuts(0, gso_size, count, skip + size))
+                return [_merged(h0, cnt, total, psh, ln, size, o, v4, m, payloads)]
+    elif _layout(skip, 0, gso_size, count).unpack_from(data) != (prefix,) * count:
+        return None
     return coalesce(list(map(data.__getitem__, cuts(0, gso_size, count, skip))), True,
                     max_size=max_size)
 

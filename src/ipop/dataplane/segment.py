@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Sequence
 from typing import NamedTuple
 
 from ipop.errors import LocalProtocolError, RemoteProtocolError
@@ -88,19 +89,17 @@ def cuts(start: int, step: int, count: int, skip: int = 0) -> list[slice]:
     return got
 
 
-_SPANS: dict[tuple[int, int, int, int], list[slice]] = {}
+_PIECES: dict[tuple[int, int], struct.Struct] = {}
 
 
-def spans(start: int, step: int, count: int, length: int) -> list[slice]:
-    """``[slice(start + i*step, start + i*step + length) for i in range(count)]``, cached."""
-    key = (start, step, count, length)
-    got = _SPANS.get(key)
+def _pieces(size: int, count: int) -> struct.Struct:
+    """A Struct that cuts ``count * size`` bytes into ``count`` bytes objects: cached."""
+    key = (size, count)
+    got = _PIECES.get(key)
     if got is None:
-        if len(_SPANS) >= 1024:
-            _SPANS.clear()
-        end = start + count * step
-        got = list(map(slice, range(start, end, step), range(start + length, end + length, step)))
-        _SPANS[key] = got
+        if len(_PIECES) >= 512:
+            _PIECES.clear()
+        got = _PIECES[key] = struct.Struct(f"{size}s" * count)
     return got
 
 
@@ -271,13 +270,12 @@ def segment(
         _H.pack_into(block, at + 10, 0xFFFF - fold(0xFFFF - old + rest - mss))
     else:
         _H.pack_into(block, at + 4, size - 40 + rest)
-    hv = memoryview(block)
-    headers: list[Buf] = list(map(hv.__getitem__, cuts(0, size, count)))
-    payloads: list[Buf] = list(map(view.__getitem__, cuts(size, mss, count)))
+    headers = _pieces(size, count).unpack(block)  # one C call: ``count`` bytes objects
+    payloads = list(map(view.__getitem__, cuts(size, mss, count)))
     return _pack(headers, payloads, prefix, size + mss, size + rest, True)
 
 
-def _pack(headers: list[Buf], payloads: list[Buf], prefix: bytes, size: int, last: int,
+def _pack(headers: Sequence[Buf], payloads: Sequence[Buf], prefix: bytes, size: int, last: int,
           partial: bool) -> Segments:
     count = len(headers)
     if prefix:
