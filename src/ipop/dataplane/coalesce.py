@@ -14,7 +14,8 @@ GRO'd packet:
 * a packet with a complete checksum -> ``[vnet.PLAIN, packet]`` (the kernel checks it).
 
 Runs: segment i+1 continues segment i when its IP and TCP headers equal segment i's in every byte
-except IPv4 id (+1) and header checksum, and TCP sequence number (+payload length): same
+except IPv4 id and header checksum (any id scheme; the merged header is made from the first,
+whose IPv4 checksum must be right), and TCP sequence number (+payload length): same
 addresses, ports, ack, window, options (timestamps), TTL, TOS/ECN, DF, flags; SYN/FIN/RST/URG/CWR
 never merge; every segment has the first one's payload length except the run's last, which may be
 shorter and may carry PSH; the run stays within 65535 bytes.  A gap (a lost or reordered datagram)
@@ -22,9 +23,11 @@ or any other packet ends the run, so losing a datagram costs exactly its own seg
 order of every flow is kept.
 
 Cost: the headers of a whole run are checked at once, against the headers the sender must have
-made (``segment.header_block``): one ``bytes.join`` of the received headers and one comparison, so
-a run costs a fixed ~10 Python operations plus C-level work per segment.  Payloads are never
-copied: the iovecs hold views of the packets (which must stay alive until written).
+made (``segment.header_block``): one ``bytes.join`` of the received headers and one comparison,
+so a run costs a fixed number of Python operations plus C-level work per segment.
+``coalesce_gro`` does the same straight from a GRO receive buffer, prefixes (frame headers)
+included, with one cached ``struct`` call: ~24 us for a batch of 46 segments on this 2-core VM.
+Payloads are never copied: the iovecs hold views of the packets (alive until written).
 """
 
 from __future__ import annotations

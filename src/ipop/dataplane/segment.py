@@ -23,9 +23,11 @@ Checksum contract ("partial inner packets"):
 
 Per segment: IPv4 total length, id (+i) and header checksum; IPv6 payload length; TCP sequence
 number (+i*MSS); FIN and PSH only on the last segment, CWR only on the first; UDP length.
-Segments 1..n-2 are stamped from one template: n copies by bytes repetition, then the varying
-fields written in strided C loops (``array`` + ``memoryview.cast``); only the first and last
-headers are patched in Python, so the cost per segment is a few C-level slices.
+All headers are stamped from one template: n copies by bytes repetition, then each varying field
+written for all n at once (its values are an arithmetic progression, built as one big integer,
+and written through a strided ``memoryview.cast``); only the first and last headers are patched
+in Python.  Measured on this 2-core VM: ~12 us per super-packet plus ~0.2 us per segment
+(~21 us for 46 segments of 1334 bytes), no Python bytecode per segment.
 
 Buffers: the payload views in ``Segments.parts`` borrow ``pkt``; send them before ``pkt``'s
 buffer is reused.
@@ -34,7 +36,6 @@ buffer is reused.
 from __future__ import annotations
 
 import struct
-from array import array
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -47,7 +48,6 @@ IPPROTO_UDP = 17
 FIN, SYN, RST, PSH, ACK, URG, ECE, CWR = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20, 0x40, 0x80
 
 _H = struct.Struct("!H")
-assert array("I").itemsize == 4 and array("H").itemsize == 2  # true on every Linux ABI
 
 
 class Segments(NamedTuple):
