@@ -177,6 +177,36 @@ def test_eio_falls_back(rx):
         assert receive(rx, 5, False)[0] == dgrams
 
 
+class FullSocket(CountingSocket):
+    """A socket whose send buffer is full for the first ``full`` calls."""
+
+    full = 1
+
+    def sendmsg(self, buffers, ancdata=(), flags=0, address=None):  # type: ignore[override]
+        if self.full:
+            self.full -= 1
+            self.calls.append(-1)
+            raise BlockingIOError(errno.EAGAIN, "full")
+        return super().sendmsg(buffers, ancdata, flags, address)
+
+
+@pytest.mark.parametrize("sizes", [[300] * 5, [300]])
+def test_full_send_buffer(rx, sizes):
+    dgrams = make_datagrams(sizes)
+    with FullSocket() as tx:
+        sent = udpio.send_train(tx, rx.getsockname(), *as_train(dgrams), 300, 300)
+        assert sent == (0, errno.EAGAIN)
+        assert udpio.gso_usable(tx)
+    with FullSocket() as tx:  # with a wait: the socket is writable again, the train goes out
+        sent = udpio.send_train(tx, rx.getsockname(), *as_train(dgrams), 300, 300, wait_ms=50)
+        assert sent == (len(sizes), 0) and tx.calls[0] == -1
+    with FullSocket() as tx:  # waits once per call only
+        tx.full = 2
+        sent = udpio.send_train(tx, rx.getsockname(), *as_train(dgrams), 300, 300, wait_ms=50)
+        assert sent == (0, errno.EAGAIN)
+    assert receive(rx, len(sizes), False)[0] == dgrams
+
+
 def test_send_datagrams_groups_runs_of_equal_size(rx, tx):
     assert udpio.enable_gro(rx)
     sizes = [100] * 5 + [50] + [200] * 3 + [10, 10, 10] + [999]

@@ -16,15 +16,17 @@ one read, back to back, all ``gso_size`` bytes but the last; ``split_gro`` cuts 
 Datagrams of every kind (STUN, DTLS, TURN, ours) can arrive so batched, so every read must be split.
 
 Errors: ``send_train`` returns ``(datagrams sent, errno of the first failure or 0)`` and never
-raises OSError; ``recv_batch`` raises what ``recvmsg_into`` raises (``BlockingIOError`` when the
-socket is drained) and ``MalformedFrame`` (reason ``truncated_batch``) for a datagram larger than
-the buffer.
+raises OSError (with ``wait_ms`` it first waits, once, for a full send buffer to drain).
+``recv_batch`` raises what ``recvmsg_into`` raises (``BlockingIOError`` when the socket is
+drained) and ``MalformedFrame`` (reason ``truncated_batch``) for a datagram or batch larger than
+the buffer (``RECV_BUFFER`` is enough unless the underlay device has a gro_max_size above 64 KB).
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import sys
 import weakref
@@ -83,30 +85,50 @@ def send_train(
     stride: int,
     size: int,
     last: int,
+    *,
+    wait_ms: int = 0,
 ) -> tuple[int, int]:
     """Send the datagrams ``parts`` (``stride`` buffers each; all ``size`` bytes but the last,
-    which is ``last`` bytes) to ``addr``.  Returns (datagrams sent, errno or 0)."""
+    which is ``last`` bytes) to ``addr``.  Returns (datagrams sent, errno or 0).
+
+    On a non-blocking socket whose send buffer is full (EAGAIN), wait up to ``wait_ms`` for it
+    to drain, once per call, and go on; with 0, return at once.
+    """
     count = len(parts) // stride
     per_call = min(MAX_SEGMENTS, MAX_TRAIN_BYTES // size) if size > 0 else 0
     if count == 1 or per_call < 2 or last > size or sock in _no_gso:
-        return _one_by_one(sock, addr, parts, stride, 0, count)
+        return _one_by_one(sock, addr, parts, stride, 0, count, wait_ms)
     cmsg = _gso_cmsg(size)
     sendmsg = sock.sendmsg
     sent = 0
     step = per_call * stride
-    for start in range(0, count * stride, step):
+    start = 0
+    end = count * stride
+    while start < end:
         chunk = parts[start : start + step]
         try:
             sendmsg(chunk, cmsg if len(chunk) > stride else (), 0, addr)
+        except BlockingIOError:
+            if wait_ms > 0 and _writable(sock, wait_ms):
+                wait_ms = 0
+                continue
+            return sent, errno.EAGAIN
         except OSError as exc:
             if exc.errno not in _GSO_REFUSED:
                 return sent, exc.errno or errno.EIO
-            done, err = _one_by_one(sock, addr, parts, stride, sent, count)
+            done, err = _one_by_one(sock, addr, parts, stride, sent, count, wait_ms)
             if not err:
                 _refused(sock, exc)
             return sent + done, err
         sent += len(chunk) // stride
+        start += step
     return sent, 0
+
+
+def _writable(sock: socket.socket, wait_ms: int) -> bool:
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLOUT)
+    return bool(poller.poll(wait_ms))
 
 
 def _refused(sock: socket.socket, exc: OSError) -> None:
@@ -119,14 +141,22 @@ def _refused(sock: socket.socket, exc: OSError) -> None:
 
 
 def _one_by_one(
-    sock: socket.socket, addr: Any, parts: Sequence[Buf], stride: int, first: int, count: int
+    sock: socket.socket, addr: Any, parts: Sequence[Buf], stride: int, first: int, count: int,
+    wait_ms: int = 0,
 ) -> tuple[int, int]:
     sendmsg = sock.sendmsg
-    for k in range(first, count):
+    k = first
+    while k < count:
         try:
             sendmsg(parts[k * stride : (k + 1) * stride], (), 0, addr)
+        except BlockingIOError:
+            if wait_ms > 0 and _writable(sock, wait_ms):
+                wait_ms = 0
+                continue
+            return k - first, errno.EAGAIN
         except OSError as exc:
             return k - first, exc.errno or errno.EIO
+        k += 1
     return count - first, 0
 
 
