@@ -18,7 +18,7 @@ fi
 APT_PACKAGES=(
   python3 python3-venv python3-pip
   iproute2 iputils-ping nftables conntrack tcpdump iperf3 ethtool procps
-  prosody coturn
+  prosody coturn ejabberd
   wireguard-go wireguard-tools tinc
 )
 missing=()
