@@ -20,6 +20,7 @@ them without libFuzzer.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import importlib.util
 import json
 import logging
@@ -55,8 +56,9 @@ json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
                                                                  max_size=4),
-    max_leaves=12,
+    max_leaves=8,
 )
+some = settings(max_examples=50)  # for the properties whose inputs are costly to draw
 
 
 def mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes:
@@ -123,11 +125,13 @@ def test_signal_parse_random_bytes_as_text(data):
     parse_signal(data)  # not even text
 
 
+@some
 @given(json_values)
 def test_signal_parse_random_json(value):
     parse_signal(json.dumps(value))
 
 
+@some
 @given(st.dictionaries(st.sampled_from(SIGNAL_KEYS), json_values, max_size=6),
        st.booleans())
 def test_signal_parse_good_message_with_odd_fields(changes, ascii_only):
@@ -247,6 +251,7 @@ def test_crypto_session_handshake_demux_never_raises(is_client, datagrams):
 CONFIG_KEYS = sorted({f.alias or name for name, f in config.Config.model_fields.items()})
 
 
+@some
 @given(json_values)
 def test_config_validate_random_json_raises_only_config_error(value):
     try:
@@ -257,6 +262,7 @@ def test_config_validate_random_json_raises_only_config_error(value):
     assert isinstance(cfg, config.Config) and isinstance(warnings, list)
 
 
+@some
 @given(st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, max_size=6))
 def test_config_validate_odd_values_raises_only_config_error(changes):
     try:
@@ -320,10 +326,14 @@ SERVER = ControlServer(Path("/nonexistent/ipop-test.sock"), NODE.handle_api)
 WRITER: Any = object()  # stands for the connection's StreamWriter (subscribe keeps it)
 
 
+LOOP = asyncio.new_event_loop()
+atexit.register(LOOP.close)
+
+
 def answer(line: bytes) -> dict[str, Any]:
     level = logging.getLogger("ipop").level
     try:
-        reply = asyncio.run(SERVER._answer(line, WRITER))
+        reply = LOOP.run_until_complete(SERVER._answer(line, WRITER))
     finally:
         logging.getLogger("ipop").setLevel(level)
         SERVER.subscribers.clear()
@@ -344,11 +354,13 @@ def test_control_api_random_bytes_get_an_error(line):
         assert "error" in reply
 
 
+@some
 @given(json_values)
 def test_control_api_random_json_gets_an_answer(value):
     answer(json.dumps(value).encode())
 
 
+@some
 @given(st.sampled_from(METHODS), st.dictionaries(
     st.sampled_from(["peer_uid", "uid", "endpoint", "ip4", "sec", "fingerprint", "level"]),
     json_values | st.sampled_from(["ab" * 20, "198.19.1.2:5800", "100.64.0.9", "debug"]),
