@@ -87,6 +87,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ipop.cli.bench import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -111,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--plain", dest="sec", action="store_false",
                       help="static mode: plain links (default: encrypted)")
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="measure ipop side by side with direct and its peers")
+    bench.add_argument("--peers", action="store_true",
+                       help="also measure wireguard-go and tinc (skipped when not installed)")
+    bench.add_argument("--seconds", type=int, default=5,
+                       help="iperf3 TCP duration per case (sweep points: half, at least 1)")
+    bench.add_argument("--quick", action="store_true",
+                       help="fewer cases: unshaped veth only, 2 packet sizes, 1 s sweep points")
+    bench.add_argument("--links", help="comma list of link conditions: veth,tbf1g "
+                                       "(default: both; --quick: veth)")
+    bench.add_argument("--loss-model", choices=["datagram", "testbed"], default="datagram",
+                       help="datagram: loss per wire datagram (offloads off on the veth during "
+                            "loss cases); testbed: Testbed.set_loss (per skb)")
+    bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    bench.add_argument("--png", metavar="FILE", help="write a throughput/packet-size chart")
+    bench.set_defaults(func=cmd_bench)
     return p
 
 

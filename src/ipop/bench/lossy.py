@@ -1,0 +1,111 @@
+"""Random underlay loss for the loss cases, per wire datagram.
+
+Why not only ``Testbed.set_loss``: its nftables rule sits on the egress hook, where a packet is
+still the sender's super-packet (a TSO/GSO skb, or a UDP GSO train: measured here, about 60 KB
+per "packet" for iperf3 TCP on the veth).  Each drop then takes out a whole burst of wire
+datagrams at once, so senders that batch (the kernel's TCP on the direct path, ipop's UDP GSO
+trains) see rare bursts of loss while per-packet senders (wireguard-go, tinc) see independent
+losses: the systems would not be compared under the same loss.  A drop at egress also fails
+the sender's ``sendmsg`` with EPERM, which no real network does.
+
+Model ``datagram`` (default): on both ends of the veth, TSO, GSO and UDP segmentation offload
+are turned off, so the sending kernel segments before the veth and the receiving namespace sees
+wire-sized packets; an nftables table of ours (``ipop_bench_loss``) drops ``pct`` % of the
+packets arriving on each veth end, at prerouting.  Each direction loses ``pct`` % independently,
+as with ``set_loss`` on a link.  Offload flags are restored afterwards.
+
+Model ``testbed``: ``Testbed.set_loss(link, pct)`` as is (skb-level loss).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Literal
+
+from ipop.errors import EnvironmentFault
+from ipop.testbed.netns import Host, Link, Testbed
+from ipop.testbed.proc import cmd, tool
+
+LossModel = Literal["datagram", "testbed"]
+TABLE = "ipop_bench_loss"
+_FEATURES = {  # ethtool -K name: the ethtool -k line it shows up as
+    "tso": "tcp-segmentation-offload",
+    "gso": "generic-segmentation-offload",
+    "tx-udp-segmentation": "tx-udp-segmentation",
+}
+
+
+def available() -> str | None:
+    """Why the ``datagram`` model cannot run here, or None."""
+    try:
+        tool("ethtool")
+    except EnvironmentFault as e:
+        return str(e)
+    return None
+
+
+def _features(host: Host, dev: str) -> dict[str, str]:
+    out = cmd(["ip", "netns", "exec", host.ns, "ethtool", "-k", dev]).stdout
+    shown = {}
+    for line in out.splitlines():
+        key, _, value = line.strip().partition(":")
+        shown[key] = value.strip().split(" ")[0]
+    return {name: shown[line] for name, line in _FEATURES.items() if shown.get(line) in ("on",
+                                                                                            "off")}
+
+
+def _set_features(host: Host, dev: str, values: dict[str, str]) -> None:
+    if values:
+        args = [tok for name, value in values.items() for tok in (name, value)]
+        cmd(["ip", "netns", "exec", host.ns, "ethtool", "-K", dev, *args])
+
+
+def _ruleset(dev: str, pct: float) -> str:
+    threshold = round(pct * 100)  # per 10000
+    return "\n".join([
+        f"table inet {TABLE}",
+        f"delete table inet {TABLE}",
+        f"table inet {TABLE} {{",
+        "  chain ingress_loss {",
+        "    type filter hook prerouting priority -300; policy accept;",
+        f'    iifname "{dev}" numgen random mod 10000 < {threshold} drop',
+        "  }",
+        "}",
+    ]) + "\n"
+
+
+def _clear(host: Host) -> None:
+    cmd(["ip", "netns", "exec", host.ns, "nft", "-f", "-"],
+        input=f"table inet {TABLE}\ndelete table inet {TABLE}\n", check=False)
+
+
+@contextlib.contextmanager
+def underlay_loss(testbed: Testbed, link: Link, pct: float,
+                  model: LossModel = "datagram") -> Iterator[None]:
+    """``pct`` % random loss on ``link`` in each direction for the duration of the block."""
+    if model == "testbed":
+        testbed.set_loss(link, pct)
+        try:
+            yield
+        finally:
+            testbed.set_loss(link, 0)
+        return
+    ends = [(link.a, link.a_dev), (link.b, link.b_dev)]
+    saved: list[tuple[Host, str, dict[str, str]]] = []
+    try:
+        for host, dev in ends:
+            before = _features(host, dev)
+            saved.append((host, dev, before))
+            _set_features(host, dev, {name: "off" for name in before})
+        for host, dev in ends:
+            cmd(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], input=_ruleset(dev, pct))
+        yield
+    finally:
+        for host, _dev in ends:
+            _clear(host)
+        for host, dev, before in saved:
+            try:
+                _set_features(host, dev, before)
+            except EnvironmentFault:
+                pass
