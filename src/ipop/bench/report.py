@@ -208,11 +208,12 @@ def write_json(doc: dict[str, Any], path: Path) -> None:
 
 def write_png(doc: dict[str, Any], path: Path) -> None:
     """Throughput (top) and packet rate (bottom) against IP packet size, one line per system,
-    one column per link condition; log y axes, so that overlays stay readable next to direct."""
+    one column per link condition; log axes, so that overlays stay readable next to direct."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     links = list(doc["links"])
     fig, axes = plt.subplots(2, len(links), figsize=(6.5 * len(links), 8), squeeze=False)
@@ -231,7 +232,9 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
         bottom.set_ylabel("kpackets/s (receiver)")
         bottom.set_xlabel("IP packet size (bytes)")
         for ax in (top, bottom):
-            ax.set_xticks(doc["sizes"])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(doc["sizes"], [str(size) for size in doc["sizes"]])
+            ax.xaxis.set_minor_locator(NullLocator())
             ax.grid(True, alpha=0.3)
             ax.set_yscale("log")
             ax.legend(fontsize="small")

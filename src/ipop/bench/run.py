@@ -105,6 +105,7 @@ class Runner:
             "systems": {},
             "skipped": dict(plan.skipped),
         }
+        stat0, own0, soft0 = _proc_stat(), _own_cpu(), _ksoftirqd()
         with tempfile.TemporaryDirectory(prefix="ipop-bench-") as tmp, Testbed() as tb:
             a, b = tb.add_host("a"), tb.add_host("b")
             link = tb.connect(a, b)
@@ -113,12 +114,22 @@ class Runner:
                 doc["systems"][name] = self._system(tb, link, system)
         doc["duration_s"] = round(time.monotonic() - t0, 1)
         cpus = os.cpu_count() or 1
+        stat1, own1, soft1 = _proc_stat(), _own_cpu(), _ksoftirqd()
+        total = max(1, stat1["total"] - stat0["total"])  # ticks, all CPUs together
+        others = (stat1["busy"] - stat0["busy"] - (own1 - own0) * _CLK_TCK
+                  - (soft1 - soft0))  # ksoftirqd carries our packets too
+        doc["machine"]["others_cpu_pct"] = round(100.0 * max(0.0, others) / total, 1)
+        doc["machine"]["steal_cpu_pct"] = round(100.0 * (stat1["steal"] - stat0["steal"]) / total,
+                                                1)
         load = doc["machine"]["loadavg_start"]
-        if load > 0.5 * cpus:
+        busy = doc["machine"]["others_cpu_pct"] + doc["machine"]["steal_cpu_pct"]
+        if busy > 10 or load > 0.5 * cpus:
             self.notes.append(
-                f"the machine was busy before the run (1-minute load average {load:.1f} on "
-                f"{cpus} CPUs): other work may have competed with the systems under test; "
-                "absolute numbers may be low, compare ratios")
+                f"the machine was shared: 1-minute load average {load:.1f} before the run; during "
+                f"it, processes not of this run used about {doc['machine']['others_cpu_pct']:.0f}"
+                f" % of its {cpus} CPUs and the hypervisor stole "
+                f"{doc['machine']['steal_cpu_pct']:.0f} %; absolute numbers are lower and "
+                "noisier than on an idle machine, compare ratios")
         doc["failures"] = self.failures
         doc["notes"] = self.notes
         return doc
@@ -273,6 +284,41 @@ def add_ratios(doc: dict[str, Any]) -> None:
                                   for p in res.get("sweep", [])}
                 ratios[f"vs_{base}"] = r
             res["ratios"] = ratios
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_stat() -> dict[str, int]:
+    """Machine-wide CPU ticks from ``/proc/stat``: busy in processes (user, nice, system; irq
+    and softirq time is left out, it is the network stack's), steal, and total."""
+    with open("/proc/stat") as f:
+        vals = [int(v) for v in f.readline().split()[1:]]
+    user, nice, system, idle, iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
+    return {"busy": user + nice + system, "steal": steal,
+            "total": user + nice + system + idle + iowait + irq + softirq + steal}
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and all the children it has reaped (their children too)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def _ksoftirqd() -> int:
+    """CPU ticks of the ksoftirqd kernel threads (packet processing deferred from interrupts)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/comm") as f:
+                if not f.read().startswith("ksoftirqd/"):
+                    continue
+        except OSError:
+            continue
+        ticks += measure.cpu_ticks(int(entry))
+    return ticks
 
 
 def _loadavg() -> float:
