@@ -135,7 +135,7 @@ class Harness:
         }
         self.roamed = 0
         self._wake_r, self._wake_w = os.pipe()
-        dev: Any = SimpleNamespace(tap=False, fd=-1)
+        dev: Any = SimpleNamespace(tap=False, fd=-1, vnet_hdr=False)
         self.inbound = Inbound(dev, self.table, LOCAL, on_control=self._on_control,
                                on_roam=self._on_roam, stopping=threading.Event(),
                                wake_fd=self._wake_r)
@@ -198,7 +198,7 @@ class Harness:
         out: list[bytes | memoryview] = []
         sock: Any = self.sock
         try:
-            self.inbound._demux(sock, memoryview(dgram), addr, None, out)
+            self.inbound._demux(sock, memoryview(dgram), addr, None, out, [])
         except RemoteProtocolError:
             pass
         if out and not may:

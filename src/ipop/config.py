@@ -41,6 +41,14 @@ class Peer(BaseModel):
     endpoint: str = Field(description="underlay host:port where the peer listens")
     fingerprint: str | None = Field(default=None, description="the peer's certificate fingerprint")
     mac: str | None = Field(default=None, description="the peer's TAP MAC, learned if absent")
+    ip6: str | None = Field(default=None, description="the peer's overlay IPv6 address")
+
+    @field_validator("ip6")
+    @classmethod
+    def _ip6(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        return str(ipaddress.IPv6Interface(v).ip)
 
     @field_validator("uid")
     @classmethod

@@ -92,6 +92,7 @@ class Node:
             uid=self.identity.uid, interface=cfg.interface, ip4=cfg.ip4,
             prefixlen=cfg.ip4_mask, mtu=cfg.effective_mtu, tap=cfg.switchmode, ip6=cfg.ip6,
             ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
+            offload=cfg.offload,
             on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
         )
         if cfg.listen_port:
@@ -171,7 +172,8 @@ class Node:
         reason = "static_sec" if encrypted else "static_sec_off"
         link = self.dp.add_link(
             peer_uid=bytes.fromhex(peer.uid), path=LinkPath(self.listen_sock, addr, None, "static"),
-            ip4=peer.ip4, mac=bytes.fromhex(peer.mac.replace(":", "")) if peer.mac else None,
+            ip4=peer.ip4, ip6=peer.ip6,
+            mac=bytes.fromhex(peer.mac.replace(":", "")) if peer.mac else None,
             encrypted=encrypted, security_reason=reason,
         )
         if encrypted:

@@ -19,7 +19,7 @@ import pytest
 from ipop.testbed.netns import Testbed
 from ipop.testbed.nodes import NodeProc, static_mesh
 
-from .helpers import Subscriber, gbits, iperf3, ping, wait_for
+from .helpers import Subscriber, gbits, iperf3, ping, ping_until, wait_for
 
 
 def mesh(testbed: Testbed, tmp_path: Path, n: int, *, tap: bool, **extra) -> list[NodeProc]:
@@ -35,10 +35,11 @@ def mesh(testbed: Testbed, tmp_path: Path, n: int, *, tap: bool, **extra) -> lis
     return nodes
 
 
-@pytest.mark.parametrize("tap", [False, True], ids=["tun", "tap"])
+@pytest.mark.parametrize(("tap", "offload"), [(False, True), (False, False), (True, True)],
+                         ids=["tun", "tun-no-offload", "tap"])
 @pytest.mark.parametrize("n", [2, 3])
-def test_static_mesh_ping_and_iperf(testbed, tmp_path, n, tap):
-    nodes = mesh(testbed, tmp_path, n, tap=tap)
+def test_static_mesh_ping_and_iperf(testbed, tmp_path, n, tap, offload):
+    nodes = mesh(testbed, tmp_path, n, tap=tap, offload=offload)
     for a, b in itertools.permutations(nodes, 2):
         assert ping(a.host, b.config["ip4"]), f"{a.name} -> {b.name}\n{a.log()[-1500:]}"
     result = iperf3(nodes[0].host, nodes[-1].host, nodes[-1].config["ip4"], seconds=5)
@@ -47,6 +48,8 @@ def test_static_mesh_ping_and_iperf(testbed, tmp_path, n, tap):
     assert link is not None and link["state"] == "up" and link["security"] == "none"
     assert link["tx_packets"] > 1000 and link["rx_packets"] > 100
     assert link["tx_bytes"] > 1_000_000
+    offloads = nodes[0].status()["node"]["counters"]["offloads"]
+    assert offloads["tun_vnet_hdr"] is (offload and not tap)
 
 
 def test_status_counters_grow(testbed, tmp_path):
@@ -124,3 +127,67 @@ def test_plain_link_ignores_spoofed_source(testbed, tmp_path):
     wait_for(lambda: a.link_to(b)["drops"].get("unexpected_source", 0) >= 1, timeout=5,
              what="unexpected_source drop")
 
+
+
+SERVER = """
+import hashlib, socket, sys
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+s = socket.socket(fam); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    b = c.recv(1 << 16)
+    if not b: break
+    h.update(b); n += len(b)
+print(n, h.hexdigest(), flush=True)
+"""
+CLIENT = """
+import hashlib, socket, sys
+data = hashlib.sha256(b"ipop").digest() * (int(sys.argv[2]) // 32)
+c = socket.create_connection((sys.argv[1], 7000), timeout=20); c.sendall(data); c.close()
+print(len(data), hashlib.sha256(data).hexdigest())
+"""
+
+
+def transfer(client, server, addr: str, size: int) -> None:
+    import subprocess
+    import sys
+
+    srv = server.popen([sys.executable, "-c", SERVER, addr], stdout=subprocess.PIPE, text=True)
+    assert srv.stdout.readline().strip() == "ready"
+    sent = client.run([sys.executable, "-c", CLIENT, addr, str(size)], timeout=60).stdout.split()
+    got = srv.stdout.readline().split()
+    srv.wait(10)
+    assert got == sent and int(got[0]) == size // 32 * 32
+
+
+@pytest.mark.parametrize("sec", [False, True], ids=["plain", "encrypted"])
+@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
+def test_file_crosses_byte_exact(testbed, tmp_path, offload, sec):
+    a, b = mesh(testbed, tmp_path, 2, tap=False, offload=offload, sec=sec)
+    ping_until(a.host, b.config["ip4"], timeout=15)
+    transfer(a.host, b.host, b.config["ip4"], 8_000_000)
+    transfer(b.host, a.host, a.config["ip4"], 3_000_000)
+
+
+def test_mixed_tcp_udp_icmp_and_ipv6(testbed, tmp_path):
+    hosts = [testbed.add_host(f"h{i + 1}") for i in range(2)]
+    lan = testbed.add_lan("lan", hosts)
+    nodes = static_mesh(hosts, tmp_path, underlay=[lan.members[h.name] for h in hosts],
+                        extra={"sec": True})
+    for i, node in enumerate(nodes):
+        node.config["ip6"] = f"2001:db8::{i + 1}/64"
+        for peer in node.config["peers"]:
+            peer["ip6"] = "2001:db8::" + peer["ip4"].rsplit(".", 1)[1]
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    a, b = nodes
+    ping_until(a.host, b.config["ip4"], timeout=15)
+    assert ping(a.host, b.config["ip4"], count=2, size=1200)
+    wait_for(lambda: ping(a.host, "2001:db8::2", count=1), timeout=10, what="IPv6 ping")
+    udp = iperf3(a.host, b.host, b.config["ip4"], seconds=2, extra=["-u", "-b", "100M"])
+    assert udp["end"]["sum"]["packets"] > 1000
+    tcp = iperf3(b.host, a.host, a.config["ip4"], seconds=2)
+    assert gbits(tcp) > 0.01
+    transfer(a.host, b.host, "2001:db8::2", 4_000_000)

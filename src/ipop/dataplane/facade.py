@@ -75,6 +75,7 @@ class DataPlane:
         ip6: str | None = None,
         ondemand_queue: int = 64,
         keepalive_seconds: float = 10.0,
+        offload: bool = True,
         on_event: Callable[[Event], None],
         call_soon: Callable[..., Any],
     ) -> None:
@@ -90,7 +91,10 @@ class DataPlane:
         self.table = ForwardingTable()
         self.stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
-        self.dev = tun.open_device(interface, tap=tap)
+        # offloads (TSO super-packets in, UDP GSO/GRO out and in) serve the L3 NIC
+        self.dev = tun.open_device(interface, tap=tap, vnet_hdr=offload and not tap)
+        if offload and not tap and not self.dev.vnet_hdr:
+            log.warning("offloads: the kernel refused TUN offloads; per-packet data path")
         self.interface = interface
         try:
             tun.configure(self.dev, ip4=ip4, prefixlen=prefixlen, mtu=mtu, ip6=ip6)
@@ -118,6 +122,11 @@ class DataPlane:
     def start(self) -> None:
         self.outbound.start()
         self.inbound.start()
+
+    @property
+    def offloads(self) -> dict[str, bool]:
+        return {"tun_vnet_hdr": self.dev.vnet_hdr,
+                "udp_gro": self.dev.vnet_hdr and not self.inbound.gro_missing}
 
     def close(self) -> None:
         """Stop both pipelines and remove the interface (closing the device deletes it)."""
@@ -296,5 +305,6 @@ class DataPlane:
             "tun_read_bytes": self.outbound.counters["bytes"],
             "no_route": self.outbound.counters["no_route"],
             "tun_written": self.inbound.written,
+            "offloads": self.offloads,
             "drops": dict(drops),
         }

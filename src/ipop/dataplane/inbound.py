@@ -12,6 +12,10 @@ Pipeline:
      frame that authenticates);
   4. [rx thread] answer keepalive probes; learn source MACs (TAP);
   5. [writer thread] write the batch's packets to the device, then give the slab back.
+With offloads the sockets have UDP_GRO on: one read brings a train of datagrams, which step 2
+splits; the packets of a batch that continue one TCP flow are merged again into super-packets
+(``coalesce``) and written with a ``virtio_net_hdr`` in one ``writev`` each.  Without a vnet
+header on the device, partial inner packets (frame type 0x84) get their checksums completed.
 Ordering: one socket is drained in order and batches are written in order, so a flow's order holds.
 Backpressure: slabs are bounded; when the writer falls behind, the rx thread waits for a free slab
 and the kernel's socket buffers absorb the burst (and drop, if they must) — a slow TUN write never
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import logging
 import os
 import queue
 import select
@@ -31,20 +36,29 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
+from ipop.dataplane.coalesce import coalesce, complete_partial
 from ipop.dataplane.link import Link
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
+from ipop.dataplane.udpio import RECV_BUFFER, enable_gro, recv_batch, split_gro
 from ipop.errors import RemoteProtocolError
 from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
 from ipop.wire import packet as wp
+from ipop.wire.vnet import PLAIN as PLAIN_VNET
 
-Batch = tuple[bytearray, list[bytes | bytearray | memoryview]]  # (slab, packets in it)
+Pkt = bytes | bytearray | memoryview
+# (slab, packets or iovecs in it, whether the items are iovecs for writev)
+Batch = tuple[bytearray, list[Any], bool]
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
 SLABS = 32
+GRO_SLOTS = 4  # GRO reads (up to 64 KB each) per slab
 
+log = logging.getLogger("ipop.dataplane")
+_ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 # (socket, datagram copy, source address, TURN channel or None, link or None)
 ControlHandler = Callable[[socket.socket, bytes, tuple[str, int], int | None, Link | None], None]
 
@@ -75,10 +89,13 @@ class Inbound:
         self.socks: dict[int, socket.socket] = {}
         self.drops: collections.Counter[str] = collections.Counter()
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
+        self.gro = dev.vnet_hdr  # receive trains (UDP_GRO) and write super-packets
+        slab_size = RECV_BUFFER * GRO_SLOTS if self.gro else SLOT * SLOTS_PER_SLAB
         for _ in range(SLABS):
-            self.free.put(bytearray(SLOT * SLOTS_PER_SLAB))
+            self.free.put(bytearray(slab_size))
         self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.written = 0
+        self.gro_missing = False
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-udp-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
 
@@ -94,6 +111,8 @@ class Inbound:
         fd = sock.fileno()
         if fd in self.socks:
             return
+        if self.gro and not enable_gro(sock):
+            self.gro_missing = True
         self.socks[fd] = sock
         self.epoll.register(fd, select.EPOLLIN)
 
@@ -117,37 +136,94 @@ class Inbound:
                 if fd == wake:
                     continue
                 sock = self.socks.get(fd)
-                if sock is not None:
+                if sock is None:
+                    continue
+                try:
                     self._drain(sock)
+                except Exception:  # never let one datagram stop the data plane
+                    self.drops["internal_error"] += 1
+                    log.exception("inbound: batch dropped")
 
     def _drain(self, sock: socket.socket) -> None:
         slab = self.free.get()
         view = memoryview(slab)
-        out: list[bytes | bytearray | memoryview] = []
-        slot = 0
-        recvfrom_into = sock.recvfrom_into
+        out: list[Pkt] = []
+        partial: list[bool] = []
         try:
-            while slot < SLOTS_PER_SLAB:
-                off = slot * SLOT
+            if self.gro:
+                self._read_trains(sock, view, out, partial)
+            else:
+                self._read_datagrams(sock, view, out, partial)
+        finally:
+            if not out:
+                self.free.put(slab)
+            elif self.gro:
+                self.work.put((slab, self._merge(out, partial), True))
+            else:
+                if any(partial):
+                    out = self._completed(out, partial)
+                self.work.put((slab, out, False))
+
+    def _merge(self, out: list[Pkt], partial: list[bool]) -> list[list[Any]]:
+        try:
+            return coalesce(out, partial)
+        except RemoteProtocolError as exc:  # a plain-link peer can send anything
+            self.drops[exc.reason] += 1
+            return [[PLAIN_VNET, p] for p, f in zip(out, partial, strict=True) if not f]
+
+    def _completed(self, out: list[Pkt], partial: list[bool]) -> list[Pkt]:
+        done: list[Pkt] = []
+        for p, f in zip(out, partial, strict=True):
+            if not f:
+                done.append(p)
+                continue
+            try:
+                done.append(complete_partial(p))
+            except RemoteProtocolError as exc:
+                self.drops[exc.reason] += 1
+        return done
+
+    def _read_datagrams(self, sock: socket.socket, view: memoryview, out: list[Pkt],
+                        partial: list[bool]) -> None:
+        recvfrom_into = sock.recvfrom_into
+        slot = 0
+        while slot < SLOTS_PER_SLAB:
+            off = slot * SLOT
+            try:
+                n, raw_addr = recvfrom_into(view[off : off + SLOT])
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRNOS:
+                    continue  # ICMP errors surface here; the keepalive notices dead paths
+                return
+            slot += 1
+            addr = raw_addr[:2]  # AF_INET6 sockets add flowinfo and scope_id
+            try:
+                self._demux(sock, view[off : off + n], addr, None, out, partial)
+            except RemoteProtocolError as exc:
+                self.drops[exc.reason] += 1
+
+    def _read_trains(self, sock: socket.socket, view: memoryview, out: list[Pkt],
+                     partial: list[bool]) -> None:
+        for slot in range(GRO_SLOTS):
+            area = view[slot * RECV_BUFFER : (slot + 1) * RECV_BUFFER]
+            try:
+                n, addr, gso = recv_batch(sock, area)
+            except (BlockingIOError, InterruptedError):
+                return
+            except RemoteProtocolError as exc:
+                self.drops[exc.reason] += 1
+                continue
+            except OSError as exc:
+                if exc.errno in _ICMP_ERRNOS:
+                    continue
+                return
+            for dgram in split_gro(area, n, gso):
                 try:
-                    n, raw_addr = recvfrom_into(view[off : off + SLOT])
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue  # ICMP errors surface here; the keepalive notices dead paths
-                    break
-                slot += 1
-                addr = raw_addr[:2]  # AF_INET6 sockets add flowinfo and scope_id
-                try:
-                    self._demux(sock, view[off : off + n], addr, None, out)
+                    self._demux(sock, dgram, addr, None, out, partial)
                 except RemoteProtocolError as exc:
                     self.drops[exc.reason] += 1
-        finally:
-            if out:
-                self.work.put((slab, out))
-            else:
-                self.free.put(slab)
 
     def _demux(
         self,
@@ -155,14 +231,15 @@ class Inbound:
         dgram: memoryview,
         addr: tuple[str, int],
         channel: int | None,
-        out: list[bytes | bytearray | memoryview],
+        out: list[Pkt],
+        partial: list[bool],
     ) -> None:
         if not dgram:
             self.drops["empty"] += 1
             return
         first = dgram[0]
         if 128 <= first <= 191:
-            self._frame(sock, dgram, addr, channel, out)
+            self._frame(sock, dgram, addr, channel, out, partial)
         elif 64 <= first <= 79 and channel is None:
             if len(dgram) < 4:
                 self.drops["truncated_channeldata"] += 1
@@ -172,7 +249,7 @@ class Inbound:
             if length > len(dgram) - 4:
                 self.drops["truncated_channeldata"] += 1
                 return
-            self._demux(sock, dgram[4 : 4 + length], addr, chan, out)
+            self._demux(sock, dgram[4 : 4 + length], addr, chan, out, partial)
         elif first <= 3 or 20 <= first <= 63:
             link = self.table.by_source.get((sock.fileno(), addr, channel))
             self.on_control(sock, bytes(dgram), addr, channel, link)
@@ -185,7 +262,8 @@ class Inbound:
         dgram: memoryview,
         addr: tuple[str, int],
         channel: int | None,
-        out: list[bytes | bytearray | memoryview],
+        out: list[Pkt],
+        partial: list[bool],
     ) -> None:
         if len(dgram) < wh.HEADER_LEN:
             self.drops["truncated"] += 1
@@ -226,16 +304,18 @@ class Inbound:
                 return
             payload = dgram[wh.HEADER_LEN :]
         stats.last_rx_mono = time.monotonic()
-        if ftype == wh.T_DATA or ftype == wh.T_DATA_SEALED:
+        if ftype in wh.DATA_TYPES:
+            is_partial = bool(ftype & wh.PARTIAL_BIT)
             stats.rx_packets += 1
             stats.rx_bytes += len(payload)
             if self.dev.tap and len(payload) >= wp.ETH_HLEN and not (payload[6] & 1):
                 self.table.learn_mac(bytes(payload[6:12]), link)
             if link.xlat is not None:
                 writable = bytearray(payload) if isinstance(payload, bytes) else payload
-                link.xlat.rx(writable)
+                link.xlat.rx(writable, is_partial)
                 payload = writable
             out.append(payload)
+            partial.append(is_partial)
             return
         try:
             op, stamp = wk.parse(payload)
@@ -252,15 +332,18 @@ class Inbound:
     # ---- writer thread
     def _write_loop(self) -> None:
         fd = self.dev.fd
-        write = os.write
+        write, writev = os.write, os.writev
         while True:
             item = self.work.get()
             if item is None:
                 return
-            slab, pkts = item
+            slab, pkts, vectored = item
             for pkt in pkts:
                 try:
-                    write(fd, pkt)
+                    if vectored:
+                        writev(fd, pkt)
+                    else:
+                        write(fd, pkt)
                     self.written += 1
                 except BlockingIOError:
                     self.drops["tun_full"] += 1

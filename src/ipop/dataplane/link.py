@@ -16,11 +16,35 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ipop.crypto.aead import OVERHEAD as SEAL_OVERHEAD
+from ipop.dataplane.segment import segment
+from ipop.dataplane.udpio import send_train
+from ipop.errors import LocalProtocolError
 from ipop.wire import header as wh
 from ipop.wire.nat44 import Translator
+from ipop.wire.vnet import VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
+HDR = wh.HEADER_LEN
+_ERRNO_REASON = {errno.EMSGSIZE: "emsgsize", errno.EAGAIN: "sndbuf_full",
+                 errno.ENOBUFS: "sndbuf_full"}
+
+
+def standalone(vh: VnetHdr, pkt: memoryview) -> list[bytes]:
+    """Complete standalone packets (checksums finished) from one vnet-header read: for the
+    rare paths that keep packets for later (queues while a link is keyed or made)."""
+    from ipop.dataplane.coalesce import complete_partial
+
+    try:
+        segs = segment(vh, pkt)
+    except LocalProtocolError:
+        return []
+    out = []
+    for i in range(0, len(segs.parts), segs.stride):
+        one = b"".join(segs.parts[i : i + segs.stride])
+        out.append(complete_partial(one) if segs.partial else one)
+    return out
 
 
 class CryptoSession(Protocol):
@@ -98,6 +122,8 @@ class Link:
         self.hdr_sealed = wh.pack(wh.T_DATA_SEALED, local_uid, peer_uid)
         self.hdr_ka = wh.pack(wh.T_KEEPALIVE, local_uid, peer_uid)
         self.hdr_ka_sealed = wh.pack(wh.T_KEEPALIVE_SEALED, local_uid, peer_uid)
+        self.hdr_partial = wh.pack(wh.T_DATA_PARTIAL, local_uid, peer_uid)
+        self.hdr_partial_sealed = wh.pack(wh.T_DATA_PARTIAL_SEALED, local_uid, peer_uid)
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_lock = threading.Lock()
         self.closed = False
@@ -105,7 +131,7 @@ class Link:
         self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
 
     # ---- sending (TX thread, and the control thread for keepalives and flushes)
-    def send_frame(self, parts: list[bytes | memoryview]) -> bool:
+    def send_frame(self, parts: list[bytes | bytearray | memoryview]) -> bool:
         """Send one datagram made of ``parts``; counts and swallows underlay errors."""
         path = self.path
         if path.channel is not None:
@@ -138,6 +164,51 @@ class Link:
         if self.send_frame([self.hdr_sealed, sealed]):
             self.stats.tx_packets += 1
             self.stats.tx_bytes += len(pkt)
+
+    def send_super(self, vh: VnetHdr, pkt: memoryview) -> None:
+        """Send what one read of a vnet-header TUN holds (up to a 64 KB TSO super-packet).
+
+        It is cut into standalone inner packets, one per datagram (``segment``), and the
+        datagrams go out as one UDP GSO train; each is sealed on its own on an encrypted link,
+        so losing a datagram loses one inner packet, never the train.
+        """
+        try:
+            if not self.encrypted:
+                segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
+                parts, stride = segs.parts, segs.stride
+                size, last = segs.size, segs.last
+                inner = (segs.datagrams - 1) * (size - HDR) + last - HDR
+            else:
+                session = self.session
+                if session is None or not session.ready:
+                    for p in standalone(vh, pkt):
+                        self.queue_pending(p)
+                    return
+                segs = segment(vh, pkt)
+                prefix = self.hdr_partial_sealed if segs.partial else self.hdr_sealed
+                seal, join, st = session.seal, b"".join, segs.stride
+                flat = segs.parts
+                parts = []
+                for i in range(0, len(flat), st):
+                    parts.append(prefix)
+                    parts.append(seal(prefix, join(flat[i : i + st])))
+                stride = 2
+                size = HDR + SEAL_OVERHEAD + segs.size
+                last = HDR + SEAL_OVERHEAD + segs.last
+                inner = (segs.datagrams - 1) * segs.size + segs.last
+        except LocalProtocolError as exc:
+            self.stats.drops[f"tx_{exc.reason}"] += 1
+            return
+        count = len(parts) // stride
+        path = self.path
+        if path.channel is not None:  # relayed: each datagram in its own ChannelData
+            sent = sum(self.send_frame(parts[i : i + stride]) for i in range(0, len(parts), stride))
+        else:
+            sent, err = send_train(path.sock, path.addr, parts, stride, size, last, wait_ms=5)
+            if sent < count:
+                self.stats.drops[_ERRNO_REASON.get(err, "send_error")] += count - sent
+        self.stats.tx_packets += sent
+        self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
 
     def queue_pending(self, pkt: bytes) -> None:
         with self._pending_lock:

@@ -8,6 +8,9 @@ Pipeline (sequential, in this thread; one flow's order is the device's read orde
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
      no link → held in a small per-destination queue and reported to the controller;
   4. clamp the MSS of TCP SYNs to the overlay MTU on the way out.
+With offloads (a TUN opened with IFF_VNET_HDR) a read is a 10-byte ``virtio_net_hdr`` and up to
+64 KB of TCP super-packet: step 3 then cuts it into standalone packets and sends them as one
+UDP GSO train (``Link.send_super``); packets held for later are completed copies.
 The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
 (it does: queued packets are copied with ``bytes()``).
 """
@@ -20,10 +23,13 @@ import select
 import threading
 from collections.abc import Callable
 
-from ipop.dataplane.link import Link
+from ipop.dataplane.link import Link, standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.wire import packet as wp
+from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VNET, VNET_HDR_LEN, VnetHdr
+
+VNET_LEN = VNET_HDR_LEN
 
 READ_SIZE = 65536 + 16
 
@@ -59,7 +65,11 @@ class Outbound(threading.Thread):
         poller.register(self.wake_fd, select.POLLIN)
         readv = os.readv
         bufs = [buf]
-        handle = self._handle_tap if self.dev.tap else self._handle_tun
+        handle: Callable[[memoryview, bytearray, int], None] = (
+            self._handle_tap if self.dev.tap else self._handle_tun
+        )
+        if self.dev.vnet_hdr:
+            handle = self._handle_vnet
         counters = self.counters
         while not self.stopping.is_set():
             try:
@@ -100,6 +110,45 @@ class Outbound(threading.Thread):
         else:
             self.counters["no_route"] += 1
             self.on_miss(dst, bytes(pkt))
+
+    # ---- L3 with offloads: virtio_net_hdr + packet (maybe a TSO super-packet)
+    def _handle_vnet(self, view: memoryview, buf: bytearray, n: int) -> None:
+        if n < VNET_LEN + 20:
+            self.counters["not_ip"] += 1
+            return
+        vh = VnetHdr._make(VNET.unpack_from(buf))
+        pkt = view[VNET_LEN:n]
+        ver = buf[VNET_LEN] >> 4
+        if ver == 4:
+            dst = bytes(buf[VNET_LEN + 16 : VNET_LEN + 20])
+            is_group = buf[VNET_LEN + 16] >= 224 or dst == b"\xff\xff\xff\xff"
+            proto = buf[VNET_LEN + 9]
+        elif ver == 6 and n >= VNET_LEN + 40:
+            dst = bytes(buf[VNET_LEN + 24 : VNET_LEN + 40])
+            is_group = buf[VNET_LEN + 24] == 0xFF
+            proto = buf[VNET_LEN + 6]
+        else:
+            self.counters["not_ip"] += 1
+            return
+        partial = bool(vh.flags & F_NEEDS_CSUM)
+        if proto == wp.IPPROTO_TCP and vh.gso_type == GSO_NONE:
+            wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
+        link = self.table.by_ip.get(dst)
+        if link is not None:
+            if link.xlat is not None:
+                link.xlat.tx(pkt, partial)
+            link.send_super(vh, pkt)
+            return
+        if is_group:
+            links: tuple[Link, ...] = self.table.links
+            if links:
+                self.counters["flooded"] += 1
+            for one in links:
+                one.send_super(vh, pkt)
+            return
+        self.counters["no_route"] += 1
+        for one_pkt in standalone(vh, pkt):
+            self.on_miss(dst, one_pkt)
 
     # ---- L2 (TAP)
     def _handle_tap(self, frame: memoryview, buf: bytearray, n: int) -> None:

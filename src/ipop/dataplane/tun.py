@@ -114,6 +114,14 @@ def _configure(dev: Device, *, ip4: str, prefixlen: int, mtu: int, ip6: str | No
             iface = ipaddress.IPv6Interface(ip6)
             ipr.addr("add", index=index, address=str(iface.ip), prefixlen=iface.network.prefixlen)
         ipr.link("set", index=index, state="up")
+        if dev.vnet_hdr:
+            # one super-packet must fit one GSO send (64 datagrams, 65507 bytes) and one GRO
+            # batch at the peer: cap the segments per super-packet accordingly
+            segs = max(1, min(64, 65507 // (mtu + 41 + 25 + 4)))
+            try:
+                ipr.link("set", index=index, gso_max_segs=segs)
+            except Exception:  # older kernels: TSO still works, trains are just split
+                pass
         if dev.tap:
             links = ipr.get_links(index)
             mac = links[0].get_attr("IFLA_ADDRESS")

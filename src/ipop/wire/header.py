@@ -20,6 +20,8 @@ ipop frame types (bit 0 set = payload sealed with the link's AEAD, see ``ipop.cr
     0x81 DATA_SEALED     the same, sealed
     0x82 KEEPALIVE       plain keepalive probe/echo (payload: ``ipop.wire.keepalive``)
     0x83 KEEPALIVE_SEALED
+    0x84 DATA_PARTIAL    one IP packet whose TCP/UDP checksum holds only the pseudo-header sum
+    0x85 DATA_PARTIAL_SEALED  (the fast path's segments: ``ipop.dataplane.segment``)
 """
 
 from __future__ import annotations
@@ -41,8 +43,12 @@ T_DATA = 0x80
 T_DATA_SEALED = 0x81
 T_KEEPALIVE = 0x82
 T_KEEPALIVE_SEALED = 0x83
+T_DATA_PARTIAL = 0x84
+T_DATA_PARTIAL_SEALED = 0x85
 SEALED_BIT = 0x01
-KNOWN_TYPES = frozenset({T_DATA, T_DATA_SEALED, T_KEEPALIVE, T_KEEPALIVE_SEALED})
+PARTIAL_BIT = 0x04
+DATA_TYPES = frozenset({T_DATA, T_DATA_SEALED, T_DATA_PARTIAL, T_DATA_PARTIAL_SEALED})
+KNOWN_TYPES = DATA_TYPES | {T_KEEPALIVE, T_KEEPALIVE_SEALED}
 
 
 class Kind(enum.Enum):

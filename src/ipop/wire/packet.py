@@ -107,10 +107,11 @@ def checksum_adjust(csum: int, old: int, new: int) -> int:
     return ~_fold((~csum & 0xFFFF) + (~old & 0xFFFF) + new) & 0xFFFF
 
 
-def clamp_mss(pkt: bytearray | memoryview, max_mss: int) -> bool:
+def clamp_mss(pkt: bytearray | memoryview, max_mss: int, partial: bool = False) -> bool:
     """Lower the MSS option of a TCP SYN in an IPv4/IPv6 packet to ``max_mss``, in place.
 
-    Returns True when the packet was changed.  The TCP checksum is updated incrementally.
+    Returns True when the packet was changed.  The TCP checksum is updated incrementally,
+    unless it is ``partial`` (it holds only the pseudo-header sum, which the option is not in).
     """
     n = len(pkt)
     if n < 20:
@@ -149,6 +150,8 @@ def clamp_mss(pkt: bytearray | memoryview, max_mss: int) -> bool:
             if old <= max_mss:
                 return False
             pkt[i + 2], pkt[i + 3] = max_mss >> 8, max_mss & 0xFF
+            if partial:
+                return True
             csum = (pkt[tcp + 16] << 8) | pkt[tcp + 17]
             csum = checksum_adjust(csum, old, max_mss)
             pkt[tcp + 16], pkt[tcp + 17] = csum >> 8, csum & 0xFF
