@@ -15,19 +15,19 @@ import time
 import pytest
 
 from .helpers import iperf3, ping, wait_for
-from .world import DOMAIN, World, world_fixture
+from .world import DOMAIN, TURN_PASS, TURN_USER, World, world_fixture
 
 USERS = ["alice", "bob", "carol"]
 
 
 @pytest.fixture(scope="module")
 def world():
-    yield from world_fixture({}, users=USERS)
+    yield from world_fixture({}, users=[*USERS, "dave", "erin"], turn=True)
 
 
 @pytest.fixture
 def social(world: World):
-    nodes = {u: world.node(u, "100.64.0.1", group=None, controller="socialvpn",
+    nodes = {u: world.node(u, "100.64.0.1", group=None, controller="socialvpn", sec=True,
                            host=world.tb.hosts.get(u) or world.host(u))
              for u in USERS}
     for n in nodes.values():
@@ -140,3 +140,31 @@ def test_mapping_survives_restart(social, world):
              timeout=30, what="bob re-linked")
     assert {u: local_ip(bob, u) for u in before} == before
     assert ping(bob.host, before["alice"], count=2)
+
+
+def test_on_demand_encrypted_friend_behind_a_nat(world: World):
+    """SocialVPN with the other options: on-demand links, encryption, a friend behind a NAT."""
+    srv = world.server_ip
+    extra = {"controller": "socialvpn", "sec": True, "on-demand_connection": True,
+             "stun": [f"{srv}:3478"],
+             "turn": [{"server": f"{srv}:3478", "user": TURN_USER, "pass": TURN_PASS}]}
+    dave = world.node("dave", "100.64.0.1", group=None, **extra)
+    erin_host = world.tb.add_host("erin")
+    world.tb.add_nat("naterin", [erin_host], world.inet, kind="cone")
+    erin = world.node("erin", "100.64.0.1", group=None, host=erin_host, **extra)
+    for n in (dave, erin):
+        n.config.pop("group", None)
+        n.start()
+    for n in (dave, erin):
+        n.wait_ready()
+    dave.call("add_friend", {"jid": f"erin@{DOMAIN}"})
+    erin.call("add_friend", {"jid": f"dave@{DOMAIN}"})
+    wait_for(lambda: friend(dave, "erin") and friend(dave, "erin")["online"], timeout=20,
+             what="friend online")
+    assert dave.status()["links"] == []  # on demand: nothing before traffic
+    addr = local_ip(dave, "erin")
+    r = dave.host.run(["ping", "-n", "-c", "1", "-W", "10", addr], check=False, timeout=30)
+    assert r.returncode == 0, r.stdout
+    link = dave.status()["links"][0]
+    assert link["security"] == "dtls" and link["path"] in {"srflx", "prflx", "host", "relay"}
+    world.stop_nodes()

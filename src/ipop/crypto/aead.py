@@ -134,7 +134,7 @@ class Sealer:
         """
         return self._issued
 
-    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | bytearray | memoryview) -> bytes:
         """``epoch | counter | ciphertext || tag`` for ``plaintext``, authenticating ``aad``."""
         counter = next(self._counts)  # atomic: each counter is handed out once
         if counter >= COUNTER_LIMIT:

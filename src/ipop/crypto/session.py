@@ -159,7 +159,7 @@ class CryptoSession:
         """Keys are in place: ``seal`` works."""
         return self._sealer is not None
 
-    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | memoryview) -> bytes:
+    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | bytearray | memoryview) -> bytes:
         """Seal one payload under the current keys (any thread).  Raises if not ready."""
         sealer = self._sealer
         if sealer is None:

@@ -255,7 +255,12 @@ class DataPlane:
         now = time.monotonic()
         for stamp, pkt in q:
             if now - stamp <= MISS_HOLD:
-                link.send_packet(pkt)
+                if link.xlat is not None:  # held before the link (and its view) existed
+                    held = bytearray(pkt)
+                    link.xlat.tx(held)
+                    link.send_packet(held)
+                else:
+                    link.send_packet(pkt)
 
     # ---- control datagrams and roaming (called from the rx thread)
     def _on_control(

@@ -53,7 +53,7 @@ class CryptoSession(Protocol):
     @property
     def ready(self) -> bool: ...
 
-    def seal(self, aad: bytes, plaintext: bytes | memoryview) -> bytes: ...
+    def seal(self, aad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes: ...
 
     def open(self, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes: ...
 
@@ -149,7 +149,7 @@ class Link:
             return False
         return True
 
-    def send_packet(self, pkt: bytes | memoryview) -> None:
+    def send_packet(self, pkt: bytes | bytearray | memoryview) -> None:
         """Send one inner packet: plain, sealed, or queued while the session is being keyed."""
         if not self.encrypted:
             if self.send_frame([self.hdr_data, pkt]):
