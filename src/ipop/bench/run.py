@@ -290,13 +290,14 @@ _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def _proc_stat() -> dict[str, int]:
-    """Machine-wide CPU ticks from ``/proc/stat``: busy in processes (user, nice, system; irq
-    and softirq time is left out, it is the network stack's), steal, and total."""
+    """Machine-wide CPU ticks from ``/proc/stat``: busy, steal and total.  Busy includes irq and
+    softirq: without IRQ time accounting a process's stime holds the softirq work done on its
+    watch, so this is what our processes' times and ksoftirqd's add up against."""
     with open("/proc/stat") as f:
         vals = [int(v) for v in f.readline().split()[1:]]
     user, nice, system, idle, iowait, irq, softirq, steal = (vals + [0] * 8)[:8]
-    return {"busy": user + nice + system, "steal": steal,
-            "total": user + nice + system + idle + iowait + irq + softirq + steal}
+    busy = user + nice + system + irq + softirq
+    return {"busy": busy, "steal": steal, "total": busy + idle + iowait + steal}
 
 
 def _own_cpu() -> float:
