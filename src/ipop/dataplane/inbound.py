@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ipop.dataplane.coalesce import coalesce, complete_partial
+from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
 from ipop.dataplane.link import Link
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
@@ -149,16 +149,19 @@ class Inbound:
         view = memoryview(slab)
         out: list[Pkt] = []
         partial: list[bool] = []
+        ready: list[list[Any]] = []  # TUN writes already made (GRO mode), in arrival order
         try:
             if self.gro:
-                self._read_trains(sock, view, out, partial)
+                self._read_trains(sock, view, out, partial, ready)
             else:
                 self._read_datagrams(sock, view, out, partial)
         finally:
-            if not out:
+            if not out and not ready:
                 self.free.put(slab)
             elif self.gro:
-                self.work.put((slab, self._merge(out, partial), True))
+                if out:
+                    ready.extend(self._merge(out, partial))
+                self.work.put((slab, ready, True))
             else:
                 if any(partial):
                     out = self._completed(out, partial)
@@ -205,7 +208,7 @@ class Inbound:
                 self.drops[exc.reason] += 1
 
     def _read_trains(self, sock: socket.socket, view: memoryview, out: list[Pkt],
-                     partial: list[bool]) -> None:
+                     partial: list[bool], ready: list[list[Any]]) -> None:
         for slot in range(GRO_SLOTS):
             area = view[slot * RECV_BUFFER : (slot + 1) * RECV_BUFFER]
             try:
@@ -219,11 +222,43 @@ class Inbound:
                 if exc.errno in _ICMP_ERRNOS:
                     continue
                 return
+            if gso < n and area[0] == wh.T_DATA_PARTIAL:
+                iovs = self._whole_train(sock, area, n, gso, addr)
+                if iovs is not None:
+                    if out:  # keep arrival order: what came before is written first
+                        ready.extend(self._merge(out, partial))
+                        out.clear()
+                        partial.clear()
+                    ready.extend(iovs)
+                    continue
             for dgram in split_gro(area, n, gso):
                 try:
                     self._demux(sock, dgram, addr, None, out, partial)
                 except RemoteProtocolError as exc:
                     self.drops[exc.reason] += 1
+
+    def _whole_train(self, sock: socket.socket, area: memoryview, n: int, gso: int,
+                     addr: tuple[str, int]) -> list[list[Any]] | None:
+        """A GRO batch of one plain link's partial segments, checked and merged in one go
+        (``coalesce_gro``), or None when the batch must take the per-datagram path."""
+        link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
+        if link is None or link.encrypted or link.xlat is not None:
+            return None
+        path = link.path
+        if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
+            return None
+        try:
+            iovs = coalesce_gro(area, n, gso, link.rx_prefix_partial)
+        except RemoteProtocolError:
+            return None
+        if iovs is None:
+            return None
+        count = -(-n // gso)
+        stats = link.stats
+        stats.rx_packets += count
+        stats.rx_bytes += n - count * wh.HEADER_LEN
+        stats.last_rx_mono = time.monotonic()
+        return iovs
 
     def _demux(
         self,

@@ -124,6 +124,8 @@ class Link:
         self.hdr_ka_sealed = wh.pack(wh.T_KEEPALIVE_SEALED, local_uid, peer_uid)
         self.hdr_partial = wh.pack(wh.T_DATA_PARTIAL, local_uid, peer_uid)
         self.hdr_partial_sealed = wh.pack(wh.T_DATA_PARTIAL_SEALED, local_uid, peer_uid)
+        # what this peer's partial frames to us start with (the RX fast path checks it)
+        self.rx_prefix_partial = wh.pack(wh.T_DATA_PARTIAL, peer_uid, local_uid)
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_lock = threading.Lock()
         self.closed = False
