@@ -36,7 +36,7 @@ class ConfigError(IpopError):
     reason = "config"
 
     def __init__(self, key: str, message: str) -> None:
-        super().__init__(f"config: {key}: {message}")
+        super().__init__(f"config: {message}" if key == "config" else f"config: {key}: {message}")
         self.key = key
 
 

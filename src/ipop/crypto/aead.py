@@ -39,6 +39,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from ipop.crypto.replay import COUNTER_LIMIT, ReplayWindow
 from ipop.errors import AuthError, LocalProtocolError
 
+Buffer = bytes | bytearray | memoryview
+
 EPOCH_OFF = 0
 EPOCH_LEN = 1
 COUNTER_OFF = EPOCH_OFF + EPOCH_LEN  # 1
@@ -134,7 +136,7 @@ class Sealer:
         """
         return self._issued
 
-    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, aad: Buffer, plaintext: Buffer) -> bytes:
         """``epoch | counter | ciphertext || tag`` for ``plaintext``, authenticating ``aad``."""
         counter = next(self._counts)  # atomic: each counter is handed out once
         if counter >= COUNTER_LIMIT:

@@ -71,6 +71,8 @@ from ipop.crypto.dtls import (
 from ipop.crypto.identity import Identity
 from ipop.errors import AuthError, LocalProtocolError
 
+Buffer = bytes | bytearray | memoryview
+
 REKEY_SECONDS = 120.0
 REKEY_PACKETS = 2**48
 GRACE_SECONDS = 10.0
@@ -159,7 +161,7 @@ class CryptoSession:
         """Keys are in place: ``seal`` works."""
         return self._sealer is not None
 
-    def seal(self, aad: bytes | bytearray | memoryview, plaintext: bytes | bytearray | memoryview) -> bytes:
+    def seal(self, aad: Buffer, plaintext: Buffer) -> bytes:
         """Seal one payload under the current keys (any thread).  Raises if not ready."""
         sealer = self._sealer
         if sealer is None:
