@@ -56,7 +56,7 @@ class Plan:
     """Seconds between the first ping and the idle CPU sample."""
     settle: float = 0.3
     """Seconds between cases, so that queues drain."""
-    loss_model: LossModel = "datagram"
+    loss_model: LossModel = "testbed"
     quick: bool = False
     skipped: dict[str, str] = field(default_factory=dict)
 
@@ -256,9 +256,11 @@ METHOD = {
               "system's MTU is capped at the MTU (size_used)"),
     "loss": "iperf3 TCP, one stream, with random underlay loss in each direction (loss_model)",
     "loss_model": {
+        "testbed": ("Testbed.set_loss: nftables numgen drop at each veth end's egress, per skb "
+                    "(a TSO/GSO skb or UDP GSO train is lost whole)"),
         "datagram": ("per wire datagram: TSO/GSO/UDP segmentation off on both veth ends during "
-                     "the case, nftables drop at each end's prerouting"),
-        "testbed": "Testbed.set_loss: nftables drop at egress, per skb (a GSO skb is one packet)",
+                     "the case, nftables drop at each end's prerouting; the receiver then gets "
+                     "no GRO, even at 0 % loss (a diagnostic of the per-datagram path)"),
     },
     "cpu": ("utime+stime from /proc/PID/stat of each system process tree (threads and children "
             "included) over the middle of the one-stream TCP run, % of one core"),

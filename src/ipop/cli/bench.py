@@ -55,9 +55,14 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[str]]:
     else:
         links = ["veth"] if args.quick else list(LINKS)
     model = args.loss_model
-    if model == "datagram" and (why := lossy.available()) is not None:
-        notes.append(f"loss model 'testbed' used instead of 'datagram': {why}")
-        model = "testbed"
+    if model == "datagram":
+        why = lossy.available()
+        if why is not None:
+            notes.append(f"loss model 'testbed' used instead of 'datagram': {why}")
+            model = "testbed"
+        else:
+            notes.append("loss model 'datagram': the receiving veth does no GRO during the loss "
+                         "cases, so GRO-reliant receivers run their per-datagram path there")
     plan = Plan(systems=systems, links=links, seconds=seconds, loss_model=model,
                 quick=bool(args.quick), skipped=skipped)
     if args.quick:

@@ -126,9 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="fewer cases: unshaped veth only, 2 packet sizes, 1 s sweep points")
     bench.add_argument("--links", help="comma list of link conditions: veth,tbf1g "
                                        "(default: both; --quick: veth)")
-    bench.add_argument("--loss-model", choices=["datagram", "testbed"], default="datagram",
-                       help="datagram: loss per wire datagram (offloads off on the veth during "
-                            "loss cases); testbed: Testbed.set_loss (per skb)")
+    bench.add_argument("--loss-model", choices=["testbed", "datagram"], default="testbed",
+                       help="testbed: Testbed.set_loss, nftables drop per skb at egress; "
+                            "datagram: per wire datagram, offloads off on the veth during the "
+                            "loss cases, so the receiver loses GRO too (diagnostic)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--png", metavar="FILE", help="write a throughput/packet-size chart")
     bench.set_defaults(func=cmd_bench)
