@@ -248,10 +248,13 @@ def test_threads_seal_and_open_across_rekeys() -> None:
     opened: list[bytes] = []
     errors: list[BaseException] = []
     total = 3000
+    rekeyed = threading.Semaphore(0)  # the sender waits for a rekey every 750 packets
 
     def tx() -> None:
         try:
             for i in range(total):
+                if i and i % 750 == 0:
+                    rekeyed.acquire(timeout=10)
                 wire.put(client.seal(AAD_AB, i.to_bytes(4, "big")))
         except BaseException as exc:  # pragma: no cover - reported below
             errors.append(exc)
@@ -274,6 +277,7 @@ def test_threads_seal_and_open_across_rekeys() -> None:
         deliver(client, server, client.tick(now), now)
         seen = len(opened)
         rekeys += 1
+        rekeyed.release()
         # Let the queue turn over before the next rekey drops the keys before last.
         while threads[1].is_alive() and len(opened) < seen + 64 and threads[0].is_alive():
             threading.Event().wait(0.001)
