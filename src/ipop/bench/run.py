@@ -172,8 +172,11 @@ class Runner:
                 out["drops"] = system.drops()
                 problems = system.problems()
                 if problems:
-                    self.notes.append(f"{system.name}: {len(problems)} error lines in its logs, "
-                                      f"e.g. {problems[0]}")
+                    eperm = sum("operation not permitted" in p.lower() for p in problems)
+                    why = (f" ({eperm} of them EPERM on send: the testbed loss model's egress "
+                           "drop)" if eperm else "")
+                    self.notes.append(f"{system.name}: {len(problems)} error lines in its logs"
+                                      f"{why}, e.g. {problems[-1]}")
                     out["log_errors"] = problems[:20]
             finally:
                 system.stop()
