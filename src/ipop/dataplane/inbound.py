@@ -55,7 +55,8 @@ Batch = tuple[bytearray, list[Any], bool]
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
 SLABS = 32
-GRO_SLOTS = 4  # GRO reads (up to 64 KB each) per slab
+GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
+MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
 
 log = logging.getLogger("ipop.dataplane")
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
@@ -209,8 +210,14 @@ class Inbound:
 
     def _read_trains(self, sock: socket.socket, view: memoryview, out: list[Pkt],
                      partial: list[bool], ready: list[list[Any]]) -> None:
-        for slot in range(GRO_SLOTS):
-            area = view[slot * RECV_BUFFER : (slot + 1) * RECV_BUFFER]
+        # Reads go back to back into the slab while a whole GRO batch still fits behind them,
+        # so single datagrams (no GRO on the path) share a slab as well as trains do.
+        off = 0
+        end = len(view)
+        for _ in range(MAX_READS):
+            if end - off < RECV_BUFFER:
+                return
+            area = view[off : off + RECV_BUFFER]
             try:
                 n, addr, gso = recv_batch(sock, area)
             except (BlockingIOError, InterruptedError):
@@ -222,6 +229,7 @@ class Inbound:
                 if exc.errno in _ICMP_ERRNOS:
                     continue
                 return
+            off += (n + 15) & ~15
             if gso < n and area[0] == wh.T_DATA_PARTIAL:
                 iovs = self._whole_train(sock, area, n, gso, addr)
                 if iovs is not None:
