@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from .helpers import iperf3, ping, wait_for
+from .helpers import iperf3, ping, ping_until, wait_for
 from .world import DOMAIN, TURN_PASS, TURN_USER, World, world_fixture
 
 USERS = ["alice", "bob", "carol"]
@@ -163,8 +163,7 @@ def test_on_demand_encrypted_friend_behind_a_nat(world: World):
              what="friend online")
     assert dave.status()["links"] == []  # on demand: nothing before traffic
     addr = local_ip(dave, "erin")
-    r = dave.host.run(["ping", "-n", "-c", "1", "-W", "10", addr], check=False, timeout=30)
-    assert r.returncode == 0, r.stdout
+    ping_until(dave.host, addr, timeout=25)
     link = dave.status()["links"][0]
     assert link["security"] == "dtls" and link["path"] in {"srflx", "prflx", "host", "relay"}
     world.stop_nodes()
