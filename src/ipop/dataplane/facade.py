@@ -24,6 +24,7 @@ from ipop.dataplane.inbound import Inbound, send_keepalive
 from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.table import ForwardingTable
+from ipop.ratelimit import TokenBucket
 from ipop.wire import keepalive as wk
 from ipop.wire.nat44 import Translator
 
@@ -44,22 +45,6 @@ class Event:
 
     kind: str
     data: dict[str, Any] = field(default_factory=dict)
-
-
-class TokenBucket:
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate, self.burst = rate, burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1:
-            self.tokens -= 1
-            return True
-        return False
 
 
 class DataPlane:
@@ -241,7 +226,7 @@ class DataPlane:
         last = self._miss_seen.get(dst)
         if last is not None and now - last < 1.0:
             return
-        if not self._miss_bucket.take():
+        if not self._miss_bucket.take(now):
             return
         self._miss_seen[dst] = now
         if len(self._miss_seen) > 4096:

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from ipop.errors import ConfigError
+from ipop.ratelimit import TokenBucket
 from ipop.wire.signal import SignalMessage
 
 __all__ = [
@@ -133,29 +133,6 @@ class SignalBackend(abc.ABC):
     async def unsubscribe(self, jid: str) -> None:
         """Drop ``jid`` from the roster, ending both subscriptions."""
         raise NotImplementedError(f"{type(self).__name__} has no subscriptions")
-
-
-class TokenBucket:
-    """``rate`` tokens per second, at most ``burst`` saved up; one token per message."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        if rate <= 0 or burst < 1:
-            raise ConfigError("send_rate", "token bucket needs rate > 0 and burst >= 1")
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._last: float | None = None
-
-    def take(self, now: float) -> bool:
-        """Spend one token at time ``now`` (seconds, monotonic); False if there is none."""
-        if self._last is not None and now > self._last:
-            self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        if self._last is None or now > self._last:
-            self._last = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 class LogLimiter:
