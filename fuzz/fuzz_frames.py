@@ -53,6 +53,7 @@ with _instrumented():
     from ipop.errors import RemoteProtocolError
     from ipop.wire import header as wh
     from ipop.wire import keepalive as wk
+    from ipop.wire import train as wt
 
 
 LOCAL = bytes.fromhex("33" * 20)
@@ -129,9 +130,11 @@ class Harness:
         # what the peer's end would put in a header: its UID as source, ours as destination
         self.hdr = {
             PLAIN_PEER: (wh.pack(wh.T_DATA, PLAIN_PEER, LOCAL),
-                         wh.pack(wh.T_KEEPALIVE, PLAIN_PEER, LOCAL)),
+                         wh.pack(wh.T_KEEPALIVE, PLAIN_PEER, LOCAL),
+                         wh.pack(wh.T_TRAIN, PLAIN_PEER, LOCAL)),
             SEALED_PEER: (wh.pack(wh.T_DATA_SEALED, SEALED_PEER, LOCAL),
-                          wh.pack(wh.T_KEEPALIVE_SEALED, SEALED_PEER, LOCAL)),
+                          wh.pack(wh.T_KEEPALIVE_SEALED, SEALED_PEER, LOCAL),
+                          wh.pack(wh.T_TRAIN_SEALED, SEALED_PEER, LOCAL)),
         }
         self.roamed = 0
         self._wake_r, self._wake_w = os.pipe()
@@ -163,19 +166,21 @@ class Harness:
         elif mode == 1:
             kind = rest[0] if rest else 0
             addr = PLAIN_ADDR if kind & 1 else OTHER_ADDR
-            dgram = self.hdr[PLAIN_PEER][(kind >> 1) & 1] + rest[1:]
+            dgram = self.hdr[PLAIN_PEER][(kind >> 1) % 3] + rest[1:]
             may = addr == PLAIN_ADDR
         elif mode == 2:
             kind = rest[0] if rest else 0
-            dgram = self.hdr[SEALED_PEER][(kind >> 1) & 1] + rest[1:]
+            dgram = self.hdr[SEALED_PEER][(kind >> 1) % 3] + rest[1:]
             addr, may = SEALED_ADDR, False  # the fuzzer cannot forge a tag
         else:
             kind = rest[0] if rest else 0
-            hdr = self.hdr[SEALED_PEER][(kind >> 1) & 1]
+            hdr = self.hdr[SEALED_PEER][(kind >> 1) % 3]
             body = rest[3:]
             if hdr[0] == wh.T_KEEPALIVE_SEALED and kind & 4:
                 body = wk.pack(wk.OP_PROBE if kind & 8 else wk.OP_ECHO, len(body))
-            dgram = bytearray(hdr + self.peer_session.seal(hdr, body))
+            # a sealed train here is one whole chunk: train header, then the sealed blob
+            train = wt.TRAIN.pack(len(body), 0, 1) if hdr[0] == wh.T_TRAIN_SEALED else b""
+            dgram = bytearray(hdr + train + self.peer_session.seal(hdr, body))
             changed = len(rest) > 2 and rest[1] & 1
             if changed:
                 dgram[rest[2] % len(dgram)] ^= 1 << (rest[1] >> 5)
@@ -198,7 +203,7 @@ class Harness:
         out: list[bytes | memoryview] = []
         sock: Any = self.sock
         try:
-            self.inbound._demux(sock, memoryview(dgram), addr, None, out, [])
+            self.inbound._demux(sock, memoryview(dgram), addr, None, out, [], None)
         except RemoteProtocolError:
             pass
         if out and not may:

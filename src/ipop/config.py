@@ -135,6 +135,7 @@ class Config(BaseModel):
     security_groups: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
     require_encryption: bool = False
     offload: bool = True
+    whole_trains: bool = True
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64

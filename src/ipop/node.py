@@ -92,7 +92,7 @@ class Node:
             uid=self.identity.uid, interface=cfg.interface, ip4=cfg.ip4,
             prefixlen=cfg.ip4_mask, mtu=cfg.effective_mtu, tap=cfg.switchmode, ip6=cfg.ip6,
             ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
-            offload=cfg.offload,
+            offload=cfg.offload, whole_trains=cfg.whole_trains,
             on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
         )
         if cfg.listen_port:

@@ -6,7 +6,8 @@ Schema version 1::
      "node":  {uid, fingerprint, ip4, ip6, interface, mode, mtu, listen_port, controller,
                uptime_s, xmpp, counters},
      "links": [{peer_uid, overlay_ip, endpoint, local, state, security, security_reason, path,
-                rtt_ms, tx_packets, tx_bytes, rx_packets, rx_bytes, drops, last_rx}],
+                rtt_ms, tx_packets, tx_bytes, rx_packets, rx_bytes, drops, last_rx,
+                framing: {mode, trains_sent, fallbacks, hold_s}}],
      "peers": [{uid, jid, online, linked, overlay_ip, state}]}
 
 Fields not yet known are null.  Secrets never appear here.
@@ -57,6 +58,12 @@ def link_entry(link: Link) -> dict[str, Any]:
         "rx_bytes": st.rx_bytes,
         "drops": dict(st.drops),
         "last_rx": last_rx,
+        "framing": {
+            "mode": link.trains.mode(time.monotonic()),
+            "trains_sent": link.trains_sent,
+            "fallbacks": link.trains.fallbacks,
+            "hold_s": link.trains.hold,
+        },
     }
 
 

@@ -63,6 +63,7 @@ class DataPlane:
         ondemand_queue: int = 64,
         keepalive_seconds: float = 10.0,
         offload: bool = True,
+        whole_trains: bool = True,
         on_event: Callable[[Event], None],
         call_soon: Callable[..., Any],
     ) -> None:
@@ -70,6 +71,7 @@ class DataPlane:
         self.ip4 = ip4
         self.prefixlen = prefixlen
         self.mtu = mtu
+        self.whole_trains = whole_trains
         self.tap = tap
         self.ip6 = ip6
         self.keepalive_seconds = keepalive_seconds
@@ -179,6 +181,7 @@ class DataPlane:
             overlay_ip4=ipaddress.IPv4Address(ip4).packed if ip4 else None,
             overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None,
             mac=mac, encrypted=encrypted, security_reason=security_reason,
+            mtu=self.mtu, trains=self.whole_trains,
         )
         link.session = session
         link.xlat = xlat

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
-from ipop.dataplane.link import Link
+from ipop.dataplane.link import Link, standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.dataplane.udpio import RECV_BUFFER, enable_gro, recv_batch, split_gro
@@ -47,7 +47,10 @@ from ipop.errors import RemoteProtocolError
 from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
 from ipop.wire import packet as wp
+from ipop.wire import train as wt
+from ipop.wire.vnet import F_NEEDS_CSUM, VNET_HDR_LEN
 from ipop.wire.vnet import PLAIN as PLAIN_VNET
+from ipop.wire.vnet import parse as vnet_parse
 
 Pkt = bytes | bytearray | memoryview
 # (slab, packets or iovecs in it, whether the items are iovecs for writev)
@@ -57,6 +60,7 @@ SLOTS_PER_SLAB = 64
 SLABS = 32
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
+LOSS_REPORT_GAP = 0.05  # seconds between two reports of lost trains to one peer
 
 log = logging.getLogger("ipop.dataplane")
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
@@ -204,7 +208,7 @@ class Inbound:
             slot += 1
             addr = raw_addr[:2]  # AF_INET6 sockets add flowinfo and scope_id
             try:
-                self._demux(sock, view[off : off + n], addr, None, out, partial)
+                self._demux(sock, view[off : off + n], addr, None, out, partial, None)
             except RemoteProtocolError as exc:
                 self.drops[exc.reason] += 1
 
@@ -230,18 +234,22 @@ class Inbound:
                     continue
                 return
             off += (n + 15) & ~15
-            if gso < n and area[0] == wh.T_DATA_PARTIAL:
+            first = area[0]
+            iovs: list[list[Any]] | None = None
+            if gso < n and first == wh.T_DATA_PARTIAL:
                 iovs = self._whole_train(sock, area, n, gso, addr)
-                if iovs is not None:
-                    if out:  # keep arrival order: what came before is written first
-                        ready.extend(self._merge(out, partial))
-                        out.clear()
-                        partial.clear()
-                    ready.extend(iovs)
-                    continue
+            elif first == wh.T_TRAIN or first == wh.T_TRAIN_SEALED:
+                iovs = self._train_read(sock, area, n, gso, addr)
+            if iovs is not None:
+                if out:  # keep arrival order: what came before is written first
+                    ready.extend(self._merge(out, partial))
+                    out.clear()
+                    partial.clear()
+                ready.extend(iovs)
+                continue
             for dgram in split_gro(area, n, gso):
                 try:
-                    self._demux(sock, dgram, addr, None, out, partial)
+                    self._demux(sock, dgram, addr, None, out, partial, ready)
                 except RemoteProtocolError as exc:
                     self.drops[exc.reason] += 1
 
@@ -276,13 +284,14 @@ class Inbound:
         channel: int | None,
         out: list[Pkt],
         partial: list[bool],
+        ready: list[list[Any]] | None,
     ) -> None:
         if not dgram:
             self.drops["empty"] += 1
             return
         first = dgram[0]
         if 128 <= first <= 191:
-            self._frame(sock, dgram, addr, channel, out, partial)
+            self._frame(sock, dgram, addr, channel, out, partial, ready)
         elif 64 <= first <= 79 and channel is None:
             if len(dgram) < 4:
                 self.drops["truncated_channeldata"] += 1
@@ -292,7 +301,7 @@ class Inbound:
             if length > len(dgram) - 4:
                 self.drops["truncated_channeldata"] += 1
                 return
-            self._demux(sock, dgram[4 : 4 + length], addr, chan, out, partial)
+            self._demux(sock, dgram[4 : 4 + length], addr, chan, out, partial, ready)
         elif first <= 3 or 20 <= first <= 63:
             link = self.table.by_source.get((sock.fileno(), addr, channel))
             self.on_control(sock, bytes(dgram), addr, channel, link)
@@ -307,6 +316,7 @@ class Inbound:
         channel: int | None,
         out: list[Pkt],
         partial: list[bool],
+        ready: list[list[Any]] | None,
     ) -> None:
         if len(dgram) < wh.HEADER_LEN:
             self.drops["truncated"] += 1
@@ -324,6 +334,13 @@ class Inbound:
         same_path = (
             addr == path.addr and channel == path.channel and sock.fileno() == path.sock.fileno()
         )
+        if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
+            try:
+                self._train_datagram(sock, link, dgram, addr, channel, same_path, out, partial,
+                                     ready)
+            except RemoteProtocolError as exc:
+                stats.drops[exc.reason] += 1
+            return
         if ftype & wh.SEALED_BIT:
             session = link.session
             if not link.encrypted or session is None:
@@ -367,10 +384,127 @@ class Inbound:
             return
         if op == wk.OP_PROBE:
             send_keepalive(link, wk.OP_ECHO, stamp)
+        elif op == wk.OP_TRAIN_LOSS:
+            if link.trains.on_loss(time.monotonic()):
+                log.debug("link %s: peer lost a train; segments for %.0f s",
+                          link.peer_uid.hex()[:12], link.trains.hold)
         else:
             rtt = (time.monotonic_ns() - stamp) / 1e6
             if 0 <= rtt < 60_000:
                 stats.rtt_ms = rtt
+
+    # ---- whole trains (``ipop.wire.train``)
+    def _train_read(self, sock: socket.socket, area: memoryview, n: int, gso: int,
+                    addr: tuple[str, int]) -> list[list[Any]] | None:
+        """A GRO read that holds exactly one whole train of a link on its path: its TUN write
+        (none if the train is bad); None when the read must go datagram by datagram."""
+        link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
+        if link is None:
+            return None
+        path = link.path
+        if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
+            return None
+        got = wt.whole(area, n, gso, link.rx_prefix_train)
+        if got is None:
+            return None
+        seq, chunks = got
+        now = time.monotonic()
+        link.reassembler.completed(seq, now)
+        self._count_loss(link, now)
+        try:
+            if link.encrypted:
+                session = link.session
+                if session is None:
+                    link.stats.drops["sealed_on_plain_link"] += 1
+                    return []
+                blob = session.open(link.rx_prefix_train, b"".join(chunks))
+                iov = self._super_packet(link, blob, len(blob))
+            else:
+                iov = self._super_packet(link, chunks, n - len(chunks) * wt.FRAME_HDR)
+        except RemoteProtocolError as exc:
+            link.stats.drops[exc.reason] += 1
+            return []
+        stats = link.stats
+        stats.rx_packets += len(chunks)
+        stats.rx_bytes += n - len(chunks) * wt.FRAME_HDR
+        stats.last_rx_mono = now
+        return [iov]
+
+    def _train_datagram(
+        self,
+        sock: socket.socket,
+        link: Link,
+        dgram: memoryview,
+        addr: tuple[str, int],
+        channel: int | None,
+        same_path: bool,
+        out: list[Pkt],
+        partial: list[bool],
+        ready: list[list[Any]] | None,
+    ) -> None:
+        """One datagram of a train that did not come whole in one read: reassemble (copying)."""
+        sealed = dgram[0] == wh.T_TRAIN_SEALED
+        stats = link.stats
+        if sealed != link.encrypted:
+            stats.drops["sealed_on_plain_link" if sealed else "plaintext_on_encrypted_link"] += 1
+            return
+        if not sealed and not same_path:
+            stats.drops["unexpected_source"] += 1
+            return
+        seq, idx, count = wt.parse(dgram)
+        now = time.monotonic()
+        blob = link.reassembler.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
+        self._count_loss(link, now)
+        if blob is None:
+            return
+        if sealed:
+            session = link.session
+            if session is None:
+                stats.drops["sealed_on_plain_link"] += 1
+                return
+            blob = session.open(dgram[: wh.HEADER_LEN], blob)
+            if not same_path and channel is None:
+                self.on_roam(link, sock, addr)
+        iov = self._super_packet(link, blob, len(blob))
+        stats.rx_packets += count
+        stats.rx_bytes += len(blob)
+        stats.last_rx_mono = now
+        if ready is not None:  # the device takes super-packets
+            if out:
+                ready.extend(self._merge(out, partial))
+                out.clear()
+                partial.clear()
+            ready.append(iov)
+            return
+        body = b"".join(iov[1:])
+        for pkt in standalone(vnet_parse(iov[0]), memoryview(body)):
+            out.append(pkt)
+            partial.append(False)
+
+    def _super_packet(self, link: Link, blob: bytes | list[memoryview], size: int) -> list[Any]:
+        """The TUN write (iovecs) for the blob a train carried: its checked ``virtio_net_hdr``,
+        then the packet, translated for a SocialVPN friend."""
+        head = blob if isinstance(blob, bytes) else blob[0]
+        vnet = wt.check_vnet(head, size)
+        if link.xlat is not None:
+            joined = blob if isinstance(blob, bytes) else b"".join(blob)
+            body = bytearray(memoryview(joined)[VNET_HDR_LEN:])
+            link.xlat.rx(body, bool(vnet[0] & F_NEEDS_CSUM))
+            return [vnet, body]
+        if isinstance(blob, bytes):
+            return [vnet, memoryview(blob)[VNET_HDR_LEN:]]
+        return [vnet, blob[0][VNET_HDR_LEN:], *blob[1:]]
+
+    def _count_loss(self, link: Link, now: float) -> None:
+        """Count trains that never completed, and tell the sender (it falls back to segments)."""
+        lost = link.reassembler.lost
+        if lost == link.loss_counted:
+            return
+        link.stats.drops["train_incomplete"] += lost - link.loss_counted
+        link.loss_counted = lost
+        if now - link.loss_report_at >= LOSS_REPORT_GAP:
+            link.loss_report_at = now
+            send_keepalive(link, wk.OP_TRAIN_LOSS, lost)
 
     # ---- writer thread
     def _write_loop(self) -> None:

@@ -21,8 +21,9 @@ from ipop.dataplane.segment import segment
 from ipop.dataplane.udpio import send_train
 from ipop.errors import LocalProtocolError
 from ipop.wire import header as wh
+from ipop.wire import train as wt
 from ipop.wire.nat44 import Translator
-from ipop.wire.vnet import VnetHdr
+from ipop.wire.vnet import GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
@@ -106,6 +107,8 @@ class Link:
         mac: bytes | None = None,
         encrypted: bool = False,
         security_reason: str = "",
+        mtu: int = 1374,
+        trains: bool = True,
     ) -> None:
         self.peer_uid = peer_uid
         self.overlay_ip4 = overlay_ip4
@@ -126,6 +129,18 @@ class Link:
         self.hdr_partial_sealed = wh.pack(wh.T_DATA_PARTIAL_SEALED, local_uid, peer_uid)
         # what this peer's partial frames to us start with (the RX fast path checks it)
         self.rx_prefix_partial = wh.pack(wh.T_DATA_PARTIAL, peer_uid, local_uid)
+        # whole trains (``ipop.wire.train``): datagrams no bigger than sealed segments'
+        self.hdr_train = wh.pack(wh.T_TRAIN, local_uid, peer_uid)
+        self.hdr_train_sealed = wh.pack(wh.T_TRAIN_SEALED, local_uid, peer_uid)
+        self.rx_prefix_train = wh.pack(
+            wh.T_TRAIN_SEALED if encrypted else wh.T_TRAIN, peer_uid, local_uid)
+        self.train_chunk = mtu + SEAL_OVERHEAD - wt.TRAIN_LEN
+        self.trains = wt.TrainPolicy(trains)  # TX side: may we send trains now?
+        self.reassembler = wt.Reassembler()  # RX side: trains that came datagram by datagram
+        self.train_seq = 0
+        self.trains_sent = 0
+        self.loss_counted = 0  # RX thread: reassembler.lost already counted and reported
+        self.loss_report_at = 0.0
         self._pending: collections.deque[bytes] = collections.deque()
         self._pending_lock = threading.Lock()
         self.closed = False
@@ -167,13 +182,18 @@ class Link:
             self.stats.tx_packets += 1
             self.stats.tx_bytes += len(pkt)
 
-    def send_super(self, vh: VnetHdr, pkt: memoryview) -> None:
-        """Send what one read of a vnet-header TUN holds (up to a 64 KB TSO super-packet).
+    def send_super(self, vh: VnetHdr, pkt: memoryview, raw: memoryview | None = None) -> None:
+        """Send what one read of a vnet-header TUN holds (up to a 64 KB TSO super-packet);
+        ``raw`` is the whole read (``virtio_net_hdr`` + ``pkt``).
 
-        It is cut into standalone inner packets, one per datagram (``segment``), and the
-        datagrams go out as one UDP GSO train; each is sealed on its own on an encrypted link,
-        so losing a datagram loses one inner packet, never the train.
+        While the link shows no loss, a super-packet goes whole: one train, sealed in one AEAD
+        call (``ipop.wire.train``).  Otherwise it is cut into standalone inner packets, one per
+        datagram (``segment``), and the datagrams go out as one UDP GSO train; each is sealed
+        on its own on an encrypted link, so losing a datagram loses one inner packet.
         """
+        if (raw is not None and vh.gso_type != GSO_NONE and self.path.channel is None
+                and self.trains.allowed(time.monotonic()) and self._send_whole(raw)):
+            return
         try:
             if not self.encrypted:
                 segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
@@ -211,6 +231,36 @@ class Link:
                 self.stats.drops[_ERRNO_REASON.get(err, "send_error")] += count - sent
         self.stats.tx_packets += sent
         self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
+
+    def _send_whole(self, raw: memoryview) -> bool:
+        """Send ``raw`` as one whole train; False if it must go as segments instead."""
+        if self.encrypted:
+            session = self.session
+            if session is None or not session.ready:
+                return False
+            prefix = self.hdr_train_sealed
+            blob: bytes | memoryview = session.seal(prefix, raw)
+        else:
+            prefix = self.hdr_train
+            blob = raw
+        chunk = self.train_chunk
+        self.train_seq = seq = (self.train_seq + 1) & 0xFFFF_FFFF
+        try:
+            parts = wt.frames(prefix, seq, blob, chunk)
+        except LocalProtocolError:
+            return False
+        count = len(parts) // 2
+        size = wt.FRAME_HDR + chunk
+        last = wt.FRAME_HDR + len(blob) - (count - 1) * chunk
+        path = self.path
+        sent, err = send_train(path.sock, path.addr, parts, 2, size, last, wait_ms=5)
+        if sent < count:  # the receiver will lose this train: count it whole
+            self.stats.drops[_ERRNO_REASON.get(err, "send_error")] += 1
+            return True
+        self.trains_sent += 1
+        self.stats.tx_packets += count
+        self.stats.tx_bytes += len(raw)
+        return True
 
     def queue_pending(self, pkt: bytes) -> None:
         with self._pending_lock:

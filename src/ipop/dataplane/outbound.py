@@ -9,8 +9,9 @@ Pipeline (sequential, in this thread; one flow's order is the device's read orde
      no link → held in a small per-destination queue and reported to the controller;
   4. clamp the MSS of TCP SYNs to the overlay MTU on the way out.
 With offloads (a TUN opened with IFF_VNET_HDR) a read is a 10-byte ``virtio_net_hdr`` and up to
-64 KB of TCP super-packet: step 3 then cuts it into standalone packets and sends them as one
-UDP GSO train (``Link.send_super``); packets held for later are completed copies.
+64 KB of TCP super-packet: step 3 sends it whole as one UDP GSO train while the link shows no
+loss, else cuts it into standalone packets first (``Link.send_super``); packets held for later
+are completed copies.
 The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
 (it does: queued packets are copied with ``bytes()``).
 """
@@ -137,7 +138,7 @@ class Outbound(threading.Thread):
         if link is not None:
             if link.xlat is not None:
                 link.xlat.tx(pkt, partial)
-            link.send_super(vh, pkt)
+            link.send_super(vh, pkt, view)
             return
         if is_group:
             links: tuple[Link, ...] = self.table.links

@@ -22,6 +22,8 @@ ipop frame types (bit 0 set = payload sealed with the link's AEAD, see ``ipop.cr
     0x83 KEEPALIVE_SEALED
     0x84 DATA_PARTIAL    one IP packet whose TCP/UDP checksum holds only the pseudo-header sum
     0x85 DATA_PARTIAL_SEALED  (the fast path's segments: ``ipop.dataplane.segment``)
+    0x86 TRAIN           one chunk of a whole TSO super-packet (``ipop.wire.train``)
+    0x87 TRAIN_SEALED    the same, the super-packet sealed once
 """
 
 from __future__ import annotations
@@ -45,10 +47,13 @@ T_KEEPALIVE = 0x82
 T_KEEPALIVE_SEALED = 0x83
 T_DATA_PARTIAL = 0x84
 T_DATA_PARTIAL_SEALED = 0x85
+T_TRAIN = 0x86
+T_TRAIN_SEALED = 0x87
 SEALED_BIT = 0x01
 PARTIAL_BIT = 0x04
 DATA_TYPES = frozenset({T_DATA, T_DATA_SEALED, T_DATA_PARTIAL, T_DATA_PARTIAL_SEALED})
-KNOWN_TYPES = DATA_TYPES | {T_KEEPALIVE, T_KEEPALIVE_SEALED}
+TRAIN_TYPES = frozenset({T_TRAIN, T_TRAIN_SEALED})
+KNOWN_TYPES = DATA_TYPES | TRAIN_TYPES | {T_KEEPALIVE, T_KEEPALIVE_SEALED}
 
 
 class Kind(enum.Enum):

@@ -7,7 +7,9 @@
     |  op    |  sender timestamp (u64, ns)    |
     +--------+--------------------------------+
 
-``op`` is 0 for a probe and 1 for an echo.
+``op`` is 0 for a probe and 1 for an echo.  Op 2 (``TRAIN_LOSS``) is not a keepalive but
+rides in the same small authenticated frame: the receiver of whole trains
+(``ipop.wire.train``) reports that it lost one; the u64 is how many it lost so far.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ipop.errors import MalformedFrame
 
 OP_PROBE = 0
 OP_ECHO = 1
+OP_TRAIN_LOSS = 2
 _FMT = struct.Struct("!BQ")
 SIZE = _FMT.size  # 9
 
@@ -31,6 +34,6 @@ def parse(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
     if len(payload) != SIZE:
         raise MalformedFrame(f"keepalive of {len(payload)} bytes", reason="bad_keepalive")
     op, stamp = _FMT.unpack(payload)
-    if op not in (OP_PROBE, OP_ECHO):
+    if op not in (OP_PROBE, OP_ECHO, OP_TRAIN_LOSS):
         raise MalformedFrame(f"keepalive op {op}", reason="bad_keepalive")
     return op, stamp

@@ -1,0 +1,242 @@
+"""Whole-train frames: one TSO super-packet, sealed at most once, cut into chunks that only
+make sense together; their reassembly; and the rule for when a link may send them.
+
+A train carries the blob ``virtio_net_hdr (10) + super-packet`` (plain, type 0x86) or that
+blob sealed with the link's AEAD in one call (type 0x87; AAD = the 41-byte frame header).
+Every datagram of a train looks like this::
+
+     0        1          21         41                 45       46       47
+    +--------+----------+----------+-----------------+--------+--------+-----------
+    |  type  | src UID  | dst UID  |  train seq u32  |  idx   | count  | chunk ...
+    +--------+----------+----------+-----------------+--------+--------+-----------
+
+All chunks but the last have the same length, so a train goes out as one UDP GSO send and
+usually comes back as one UDP GRO read.  The receiver joins the chunks (opens the blob once,
+if sealed) and writes the super-packet with its ``virtio_net_hdr`` in one TUN write: one AEAD
+call and one write per 64 KB instead of one per 1.3 KB segment.
+
+The price is loss amplification: losing one datagram loses the train.  So trains are used only
+while a link shows no loss (the issue's "adapt" option): the receiver reports a train it could
+not complete (keepalive op ``TRAIN_LOSS``), and the sender then sends standalone segments
+(``ipop.dataplane.segment``), whose datagrams each stand alone, for a hold-off that doubles
+while losses keep coming (:class:`TrainPolicy`).
+
+Vector (train 7, datagram 2 of 5)::
+
+    86 | 20 bytes src | 20 bytes dst | 00 00 00 07 02 05 | chunk
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+
+from ipop.errors import LocalProtocolError, MalformedFrame
+from ipop.wire import header as wh
+from ipop.wire.vnet import (
+    F_NEEDS_CSUM,
+    GSO_ECN,
+    GSO_NONE,
+    GSO_TCPV4,
+    GSO_TCPV6,
+    VNET,
+    VNET_HDR_LEN,
+    VnetHdr,
+)
+
+Buf = bytes | bytearray | memoryview
+
+TRAIN = struct.Struct("!IBB")
+TRAIN_LEN = TRAIN.size  # 6
+FRAME_HDR = wh.HEADER_LEN + TRAIN_LEN  # 47: what precedes every chunk
+MAX_COUNT = 64  # UDP GSO sends at most 64 segments
+_SEQ = struct.Struct("!I")
+
+
+def frames(prefix: bytes, seq: int, blob: Buf, chunk: int) -> list[Buf]:
+    """The buffers of one train, two per datagram (frame header, chunk view), ready for a GSO
+    send: ``prefix`` is the 41-byte frame header, ``blob`` what the train carries.
+
+    Raises ``LocalProtocolError`` (reason ``train_too_long``) if ``blob`` needs more than 64
+    chunks.
+    """
+    view = memoryview(blob)
+    size = len(view)
+    count = -(-size // chunk) if size else 1
+    if count > MAX_COUNT:
+        raise LocalProtocolError(f"{size} bytes need {count} chunks", reason="train_too_long")
+    head = prefix + _SEQ.pack(seq & 0xFFFF_FFFF)
+    out: list[Buf] = []
+    for i in range(count):
+        out.append(head + bytes((i, count)))
+        out.append(view[i * chunk : (i + 1) * chunk])
+    return out
+
+
+def parse(dgram: Buf) -> tuple[int, int, int]:
+    """(seq, idx, count) of one train datagram (its frame header already checked).
+
+    Raises ``MalformedFrame`` (reason ``truncated`` or ``bad_train``) and nothing else.
+    """
+    if len(dgram) < FRAME_HDR:
+        raise MalformedFrame("train datagram shorter than its header", reason="truncated")
+    seq, idx, count = TRAIN.unpack_from(dgram, wh.HEADER_LEN)
+    if count == 0 or count > MAX_COUNT or idx >= count:
+        raise MalformedFrame(f"train chunk {idx} of {count}", reason="bad_train")
+    return seq, idx, count
+
+
+def whole(area: memoryview, n: int, gso: int, prefix: bytes) -> tuple[int, list[memoryview]] | None:
+    """The seq and chunks of one complete train that exactly fills a GRO read of ``n`` bytes cut
+    every ``gso`` bytes, every datagram starting with ``prefix``; None if the read is anything
+    else (part of a train, several trains, other frames): the caller then goes datagram by
+    datagram.  The chunks are views into ``area``."""
+    if gso <= FRAME_HDR or n <= FRAME_HDR:
+        return None
+    count = -(-n // gso)
+    if count > MAX_COUNT:
+        return None
+    plen = len(prefix)
+    first = area[plen : FRAME_HDR]
+    seq, idx, cnt = TRAIN.unpack(first)
+    if idx != 0 or cnt != count:
+        return None
+    head = bytes(area[:plen])
+    if head != prefix:
+        return None
+    head_seq = head + bytes(area[plen : plen + 4])
+    chunks: list[memoryview] = []
+    for i in range(count):
+        off = i * gso
+        if area[off : off + plen + 4] != head_seq or area[off + plen + 4] != i:
+            return None
+        if area[off + plen + 5] != count:
+            return None
+        chunks.append(area[off + FRAME_HDR : min(off + gso, n)])
+    return seq, chunks
+
+
+def check_vnet(head: Buf, size: int) -> bytes:
+    """The ``virtio_net_hdr`` to write in front of a super-packet a train delivered: the
+    train's own, checked, with ``hdr_len`` set right (a TUN read leaves the skb's linear length
+    there, which writers must not pass on).  ``head`` holds the start of the blob (at least the
+    vnet, IP and TCP headers, or all of it), ``size`` is the blob's length.
+
+    Only what ipop sends in trains passes: a TCP super-packet (or one packet) whose partial
+    checksum lies inside the packet.  Raises ``MalformedFrame`` (reason ``bad_vnet``).
+    """
+    if size < VNET_HDR_LEN + 40 or len(head) < VNET_HDR_LEN + 40:
+        raise MalformedFrame("train shorter than a TCP/IP packet", reason="bad_vnet")
+    vh = VnetHdr._make(VNET.unpack_from(head))
+    pkt_len = size - VNET_HDR_LEN
+    gso = vh.gso_type & ~GSO_ECN
+    if vh.flags & ~F_NEEDS_CSUM or gso not in (GSO_NONE, GSO_TCPV4, GSO_TCPV6):
+        raise MalformedFrame(f"vnet flags {vh.flags} type {vh.gso_type}", reason="bad_vnet")
+    ver = head[VNET_HDR_LEN] >> 4
+    if ver not in (4, 6):
+        raise MalformedFrame("not IP", reason="bad_vnet")
+    hdr_len = 0
+    if vh.flags & F_NEEDS_CSUM:
+        start, offset = vh.csum_start, vh.csum_offset
+        if start < 20 or offset not in (6, 16) or start + offset + 2 > pkt_len:
+            raise MalformedFrame("checksum outside the packet", reason="bad_vnet")
+        if gso != GSO_NONE:
+            if offset != 16 or vh.gso_size < 64 or (ver == 4) != (gso == GSO_TCPV4):
+                raise MalformedFrame("bad TSO header", reason="bad_vnet")
+            if len(head) < VNET_HDR_LEN + start + 20:
+                raise MalformedFrame("headers not in the first chunk", reason="bad_vnet")
+            hdr_len = start + (head[VNET_HDR_LEN + start + 12] >> 4) * 4
+            if hdr_len < start + 20 or hdr_len > pkt_len:
+                raise MalformedFrame("bad TCP header length", reason="bad_vnet")
+    elif gso != GSO_NONE:
+        raise MalformedFrame("TSO without a partial checksum", reason="bad_vnet")
+    return VNET.pack(vh.flags, vh.gso_type, hdr_len, vh.gso_size if gso != GSO_NONE else 0,
+                     vh.csum_start, vh.csum_offset)
+
+
+class Reassembler:
+    """One link's train being put together from datagrams that came one by one (RX thread)."""
+
+    STALE = 1.0  # a partial train older than this was left over, not lost just now
+
+    def __init__(self) -> None:
+        self.seq = -1
+        self.parts: list[bytes | None] = []
+        self.have = 0
+        self.started = 0.0
+        self.done_seq = -1
+        self.lost = 0  # trains that never completed, recently enough to count as loss
+        self.stale = 0
+
+    def feed(self, seq: int, idx: int, count: int, chunk: Buf,
+             now: float | None = None) -> bytes | None:
+        """Add one chunk (copied); the whole blob once the train is complete, else None."""
+        if seq == self.done_seq:
+            return None  # a duplicate of a train already delivered
+        if seq != self.seq or count != len(self.parts):
+            now = time.monotonic() if now is None else now
+            self._evict(now)
+            self.seq, self.parts, self.have, self.started = seq, [None] * count, 0, now
+        if self.parts[idx] is not None:
+            return None
+        self.parts[idx] = bytes(chunk)
+        self.have += 1
+        if self.have < count:
+            return None
+        blob = b"".join(self.parts)  # type: ignore[arg-type]  # all filled
+        self.done_seq, self.seq, self.parts, self.have = seq, -1, [], 0
+        return blob
+
+    def completed(self, seq: int, now: float | None = None) -> None:
+        """A whole train ``seq`` arrived in one read: a partial one in progress is lost."""
+        if self.have:
+            self._evict(time.monotonic() if now is None else now)
+            self.seq, self.parts, self.have = -1, [], 0
+        self.done_seq = seq
+
+    def _evict(self, now: float) -> None:
+        if not self.have:
+            return
+        if now - self.started <= self.STALE:
+            self.lost += 1
+        else:
+            self.stale += 1
+
+
+class TrainPolicy:
+    """When a link may send whole trains: from the start, until the peer reports a lost train;
+    then not for a hold-off of 1 s that doubles (to 30 s at most) while losses come back soon
+    after trains resume, and starts again at 1 s after a clean minute.  Reports that arrive
+    while trains are held off belong to trains sent before, and are ignored."""
+
+    MIN_HOLD = 1.0
+    MAX_HOLD = 30.0
+    CLEAN = 60.0
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
+        self.until = 0.0
+        self.hold = 0.0
+        self.last_loss = float("-inf")
+        self.fallbacks = 0
+
+    def allowed(self, now: float) -> bool:
+        return self.enabled and now >= self.until
+
+    def on_loss(self, now: float) -> bool:
+        """The peer lost a train; True if this starts a hold-off."""
+        if now < self.until:
+            return False
+        if now - self.last_loss < self.hold + self.CLEAN:
+            self.hold = min(max(self.hold * 2, self.MIN_HOLD), self.MAX_HOLD)
+        else:
+            self.hold = self.MIN_HOLD
+        self.last_loss = now
+        self.until = now + self.hold
+        self.fallbacks += 1
+        return True
+
+    def mode(self, now: float) -> str:
+        if not self.enabled:
+            return "segments"
+        return "trains" if now >= self.until else "segments (loss)"
