@@ -162,12 +162,45 @@ def transfer(client, server, addr: str, size: int) -> None:
 
 
 @pytest.mark.parametrize("sec", [False, True], ids=["plain", "encrypted"])
-@pytest.mark.parametrize("offload", [True, False], ids=["offload", "no-offload"])
-def test_file_crosses_byte_exact(testbed, tmp_path, offload, sec):
-    a, b = mesh(testbed, tmp_path, 2, tap=False, offload=offload, sec=sec)
+@pytest.mark.parametrize(("offload", "trains"), [(True, True), (True, False), (False, True)],
+                         ids=["trains", "segments", "no-offload"])
+def test_file_crosses_byte_exact(testbed, tmp_path, offload, trains, sec):
+    a, b = mesh(testbed, tmp_path, 2, tap=False, offload=offload, sec=sec, whole_trains=trains)
     ping_until(a.host, b.config["ip4"], timeout=15)
     transfer(a.host, b.host, b.config["ip4"], 8_000_000)
     transfer(b.host, a.host, a.config["ip4"], 3_000_000)
+    framing = a.link_to(b)["framing"]
+    assert (framing["trains_sent"] > 0) == (offload and trains)
+    assert framing["fallbacks"] == 0
+    assert framing["mode"] == ("trains" if trains else "segments")
+
+
+@pytest.mark.parametrize("sec", [False, True], ids=["plain", "encrypted"])
+def test_lost_datagrams_turn_trains_into_segments(testbed, tmp_path, sec):
+    """3 % loss per wire datagram: the receiver reports trains it could not complete, the
+    sender falls back to standalone segments, and a file still crosses byte-exact."""
+    from ipop.bench.lossy import available, underlay_loss
+
+    if available() is not None:
+        pytest.skip(available())
+    hosts = [testbed.add_host(f"h{i + 1}") for i in range(2)]
+    link = testbed.connect(hosts[0], hosts[1])
+    a, b = static_mesh(hosts, tmp_path, underlay=[link.a_addr, link.b_addr],
+                       extra={"sec": sec})
+    for node in (a, b):
+        node.start()
+    for node in (a, b):
+        node.wait_ready()
+    ping_until(a.host, b.config["ip4"], timeout=15)
+    with underlay_loss(testbed, link, 3.0, "datagram"):
+        transfer(a.host, b.host, b.config["ip4"], 4_000_000)
+        sender, receiver = a.link_to(b), b.link_to(a)
+    assert sender["framing"]["fallbacks"] >= 1
+    assert receiver["drops"].get("train_incomplete", 0) >= 1
+    # the hold-off ends: trains come back once the loss is gone
+    wait_for(lambda: a.link_to(b)["framing"]["mode"] == "trains", timeout=35,
+             what="trains again")
+    transfer(a.host, b.host, b.config["ip4"], 4_000_000)
 
 
 def test_mixed_tcp_udp_icmp_and_ipv6(testbed, tmp_path):

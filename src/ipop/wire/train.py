@@ -155,17 +155,21 @@ def check_vnet(head: Buf, size: int) -> bytes:
 
 
 class Reassembler:
-    """One link's train being put together from datagrams that came one by one (RX thread)."""
+    """One link's trains as they arrive (RX thread): puts together a train whose datagrams came
+    one by one, and counts trains lost, whether one of their datagrams is missing (a train
+    left incomplete when the next begins) or all of them (a gap in the train numbers)."""
 
-    STALE = 1.0  # a partial train older than this was left over, not lost just now
+    STALE = 1.0  # a train missing since longer than this was left over, not lost just now
+    MAX_GAP = 64  # a larger jump in train numbers is reordering or a restart, not loss
 
     def __init__(self) -> None:
-        self.seq = -1
+        self.cur = -1  # the train being put together, or -1
         self.parts: list[bytes | None] = []
         self.have = 0
-        self.started = 0.0
+        self.last_seq = -1  # the newest train seen
+        self.last_at = 0.0
         self.done_seq = -1
-        self.lost = 0  # trains that never completed, recently enough to count as loss
+        self.lost = 0  # trains lost recently enough to count as loss
         self.stale = 0
 
     def feed(self, seq: int, idx: int, count: int, chunk: Buf,
@@ -173,10 +177,9 @@ class Reassembler:
         """Add one chunk (copied); the whole blob once the train is complete, else None."""
         if seq == self.done_seq:
             return None  # a duplicate of a train already delivered
-        if seq != self.seq or count != len(self.parts):
-            now = time.monotonic() if now is None else now
-            self._evict(now)
-            self.seq, self.parts, self.have, self.started = seq, [None] * count, 0, now
+        if seq != self.cur or count != len(self.parts):
+            self._begin(seq, time.monotonic() if now is None else now)
+            self.cur, self.parts = seq, [None] * count
         if self.parts[idx] is not None:
             return None
         self.parts[idx] = bytes(chunk)
@@ -184,23 +187,32 @@ class Reassembler:
         if self.have < count:
             return None
         blob = b"".join(self.parts)  # type: ignore[arg-type]  # all filled
-        self.done_seq, self.seq, self.parts, self.have = seq, -1, [], 0
+        self.done_seq, self.cur, self.parts, self.have = seq, -1, [], 0
         return blob
 
     def completed(self, seq: int, now: float | None = None) -> None:
-        """A whole train ``seq`` arrived in one read: a partial one in progress is lost."""
-        if self.have:
-            self._evict(time.monotonic() if now is None else now)
-            self.seq, self.parts, self.have = -1, [], 0
-        self.done_seq = seq
+        """Train ``seq`` arrived whole in one read."""
+        self._begin(seq, time.monotonic() if now is None else now)
+        self.done_seq, self.cur, self.parts = seq, -1, []
 
-    def _evict(self, now: float) -> None:
-        if not self.have:
-            return
-        if now - self.started <= self.STALE:
-            self.lost += 1
-        else:
-            self.stale += 1
+    def _begin(self, seq: int, now: float) -> None:
+        recent = now - self.last_at <= self.STALE
+        if self.have:  # the partial train will not complete now
+            if recent:
+                self.lost += 1
+            else:
+                self.stale += 1
+            self.have = 0
+        if self.last_seq >= 0:
+            missing = (seq - self.last_seq - 1) & 0xFFFF_FFFF
+            if 0 < missing <= self.MAX_GAP:
+                if recent:
+                    self.lost += missing
+                else:
+                    self.stale += missing
+        if self.last_seq < 0 or 0 < (seq - self.last_seq) & 0xFFFF_FFFF <= 1 << 31:
+            self.last_seq = seq
+        self.last_at = now
 
 
 class TrainPolicy:
