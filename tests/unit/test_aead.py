@@ -241,3 +241,16 @@ def test_property_any_mutation_raises_auth_error(
     with pytest.raises(AuthError):
         opener.open(AAD, mutated)
     assert opener.open(AAD, sealed) == plaintext  # the mutation did not poison the window
+
+
+@pytest.mark.parametrize("suite", list(Suite))
+def test_seal_into_writes_the_same_bytes_as_seal(suite: Suite) -> None:
+    into = Sealer(KEY, SALT, EPOCH, suite, first_counter=COUNTER)
+    buf = bytearray(100)
+    view = into.seal_into(AAD, memoryview(PLAINTEXT), buf)
+    assert bytes(view) == bytes.fromhex(VECTORS[suite])
+    assert into.counter == COUNTER + 1
+    second = into.seal_into(AAD, b"next", buf)  # the buffer is reused
+    assert Opener(KEY, SALT, EPOCH, suite).open(AAD, bytes(second)) == b"next"
+    with pytest.raises(LocalProtocolError):
+        into.seal_into(AAD, bytes(100), buf)

@@ -224,3 +224,25 @@ def test_a_gap_in_train_numbers_counts_whole_trains_lost() -> None:
     r.completed(0, now=9.2)
     r.completed(1, now=9.3)
     assert r.lost == 2
+
+
+@given(st.lists(st.binary(min_size=1, max_size=3000), min_size=1, max_size=4),
+       st.integers(48, 1400), st.integers(0, 2**32 - 1))
+def test_framer_makes_the_same_datagrams_as_frames(blobs: list[bytes], chunk: int,
+                                                   seq: int) -> None:
+    framer = wt.Framer(PREFIX, chunk)
+    for i, blob in enumerate(blobs):
+        if -(-len(blob) // chunk) > wt.MAX_COUNT:
+            continue
+        got = framer.frames(seq + i, blob)
+        want = wt.frames(PREFIX, seq + i, blob, chunk)
+        assert [bytes(p) for p in got] == [bytes(p) for p in want]
+
+
+def test_whole_refuses_a_short_last_datagram_and_short_areas() -> None:
+    dg = datagrams(bytes(1000), 400)
+    area, n, gso = gro_read(dg)
+    assert wt.whole(area, n, gso, PREFIX) is not None
+    assert wt.whole(area[: n - 1], n, gso, PREFIX) is None
+    cut = gro_read([*dg[:-1], dg[-1][: wt.FRAME_HDR]])
+    assert wt.whole(*cut, PREFIX) is None

@@ -145,6 +145,26 @@ class Sealer:
         prefix = _PREFIX.pack(self.epoch, counter)
         return prefix + self._aead.encrypt(self._salt + prefix[COUNTER_OFF:], plaintext, aad)
 
+    def seal_into(self, aad: Buffer, plaintext: Buffer, out: bytearray) -> memoryview:
+        """:meth:`seal` written into ``out`` (``len(plaintext) + OVERHEAD`` bytes at least,
+        reused by the caller): a view of the sealed bytes, without a copy of the ciphertext."""
+        size = len(plaintext) + OVERHEAD
+        if len(out) < size:
+            raise LocalProtocolError("seal buffer too small", reason="buffer_too_small")
+        counter = next(self._counts)
+        if counter >= COUNTER_LIMIT:
+            raise LocalProtocolError("AEAD counter exhausted: rekey", reason="counter_exhausted")
+        self._issued = counter + 1
+        view = memoryview(out)[:size]
+        _PREFIX.pack_into(view, 0, self.epoch, counter)
+        nonce = self._salt + bytes(view[COUNTER_OFF:CIPHERTEXT_OFF])
+        encrypt_into = getattr(self._aead, "encrypt_into", None)
+        if encrypt_into is None:  # cryptography before encrypt_into: one copy more
+            view[CIPHERTEXT_OFF:] = self._aead.encrypt(nonce, plaintext, aad)
+        else:
+            encrypt_into(nonce, plaintext, aad, view[CIPHERTEXT_OFF:])
+        return view
+
 
 class Opener:
     """Opens payloads sealed under one key, rejecting forgeries and replays (one RX thread)."""

@@ -168,6 +168,13 @@ class CryptoSession:
             raise LocalProtocolError("link has no keys yet", reason="not_ready")
         return sealer.seal(aad, plaintext)
 
+    def seal_into(self, aad: Buffer, plaintext: Buffer, out: bytearray) -> memoryview:
+        """:meth:`seal` into a buffer the caller reuses (one thread per buffer)."""
+        sealer = self._sealer
+        if sealer is None:
+            raise LocalProtocolError("link has no keys yet", reason="not_ready")
+        return sealer.seal_into(aad, plaintext, out)
+
     def open(
         self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview
     ) -> bytes:

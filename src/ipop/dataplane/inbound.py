@@ -132,13 +132,16 @@ class Inbound:
     # ---- rx thread
     def _rx_loop(self) -> None:
         wake = self.wake_fd
-        while not self.stopping.is_set():
+        stopped = self.stopping.is_set
+        while True:
             try:
                 events = self.epoll.poll(1.0)
             except OSError:
                 return
             for fd, _ev in events:
                 if fd == wake:
+                    if stopped():
+                        return
                     continue
                 sock = self.socks.get(fd)
                 if sock is None:

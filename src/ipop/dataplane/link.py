@@ -27,6 +27,7 @@ from ipop.wire.vnet import GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
+SEAL_BUFFER = 65536 + 64  # a TUN read (vnet header + 64 KB) sealed
 HDR = wh.HEADER_LEN
 _ERRNO_REASON = {errno.EMSGSIZE: "emsgsize", errno.EAGAIN: "sndbuf_full",
                  errno.ENOBUFS: "sndbuf_full"}
@@ -57,6 +58,8 @@ class CryptoSession(Protocol):
     def seal(self, aad: bytes, plaintext: bytes | bytearray | memoryview) -> bytes: ...
 
     def open(self, aad: bytes | memoryview, sealed: bytes | memoryview) -> bytes: ...
+
+    def seal_into(self, aad: bytes, plaintext: memoryview, out: bytearray) -> memoryview: ...
 
 
 @dataclass(frozen=True)
@@ -135,9 +138,12 @@ class Link:
         self.rx_prefix_train = wh.pack(
             wh.T_TRAIN_SEALED if encrypted else wh.T_TRAIN, peer_uid, local_uid)
         self.train_chunk = mtu + SEAL_OVERHEAD - wt.TRAIN_LEN
+        self.framer = wt.Framer(self.hdr_train_sealed if encrypted else self.hdr_train,
+                                self.train_chunk)
         self.trains = wt.TrainPolicy(trains)  # TX side: may we send trains now?
         self.reassembler = wt.Reassembler()  # RX side: trains that came datagram by datagram
         self.train_seq = 0
+        self._seal_buf: bytearray | None = None  # TX thread: trains are sealed into it
         self.trains_sent = 0
         self.loss_counted = 0  # RX thread: reassembler.lost already counted and reported
         self.loss_report_at = 0.0
@@ -234,19 +240,22 @@ class Link:
 
     def _send_whole(self, raw: memoryview) -> bool:
         """Send ``raw`` as one whole train; False if it must go as segments instead."""
+        blob: memoryview
         if self.encrypted:
             session = self.session
             if session is None or not session.ready:
                 return False
-            prefix = self.hdr_train_sealed
-            blob: bytes | memoryview = session.seal(prefix, raw)
+            if len(raw) + SEAL_OVERHEAD > SEAL_BUFFER:
+                return False
+            if self._seal_buf is None:
+                self._seal_buf = bytearray(SEAL_BUFFER)
+            blob = session.seal_into(self.hdr_train_sealed, raw, self._seal_buf)
         else:
-            prefix = self.hdr_train
             blob = raw
         chunk = self.train_chunk
         self.train_seq = seq = (self.train_seq + 1) & 0xFFFF_FFFF
         try:
-            parts = wt.frames(prefix, seq, blob, chunk)
+            parts = self.framer.frames(seq, blob)
         except LocalProtocolError:
             return False
         count = len(parts) // 2

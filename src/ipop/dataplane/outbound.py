@@ -72,10 +72,13 @@ class Outbound(threading.Thread):
         if self.dev.vnet_hdr:
             handle = self._handle_vnet
         counters = self.counters
-        while not self.stopping.is_set():
+        stopped = self.stopping.is_set
+        while True:
             try:
                 n = readv(fd, bufs)
             except BlockingIOError:
+                if stopped():  # checked when idle; a busy device is closed under us (EBADF)
+                    return
                 poller.poll()
                 continue
             except OSError as exc:

@@ -51,6 +51,7 @@ MAX_TRAIN_BYTES = 65507  # largest UDP payload over IPv4 (and IPv4-mapped IPv6)
 RECV_BUFFER = 65536 + 64  # a recv_batch buffer this large never truncates
 _GSO_REFUSED = frozenset({errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT})
 _CMSG_SPACE = socket.CMSG_SPACE(4)
+_MSG_TRUNC = int(socket.MSG_TRUNC)  # a plain int: an IntFlag "&" runs Python code per read
 
 _no_gso: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 _cmsgs: dict[int, list[tuple[int, int, bytes]]] = {}
@@ -199,7 +200,7 @@ def recv_batch(sock: socket.socket, buf: bytearray | memoryview) -> tuple[int, A
     the kernel did not batch).  The address is (host, port) (AF_INET6 extras dropped).
     """
     n, anc, flags, addr = sock.recvmsg_into([buf], _CMSG_SPACE)
-    if flags & socket.MSG_TRUNC:
+    if flags & _MSG_TRUNC:
         raise MalformedFrame("datagram larger than the receive buffer", reason="truncated_batch")
     gso = n
     for level, kind, data in anc:

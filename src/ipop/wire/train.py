@@ -86,33 +86,82 @@ def parse(dgram: Buf) -> tuple[int, int, int]:
     return seq, idx, count
 
 
+class Framer:
+    """Makes one link's trains (TX thread only): :func:`frames`, with the frame headers packed
+    in one call into a buffer kept per train length.  The views it returns are valid until the
+    next train of the same length (the send has copied them by then)."""
+
+    def __init__(self, prefix: bytes, chunk: int) -> None:
+        self.prefix = prefix
+        self.chunk = chunk
+        self._layouts: dict[int, tuple[bytearray, struct.Struct, list[object], list[memoryview],
+                                       list[slice]]] = {}
+
+    def frames(self, seq: int, blob: Buf) -> list[Buf]:
+        view = memoryview(blob)
+        size = len(view)
+        chunk = self.chunk
+        count = -(-size // chunk) if size else 1
+        if count > MAX_COUNT:
+            raise LocalProtocolError(f"{size} bytes need {count} chunks", reason="train_too_long")
+        layout = self._layouts.get(count)
+        if layout is None:
+            layout = self._layouts[count] = self._layout(count)
+        buf, packer, args, heads, cuts = layout
+        args[1::4] = [seq & 0xFFFF_FFFF] * count
+        packer.pack_into(buf, 0, *args)
+        parts: list[Buf] = [view] * (2 * count)
+        parts[0::2] = heads
+        parts[1::2] = [view[c] for c in cuts]
+        return parts
+
+    def _layout(self, count: int) -> tuple[bytearray, struct.Struct, list[object],
+                                           list[memoryview], list[slice]]:
+        packer = struct.Struct("!" + "41sIBB" * count)
+        buf = bytearray(packer.size)
+        args: list[object] = []
+        for i in range(count):
+            args += [self.prefix, 0, i, count]
+        mv = memoryview(buf)
+        heads = [mv[i * FRAME_HDR : (i + 1) * FRAME_HDR] for i in range(count)]
+        cuts = [slice(i * self.chunk, (i + 1) * self.chunk) for i in range(count)]
+        return buf, packer, args, heads, cuts
+
+
+_GRO_LAYOUTS: dict[tuple[int, int], tuple[struct.Struct, tuple[int, ...], list[slice]]] = {}
+
+
+def _gro_layout(gso: int, count: int) -> tuple[struct.Struct, tuple[int, ...], list[slice]]:
+    key = (gso, count)
+    layout = _GRO_LAYOUTS.get(key)
+    if layout is None:
+        if len(_GRO_LAYOUTS) >= 512:
+            _GRO_LAYOUTS.clear()
+        one = f"41sIBB{gso - FRAME_HDR}x"
+        packer = struct.Struct("!" + one * (count - 1) + "41sIBB")
+        cuts = [slice(i * gso + FRAME_HDR, (i + 1) * gso) for i in range(count - 1)]
+        layout = _GRO_LAYOUTS[key] = (packer, tuple(range(count)), cuts)
+    return layout
+
+
 def whole(area: memoryview, n: int, gso: int, prefix: bytes) -> tuple[int, list[memoryview]] | None:
     """The seq and chunks of one complete train that exactly fills a GRO read of ``n`` bytes cut
     every ``gso`` bytes, every datagram starting with ``prefix``; None if the read is anything
     else (part of a train, several trains, other frames): the caller then goes datagram by
     datagram.  The chunks are views into ``area``."""
-    if gso <= FRAME_HDR or n <= FRAME_HDR:
+    if gso <= FRAME_HDR or n <= FRAME_HDR or n > len(area):
         return None
     count = -(-n // gso)
-    if count > MAX_COUNT:
+    if count > MAX_COUNT or n - (count - 1) * gso <= FRAME_HDR:
         return None
-    plen = len(prefix)
-    first = area[plen : FRAME_HDR]
-    seq, idx, cnt = TRAIN.unpack(first)
-    if idx != 0 or cnt != count:
+    packer, idxs, cuts = _gro_layout(gso, count)
+    fields = packer.unpack_from(area)
+    seq = fields[1]
+    if (fields[3] != count or fields[2::4] != idxs or fields[0::4].count(prefix) != count
+            or fields[1::4].count(seq) != count or fields[3::4].count(count) != count):
         return None
-    head = bytes(area[:plen])
-    if head != prefix:
-        return None
-    head_seq = head + bytes(area[plen : plen + 4])
-    chunks: list[memoryview] = []
-    for i in range(count):
-        off = i * gso
-        if area[off : off + plen + 4] != head_seq or area[off + plen + 4] != i:
-            return None
-        if area[off + plen + 5] != count:
-            return None
-        chunks.append(area[off + FRAME_HDR : min(off + gso, n)])
+    chunks = [area[c] for c in cuts]
+    chunks.append(area[(count - 1) * gso + FRAME_HDR : n])
     return seq, chunks
 
 
