@@ -246,3 +246,17 @@ def test_whole_refuses_a_short_last_datagram_and_short_areas() -> None:
     assert wt.whole(area[: n - 1], n, gso, PREFIX) is None
     cut = gro_read([*dg[:-1], dg[-1][: wt.FRAME_HDR]])
     assert wt.whole(*cut, PREFIX) is None
+
+
+def test_policy_judges_reports_by_the_share_of_trains_lost() -> None:
+    p = wt.TrainPolicy()
+    assert not p.on_report(1.0, 1, 100)  # 1 of 100: a congestion drop, trains stay
+    assert not p.on_report(2.0, 3, 200)  # 2 of 100
+    assert p.allowed(2.0) and p.fallbacks == 0
+    assert p.on_report(2.1, 6, 210)  # 3 of 10: random loss, fall back
+    assert not p.allowed(2.5)
+    assert not p.on_report(2.6, 9, 215)  # trains sent before the hold-off
+    assert p.allowed(3.2)
+    assert p.on_report(3.3, 11, 220) and p.hold == 2.0  # loss again soon after: longer
+    assert not p.on_report(100.0, 2, 5000)  # the peer's count restarted: 2 of 4780
+    assert p.on_report(100.1, 4, 5004)

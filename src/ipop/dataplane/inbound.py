@@ -388,7 +388,7 @@ class Inbound:
         if op == wk.OP_PROBE:
             send_keepalive(link, wk.OP_ECHO, stamp)
         elif op == wk.OP_TRAIN_LOSS:
-            if link.trains.on_loss(time.monotonic()):
+            if link.trains.on_report(time.monotonic(), stamp, link.trains_sent):
                 log.debug("link %s: peer lost a train; segments for %.0f s",
                           link.peer_uid.hex()[:12], link.trains.hold)
         else:
