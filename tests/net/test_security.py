@@ -561,7 +561,9 @@ def test_nothing_leaves_in_plaintext_during_setup_or_rekey(world, tmp_path):
     dgrams = [d for d in udp_datagrams(packets) if PORT in (d.sport, d.dport)]
     types = [frame_type(d) for d in dgrams]
     assert wh.T_DATA not in types and wh.T_KEEPALIVE not in types
-    assert types.count(wh.T_DATA_SEALED) >= 2 * received
+    # requests and replies, sealed; packets read back to back leave in one UDP GSO send,
+    # which a capture at the sender shows as one packet
+    assert types.count(wh.T_DATA_SEALED) >= received
     hellos = {client_hello_random(d.payload) for d in dgrams if is_client_hello(d.payload)}
     assert len(hellos - {None}) >= 2, "no rekey handshake during the capture"
     epochs = {d.payload[wh.HEADER_LEN] for d in dgrams if frame_type(d) == wh.T_DATA_SEALED}

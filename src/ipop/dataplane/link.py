@@ -238,6 +238,54 @@ class Link:
         self.stats.tx_packets += sent
         self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
 
+    def send_small(self, items: list[tuple[VnetHdr, memoryview]]) -> None:
+        """Send packets that need no segmenting (read one by one, sent together): each is one
+        datagram (sealed on its own on an encrypted link), and each run of equal-sized
+        datagrams goes out in one UDP GSO send."""
+        session = self.session
+        if len(items) == 1 or self.path.channel is not None or (
+                self.encrypted and (session is None or not session.ready)):
+            for vh, pkt in items:
+                self.send_super(vh, pkt)
+            return
+        parts: list[bytes | bytearray | memoryview] = []
+        sizes: list[int] = []
+        inner = 0
+        for vh, pkt in items:
+            try:
+                if session is None:
+                    segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
+                    prefix, body = segs.parts[0], segs.parts[1]
+                else:
+                    segs = segment(vh, pkt)
+                    prefix = self.hdr_partial_sealed if segs.partial else self.hdr_sealed
+                    body = session.seal(prefix, segs.parts[0])
+            except LocalProtocolError as exc:
+                self.stats.drops[f"tx_{exc.reason}"] += 1
+                continue
+            parts.append(prefix)
+            parts.append(body)
+            sizes.append(HDR + len(body))
+            inner += len(pkt)
+        path = self.path
+        sent = i = 0
+        count = len(sizes)
+        while i < count:  # runs of one size, and one shorter datagram to end a run
+            size = sizes[i]
+            j = i + 1
+            while j < count and sizes[j] == size:
+                j += 1
+            if j < count and sizes[j] < size:
+                j += 1
+            done, err = send_train(path.sock, path.addr, parts[2 * i : 2 * j], 2, size,
+                                   sizes[j - 1], wait_ms=5)
+            sent += done
+            if done < j - i:
+                self.stats.drops[_ERRNO_REASON.get(err, "send_error")] += j - i - done
+            i = j
+        self.stats.tx_packets += sent
+        self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
+
     def _send_whole(self, raw: memoryview) -> bool:
         """Send ``raw`` as one whole train; False if it must go as segments instead."""
         blob: memoryview
