@@ -112,7 +112,7 @@ class DataPlane:
         # The pipelines hand the GIL to each other many thousand times a second; Python's
         # default 5 ms switch interval would let a busy thread keep a waiting one (and every
         # packet in its queue) waiting that long, which TCP sees as a 5-10 ms longer RTT.
-        sys.setswitchinterval(float(os.environ.get("IPOP_SWITCH", SWITCH_INTERVAL)))
+        sys.setswitchinterval(SWITCH_INTERVAL)
         self.outbound.start()
         self.inbound.start()
 

@@ -11,7 +11,9 @@ Pipeline (sequential, in this thread; one flow's order is the device's read orde
 With offloads (a TUN opened with IFF_VNET_HDR) a read is a 10-byte ``virtio_net_hdr`` and up to
 64 KB of TCP super-packet: step 3 sends it whole as one UDP GSO train while the link shows no
 loss, else cuts it into standalone packets first (``Link.send_super``); packets held for later
-are completed copies.
+are completed copies.  Small packets (no GSO) are read back to back into one buffer until the
+device is empty (or 64 of them), then sent together: each run of equal-sized datagrams to one
+peer in one UDP GSO send (``Link.send_small``), which is what lifts the small-packet rate.
 The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
 (it does: queued packets are copied with ``bytes()``).
 """
