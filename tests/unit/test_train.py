@@ -185,17 +185,21 @@ def test_check_vnet_raises_only_malformed(data: bytes, size: int) -> None:
 
 def test_policy_holds_off_and_doubles() -> None:
     p = wt.TrainPolicy()
+    lo, hi = wt.TrainPolicy.MIN_HOLD, wt.TrainPolicy.MAX_HOLD
     assert p.allowed(0.0) and p.mode(0.0) == "trains"
-    assert p.on_loss(10.0) and p.hold == 1.0
-    assert not p.allowed(10.5) and p.mode(10.5) == "segments (loss)"
-    assert not p.on_loss(10.6)  # a report about a train sent before the hold-off
-    assert p.allowed(11.0)
-    assert p.on_loss(11.2) and p.hold == 2.0
-    assert p.on_loss(13.5) and p.hold == 4.0
-    for t in range(20, 400, 40):
-        p.on_loss(float(t))
-    assert p.hold == wt.TrainPolicy.MAX_HOLD
-    assert p.on_loss(2000.0) and p.hold == 1.0  # after a clean minute: from the start
+    assert p.on_loss(10.0) and p.hold == lo
+    assert not p.allowed(10.0 + lo / 2) and p.mode(10.0 + lo / 2) == "segments (loss)"
+    assert not p.on_loss(10.0 + lo / 2)  # a report about a train sent before the hold-off
+    assert p.allowed(10.0 + lo)
+    t = 10.0 + lo + 0.1
+    assert p.on_loss(t) and p.hold == 2 * lo
+    t += 2 * lo + 0.1
+    assert p.on_loss(t) and p.hold == 4 * lo
+    for _ in range(10):
+        t += p.hold + 0.1
+        p.on_loss(t)
+    assert p.hold == hi
+    assert p.on_loss(t + hi + wt.TrainPolicy.CLEAN + 1) and p.hold == lo  # clean: from the start
     assert p.fallbacks >= 5
     off = wt.TrainPolicy(enabled=False)
     assert not off.allowed(100.0) and off.mode(0.0) == "segments"
@@ -255,8 +259,8 @@ def test_policy_judges_reports_by_the_share_of_trains_lost() -> None:
     assert p.allowed(2.0) and p.fallbacks == 0
     assert p.on_report(2.1, 6, 210)  # 3 of 10: random loss, fall back
     assert not p.allowed(2.5)
-    assert not p.on_report(2.6, 9, 215)  # trains sent before the hold-off
-    assert p.allowed(3.2)
-    assert p.on_report(3.3, 11, 220) and p.hold == 2.0  # loss again soon after: longer
+    assert not p.on_report(2.3, 9, 215)  # trains sent before the hold-off
+    assert p.allowed(2.1 + p.hold)
+    assert p.on_report(2.2 + p.hold, 11, 220) and p.hold == 2 * wt.TrainPolicy.MIN_HOLD
     assert not p.on_report(100.0, 2, 5000)  # the peer's count restarted: 2 of 4780
     assert p.on_report(100.1, 4, 5004)
