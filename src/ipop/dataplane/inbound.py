@@ -60,6 +60,8 @@ SLOTS_PER_SLAB = 64
 SLABS = 32
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
+SMALL_BATCH = 2  # packets the rx thread writes itself when the writer is idle
+SMALL_BYTES = 4096
 LOSS_REPORT_GAP = 0.05  # seconds between two reports of lost trains to one peer
 
 log = logging.getLogger("ipop.dataplane")
@@ -100,6 +102,8 @@ class Inbound:
             self.free.put(bytearray(slab_size))
         self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.written = 0
+        self.queued = 0  # batches handed to the writer (written by the rx thread only)
+        self.done = 0  # batches the writer finished (written by the writer thread only)
         self.gro_missing = False
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-udp-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
@@ -169,11 +173,24 @@ class Inbound:
             elif self.gro:
                 if out:
                     ready.extend(self._merge(out, partial))
-                self.work.put((slab, ready, True))
+                self._hand_over(slab, ready, True)
             else:
                 if any(partial):
                     out = self._completed(out, partial)
-                self.work.put((slab, out, False))
+                self._hand_over(slab, out, False)
+
+    def _hand_over(self, slab: bytearray, pkts: list[Any], vectored: bool) -> None:
+        """Give a batch to the writer; or write it here when it is a packet or two and the
+        writer has nothing left to write (so order holds), which spares a thread wake-up on
+        the way of every ping, ACK and request/response packet."""
+        if len(pkts) <= SMALL_BATCH and self.queued == self.done:
+            size = (sum(len(p) for iov in pkts for p in iov) if vectored
+                    else sum(len(p) for p in pkts))
+            if size <= SMALL_BYTES:
+                self._write_batch(slab, pkts, vectored)
+                return
+        self.queued += 1
+        self.work.put((slab, pkts, vectored))
 
     def _merge(self, out: list[Pkt], partial: list[bool]) -> list[list[Any]]:
         try:
@@ -511,28 +528,37 @@ class Inbound:
 
     # ---- writer thread
     def _write_loop(self) -> None:
-        fd = self.dev.fd
-        write, writev = os.write, os.writev
         while True:
             item = self.work.get()
             if item is None:
                 return
             slab, pkts, vectored = item
-            for pkt in pkts:
-                try:
-                    if vectored:
-                        writev(fd, pkt)
-                    else:
-                        write(fd, pkt)
-                    self.written += 1
-                except BlockingIOError:
-                    self.drops["tun_full"] += 1
-                except OSError as exc:
-                    if exc.errno == errno.EBADF:
-                        return
-                    self.drops["tun_write_error"] += 1
-            pkts.clear()
-            self.free.put(slab)
+            alive = self._write_batch(slab, pkts, vectored)
+            self.done += 1
+            if not alive:
+                return
+
+    def _write_batch(self, slab: bytearray, pkts: list[Any], vectored: bool) -> bool:
+        """Write a batch to the device and give its slab back; False once the device is gone."""
+        fd = self.dev.fd
+        alive = True
+        for pkt in pkts:
+            try:
+                if vectored:
+                    os.writev(fd, pkt)
+                else:
+                    os.write(fd, pkt)
+                self.written += 1
+            except BlockingIOError:
+                self.drops["tun_full"] += 1
+            except OSError as exc:
+                if exc.errno == errno.EBADF:
+                    alive = False
+                    break
+                self.drops["tun_write_error"] += 1
+        pkts.clear()
+        self.free.put(slab)
+        return alive
 
 
 def send_keepalive(link: Link, op: int, stamp_ns: int) -> None:

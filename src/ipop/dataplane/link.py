@@ -23,7 +23,7 @@ from ipop.errors import LocalProtocolError
 from ipop.wire import header as wh
 from ipop.wire import train as wt
 from ipop.wire.nat44 import Translator
-from ipop.wire.vnet import GSO_NONE, VnetHdr
+from ipop.wire.vnet import CSUM_OFFSET_TCP, CSUM_OFFSET_UDP, F_NEEDS_CSUM, GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
@@ -238,6 +238,36 @@ class Link:
         self.stats.tx_packets += sent
         self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
 
+    def send_one(self, vh: VnetHdr, pkt: memoryview) -> None:
+        """Send one packet that needs no segmenting (a read without GSO), with as little work
+        as can be: complete checksums go as DATA, a partial one at the usual place (right
+        after an option-free IP header) as DATA_PARTIAL, anything else the long way."""
+        if vh.flags & F_NEEDS_CSUM:
+            ver = pkt[0] >> 4
+            start = vh.csum_start
+            proto = pkt[9] if ver == 4 else pkt[6]
+            if ((ver == 4 and start == (pkt[0] & 15) * 4) or (ver == 6 and start == 40)) and (
+                    (proto == 6 and vh.csum_offset == CSUM_OFFSET_TCP and len(pkt) >= start + 20)
+                    or (proto == 17 and vh.csum_offset == CSUM_OFFSET_UDP
+                        and len(pkt) >= start + 8)):
+                hdr = self.hdr_partial_sealed if self.encrypted else self.hdr_partial
+            else:
+                self.send_super(vh, pkt)
+                return
+        else:
+            hdr = self.hdr_sealed if self.encrypted else self.hdr_data
+        if self.encrypted:
+            session = self.session
+            if session is None or not session.ready:
+                self.send_super(vh, pkt)  # queues completed copies until keys are made
+                return
+            body: bytes | memoryview = session.seal(hdr, pkt)
+        else:
+            body = pkt
+        if self.send_frame([hdr, body]):
+            self.stats.tx_packets += 1
+            self.stats.tx_bytes += len(pkt)
+
     def send_small(self, items: list[tuple[VnetHdr, memoryview]]) -> None:
         """Send packets that need no segmenting (read one by one, sent together): each is one
         datagram (sealed on its own on an encrypted link), and each run of equal-sized
@@ -246,7 +276,7 @@ class Link:
         if len(items) == 1 or self.path.channel is not None or (
                 self.encrypted and (session is None or not session.ready)):
             for vh, pkt in items:
-                self.send_super(vh, pkt)
+                self.send_one(vh, pkt)
             return
         parts: list[bytes | bytearray | memoryview] = []
         sizes: list[int] = []
