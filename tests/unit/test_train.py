@@ -258,8 +258,8 @@ def test_policy_judges_reports_by_the_share_of_trains_lost() -> None:
     assert not p.on_report(2.0, 3, 200)  # 2 of 100
     assert p.allowed(2.0) and p.fallbacks == 0
     assert p.on_report(2.1, 6, 210)  # 3 of 10: random loss, fall back
-    assert not p.allowed(2.5)
-    assert not p.on_report(2.3, 9, 215)  # trains sent before the hold-off
+    assert not p.allowed(2.1 + p.hold / 2)
+    assert not p.on_report(2.1 + p.hold / 2, 9, 215)  # trains sent before the hold-off
     assert p.allowed(2.1 + p.hold)
     assert p.on_report(2.2 + p.hold, 11, 220) and p.hold == 2 * wt.TrainPolicy.MIN_HOLD
     assert not p.on_report(100.0, 2, 5000)  # the peer's count restarted: 2 of 4780

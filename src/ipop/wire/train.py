@@ -271,15 +271,15 @@ class TrainPolicy:
     Trains are used from the start.  The peer reports how many trains it has lost in all;
     each report is judged against the trains sent since the previous one: when more than
     ``MAX_LOSS`` of them were lost (random loss: 1 % of datagrams loses about 40 % of 47-chunk
-    trains), trains are held off for 0.5 s, doubling (to 5 s at most) while losses come back
-    soon after trains resume, and starting again at 0.5 s after 30 clean seconds.  A rarer loss,
+    trains), trains are held off for 0.25 s, doubling (to 2 s at most) while losses come back
+    soon after trains resume, and starting again at 0.25 s after 10 clean seconds.  A rarer loss,
     such as TCP's own congestion drops at a bottleneck, costs less than per-segment sealing
     would, and keeps trains going.  Reports about trains sent before a hold-off are ignored.
     """
 
-    MIN_HOLD = 0.5
-    MAX_HOLD = 5.0  # a probe every 5 s at worst: a lost train or two, once the loss is gone
-    CLEAN = 30.0
+    MIN_HOLD = 0.25
+    MAX_HOLD = 2.0  # a probe every 2 s at worst costs a few trains; trains return 2 s after loss
+    CLEAN = 10.0
     MAX_LOSS = 0.05  # lost trains per train sent, between two reports
 
     def __init__(self, enabled: bool = True) -> None:
