@@ -254,3 +254,20 @@ def test_seal_into_writes_the_same_bytes_as_seal(suite: Suite) -> None:
     assert Opener(KEY, SALT, EPOCH, suite).open(AAD, bytes(second)) == b"next"
     with pytest.raises(LocalProtocolError):
         into.seal_into(AAD, bytes(100), buf)
+
+
+def test_open_into_a_buffer_gives_a_view_and_checks_the_same() -> None:
+    sealer, opener = pair()
+    sealed = sealer.seal(AAD, b"z" * 1000)
+    out = bytearray(2000)
+    view = opener.open(AAD, sealed, out)
+    assert isinstance(view, memoryview) and bytes(view) == b"z" * 1000
+    assert bytes(out[:1000]) == b"z" * 1000
+    with pytest.raises(AuthError) as e:
+        opener.open(AAD, sealed, out)  # the same counter again
+    assert e.value.reason == "replay"
+    forged = bytearray(sealer.seal(AAD, b"y" * 10))
+    forged[-1] ^= 1
+    with pytest.raises(AuthError) as e:
+        opener.open(AAD, bytes(forged), out)
+    assert e.value.reason == "bad_tag"

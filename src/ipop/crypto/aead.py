@@ -182,12 +182,15 @@ class Opener:
         """Payloads opened successfully (written by the receiving thread only)."""
 
     def open(
-        self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview
-    ) -> bytes:
+        self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview,
+        out: bytearray | memoryview | None = None,
+    ) -> bytes | memoryview:
         """The plaintext of ``sealed``; raises :class:`AuthError` if it is not authentic or fresh.
 
         Reasons: ``truncated``, ``unknown_epoch``, ``replay``, ``bad_tag``.  The replay window
-        moves only after the tag verified.
+        moves only after the tag verified.  With ``out`` (at least ``len(sealed) - OVERHEAD``
+        bytes, writable) the plaintext is written there and a view of it returned, without an
+        allocation; on failure ``out`` holds garbage, never to be used.
         """
         if len(sealed) < OVERHEAD:
             raise AuthError(
@@ -202,8 +205,15 @@ class Opener:
         window = self.window
         if not window.check(counter):
             raise AuthError(f"counter {counter} replayed or too old", reason="replay")
+        nonce = self._salt + counter_bytes
+        body = memoryview(sealed)[CIPHERTEXT_OFF:]
+        decrypt_into = getattr(self._aead, "decrypt_into", None)
         try:
-            plaintext = self._aead.decrypt(self._salt + counter_bytes, sealed[CIPHERTEXT_OFF:], aad)
+            if out is not None and decrypt_into is not None:
+                plaintext: bytes | memoryview = memoryview(out)[: len(body) - TAG_LEN]
+                decrypt_into(nonce, body, aad, plaintext)
+            else:
+                plaintext = self._aead.decrypt(nonce, body, aad)
         except InvalidTag:
             raise AuthError("AEAD tag does not verify", reason="bad_tag") from None
         window.update(counter)

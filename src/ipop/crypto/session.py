@@ -176,9 +176,11 @@ class CryptoSession:
         return sealer.seal_into(aad, plaintext, out)
 
     def open(
-        self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview
-    ) -> bytes:
-        """Open one sealed payload (RX thread); raises :class:`AuthError` and counts why."""
+        self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview,
+        out: bytearray | memoryview | None = None,
+    ) -> bytes | memoryview:
+        """Open one sealed payload (RX thread), into ``out`` if given (see ``Opener.open``);
+        raises :class:`AuthError` and counts why."""
         if len(sealed) < OVERHEAD:
             self.rx_drops["truncated"] += 1
             raise AuthError(f"sealed payload of {len(sealed)} bytes", reason="truncated")
@@ -187,7 +189,7 @@ class CryptoSession:
             self.rx_drops["unknown_epoch"] += 1
             raise AuthError(f"no keys for epoch {sealed[0]}", reason="unknown_epoch")
         try:
-            plaintext = opener.open(aad, sealed)
+            plaintext = opener.open(aad, sealed, out)
         except AuthError as exc:
             self.rx_drops[exc.reason] += 1
             raise

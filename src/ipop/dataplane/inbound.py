@@ -262,7 +262,10 @@ class Inbound:
             if gso < n and first == wh.T_DATA_PARTIAL:
                 iovs = self._whole_train(sock, area, n, gso, addr)
             elif first == wh.T_TRAIN or first == wh.T_TRAIN_SEALED:
-                iovs = self._train_read(sock, area, n, gso, addr)
+                # an encrypted train is opened into the slab, behind this read
+                spare = view[off : end - RECV_BUFFER] if end - off > RECV_BUFFER else None
+                iovs, used = self._train_read(sock, area, n, gso, addr, spare)
+                off += (used + 15) & ~15
             if iovs is not None:
                 if out:  # keep arrival order: what came before is written first
                     ready.extend(self._merge(out, partial))
@@ -418,40 +421,48 @@ class Inbound:
 
     # ---- whole trains (``ipop.wire.train``)
     def _train_read(self, sock: socket.socket, area: memoryview, n: int, gso: int,
-                    addr: tuple[str, int]) -> list[list[Any]] | None:
+                    addr: tuple[str, int], spare: memoryview | None,
+                    ) -> tuple[list[list[Any]] | None, int]:
         """A GRO read that holds exactly one whole train of a link on its path: its TUN write
-        (none if the train is bad); None when the read must go datagram by datagram."""
+        (none if the train is bad); None when the read must go datagram by datagram.  An
+        encrypted train is opened into ``spare`` (slab space) when it fits: the bytes used of
+        it come second."""
         link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
         if link is None:
-            return None
+            return None, 0
         path = link.path
         if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
-            return None
+            return None, 0
         got = wt.whole(area, n, gso, link.rx_prefix_train)
         if got is None:
-            return None
+            return None, 0
         seq, chunks = got
         now = time.monotonic()
         link.reassembler.completed(seq, now)
         self._count_loss(link, now)
+        used = 0
         try:
             if link.encrypted:
                 session = link.session
                 if session is None:
                     link.stats.drops["sealed_on_plain_link"] += 1
-                    return []
-                blob = session.open(link.rx_prefix_train, b"".join(chunks))
+                    return [], 0
+                sealed = b"".join(chunks)
+                out = spare if spare is not None and len(spare) >= len(sealed) else None
+                blob = session.open(link.rx_prefix_train, sealed, out)
+                if out is not None:
+                    used = len(blob)
                 iov = self._super_packet(link, blob, len(blob))
             else:
                 iov = self._super_packet(link, chunks, n - len(chunks) * wt.FRAME_HDR)
         except RemoteProtocolError as exc:
             link.stats.drops[exc.reason] += 1
-            return []
+            return [], 0
         stats = link.stats
         stats.rx_packets += len(chunks)
         stats.rx_bytes += n - len(chunks) * wt.FRAME_HDR
         stats.last_rx_mono = now
-        return [iov]
+        return [iov], used
 
     def _train_datagram(
         self,
@@ -476,10 +487,11 @@ class Inbound:
             return
         seq, idx, count = wt.parse(dgram)
         now = time.monotonic()
-        blob = link.reassembler.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
+        joined = link.reassembler.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
         self._count_loss(link, now)
-        if blob is None:
+        if joined is None:
             return
+        blob: bytes | memoryview = joined
         if sealed:
             session = link.session
             if session is None:
@@ -504,19 +516,20 @@ class Inbound:
             out.append(pkt)
             partial.append(False)
 
-    def _super_packet(self, link: Link, blob: bytes | list[memoryview], size: int) -> list[Any]:
-        """The TUN write (iovecs) for the blob a train carried: its checked ``virtio_net_hdr``,
-        then the packet, translated for a SocialVPN friend."""
-        head = blob if isinstance(blob, bytes) else blob[0]
+    def _super_packet(self, link: Link, blob: bytes | memoryview | list[memoryview],
+                      size: int) -> list[Any]:
+        """The TUN write (iovecs) for the blob a train carried (whole, or its chunks): its
+        checked ``virtio_net_hdr``, then the packet, translated for a SocialVPN friend."""
+        head = blob[0] if isinstance(blob, list) else blob
         vnet = wt.check_vnet(head, size)
         if link.xlat is not None:
-            joined = blob if isinstance(blob, bytes) else b"".join(blob)
+            joined = b"".join(blob) if isinstance(blob, list) else blob
             body = bytearray(memoryview(joined)[VNET_HDR_LEN:])
             link.xlat.rx(body, bool(vnet[0] & F_NEEDS_CSUM))
             return [vnet, body]
-        if isinstance(blob, bytes):
-            return [vnet, memoryview(blob)[VNET_HDR_LEN:]]
-        return [vnet, blob[0][VNET_HDR_LEN:], *blob[1:]]
+        if isinstance(blob, list):
+            return [vnet, blob[0][VNET_HDR_LEN:], *blob[1:]]
+        return [vnet, memoryview(blob)[VNET_HDR_LEN:]]
 
     def _count_loss(self, link: Link, now: float) -> None:
         """Count trains that never completed, and tell the sender (it falls back to segments)."""
