@@ -60,29 +60,46 @@ class Outbound(threading.Thread):
         self.wake_fd = wake_fd
         self.counters: dict[str, int] = {"packets": 0, "bytes": 0, "no_route": 0, "flooded": 0,
                                          "not_ip": 0}
+        self._batch = bytearray(0)  # the TX thread's read buffer
+        self._off = 0  # where the next read lands in it
+        self._small: list[memoryview] = []  # small reads kept back (offloads)
 
     def run(self) -> None:
-        buf = bytearray(READ_SIZE)
-        view = memoryview(buf)
         fd = self.dev.fd
         os.set_blocking(fd, False)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         poller.register(self.wake_fd, select.POLLIN)
-        readv = os.readv
-        bufs = [buf]
-        handle: Callable[[memoryview, bytearray, int], None] = (
-            self._handle_tap if self.dev.tap else self._handle_tun
-        )
         if self.dev.vnet_hdr:
-            self._run_vnet(fd, poller)
+            self._batch = bytearray(BATCH_AREA + READ_SIZE)
+            self._read_loop(fd, poller, self._take_vnet, self._flush_small)
             return
+        buf = bytearray(READ_SIZE)
+        view = memoryview(buf)
+        handle = self._handle_tap if self.dev.tap else self._handle_tun
+
+        def take(_view: memoryview, n: int) -> None:
+            handle(view[:n], buf, n)
+
+        self._batch = buf
+        self._read_loop(fd, poller, take, lambda: False)
+
+    def _read_loop(self, fd: int, poller: select.poll,
+                   take: Callable[[memoryview, int], None], flush: Callable[[], bool]) -> None:
+        """Read the device until it is closed: each read lands in the batch buffer at
+        ``self._off`` and goes to ``take``; when the device is empty, ``flush`` sends what was
+        kept back (True: it sent something, read again), else the thread sleeps in poll()."""
+        view = memoryview(self._batch)
+        readv = os.readv
         counters = self.counters
         stopped = self.stopping.is_set
         while True:
+            area = view[self._off : self._off + READ_SIZE]
             try:
-                n = readv(fd, bufs)
+                n = readv(fd, [area])
             except BlockingIOError:
+                if flush():
+                    continue
                 if stopped():  # checked when idle; a busy device is closed under us (EBADF)
                     return
                 poller.poll()
@@ -94,7 +111,7 @@ class Outbound(threading.Thread):
                 continue
             counters["packets"] += 1
             counters["bytes"] += n
-            handle(view[:n], buf, n)
+            take(area, n)
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
@@ -122,51 +139,28 @@ class Outbound(threading.Thread):
             self.on_miss(dst, bytes(pkt))
 
     # ---- L3 with offloads: virtio_net_hdr + packet (maybe a TSO super-packet)
-    def _run_vnet(self, fd: int, poller: select.poll) -> None:
-        """The read loop with offloads.  Small packets (no GSO) are read back to back into one
-        buffer until the device is empty or the buffer full, then sent together: one GSO send
-        per peer and run of equal sizes instead of one send each (``Link.send_small``)."""
-        buf = bytearray(BATCH_AREA + READ_SIZE)
-        view = memoryview(buf)
-        readv = os.readv
-        counters = self.counters
-        stopped = self.stopping.is_set
-        small: list[memoryview] = []
-        off = 0
-        while True:
-            try:
-                n = readv(fd, [view[off : off + READ_SIZE]])
-            except BlockingIOError:
-                if small:
-                    self._send_small(small)
-                    small.clear()
-                    off = 0
-                    continue
-                if stopped():  # checked when idle; a busy device is closed under us (EBADF)
-                    return
-                poller.poll()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF or self.stopping.is_set():
-                    return
-                counters["read_error"] = counters.get("read_error", 0) + 1
-                continue
-            counters["packets"] += 1
-            counters["bytes"] += n
-            read = view[off : off + n]
-            if n <= SMALL_READ and n > VNET_LEN and read[1] == GSO_NONE:
-                small.append(read)
-                off += (n + 15) & ~15
-                if len(small) >= MAX_SMALL or off > BATCH_AREA:
-                    self._send_small(small)
-                    small.clear()
-                    off = 0
-                continue
-            if small:  # keep the read order: what came before goes first
-                self._send_small(small)
-                small.clear()
-            self._handle_vnet(read)
-            off = 0
+    def _take_vnet(self, area: memoryview, n: int) -> None:
+        """One read with a ``virtio_net_hdr``: a small one (no GSO) is kept back in the batch
+        buffer, to go with the next ones (the device is read until it is empty or the buffer
+        full; ``Link.send_small`` then sends each peer's run of equal sizes in one GSO send);
+        anything else goes at once, after what was kept back."""
+        read = area[:n]
+        if n <= SMALL_READ and n > VNET_LEN and read[1] == GSO_NONE:
+            self._small.append(read)
+            self._off += (n + 15) & ~15
+            if len(self._small) >= MAX_SMALL or self._off > BATCH_AREA:
+                self._flush_small()
+            return
+        self._flush_small()  # keep the read order: what came before goes first
+        self._handle_vnet(read)
+
+    def _flush_small(self) -> bool:
+        if not self._small:
+            return False
+        self._send_small(self._small)
+        self._small.clear()
+        self._off = 0
+        return True
 
     def _send_small(self, reads: list[memoryview]) -> None:
         """Route a run of small reads; runs of packets for one directly reachable peer go out
