@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from ipop.crypto.aead import OVERHEAD as SEAL_OVERHEAD
-from ipop.dataplane.segment import segment
+from ipop.dataplane.segment import partial_in_place, segment
 from ipop.dataplane.udpio import send_train
 from ipop.errors import LocalProtocolError
 from ipop.wire import header as wh
 from ipop.wire import train as wt
 from ipop.wire.nat44 import Translator
-from ipop.wire.vnet import CSUM_OFFSET_TCP, CSUM_OFFSET_UDP, F_NEEDS_CSUM, GSO_NONE, VnetHdr
+from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
@@ -241,20 +241,13 @@ class Link:
 
     def send_one(self, vh: VnetHdr, pkt: memoryview) -> None:
         """Send one packet that needs no segmenting (a read without GSO), with as little work
-        as can be: complete checksums go as DATA, a partial one at the usual place (right
-        after an option-free IP header) as DATA_PARTIAL, anything else the long way."""
+        as can be: complete checksums go as DATA, a partial one where the receiver finds it
+        (``partial_in_place``) as DATA_PARTIAL, anything else the long way."""
         if vh.flags & F_NEEDS_CSUM:
-            ver = pkt[0] >> 4
-            start = vh.csum_start
-            proto = pkt[9] if ver == 4 else pkt[6]
-            if ((ver == 4 and start == (pkt[0] & 15) * 4) or (ver == 6 and start == 40)) and (
-                    (proto == 6 and vh.csum_offset == CSUM_OFFSET_TCP and len(pkt) >= start + 20)
-                    or (proto == 17 and vh.csum_offset == CSUM_OFFSET_UDP
-                        and len(pkt) >= start + 8)):
-                hdr = self.hdr_partial_sealed if self.encrypted else self.hdr_partial
-            else:
+            if not partial_in_place(vh, pkt):
                 self.send_super(vh, pkt)
                 return
+            hdr = self.hdr_partial_sealed if self.encrypted else self.hdr_partial
         else:
             hdr = self.hdr_sealed if self.encrypted else self.hdr_data
         if self.encrypted:

@@ -289,20 +289,27 @@ def _pack(headers: Sequence[Buf], payloads: Sequence[Buf], prefix: bytes, size: 
     return Segments(parts, 2, size, last, partial)
 
 
+def partial_in_place(hdr: VnetHdr, pkt: Buf) -> bool:
+    """True if the partial checksum of ``pkt`` (``hdr`` has NEEDS_CSUM) sits where a receiver
+    finds it from the packet alone: the TCP/UDP checksum field right behind the IP header."""
+    try:
+        _, o, proto = l4_offset(pkt)
+    except LocalProtocolError:
+        return False
+    n = len(pkt)
+    return hdr.csum_start == o and (
+        (proto == IPPROTO_TCP and hdr.csum_offset == vnet.CSUM_OFFSET_TCP and n >= o + 20)
+        or (proto == IPPROTO_UDP and hdr.csum_offset == vnet.CSUM_OFFSET_UDP and n >= o + 8)
+    )
+
+
 def _single(hdr: VnetHdr, view: memoryview, prefix: bytes) -> Segments:
     n = len(view)
     if not hdr.flags & vnet.F_NEEDS_CSUM:
         return _pack([view], [b""], prefix, n, n, False)
-    try:
-        _, o, proto = l4_offset(view)
-    except LocalProtocolError:
-        o = proto = -1
-    start, off = hdr.csum_start, hdr.csum_offset
-    if start == o and (
-        (proto == IPPROTO_TCP and off == vnet.CSUM_OFFSET_TCP and n >= o + 20)
-        or (proto == IPPROTO_UDP and off == vnet.CSUM_OFFSET_UDP and n >= o + 8)
-    ):
+    if partial_in_place(hdr, view):
         return _pack([view], [b""], prefix, n, n, True)
+    start, off = hdr.csum_start, hdr.csum_offset
     done = bytearray(view)
     try:
         vnet.complete_csum(done, start, off)
