@@ -168,10 +168,10 @@ class Outbound(threading.Thread):
         run: list[tuple[VnetHdr, memoryview]] = []
         run_link: Link | None = None
         for read in reads:
-            routed = self._route(read)
-            if routed is None:
+            parsed = self._parse_vnet(read)
+            if parsed is None:
                 continue
-            vh, pkt, link = routed
+            vh, pkt, dst, is_group, link = parsed
             if link is not None and link.path.channel is None:
                 if link is not run_link and run_link is not None:
                     run_link.send_small(run)
@@ -182,44 +182,24 @@ class Outbound(threading.Thread):
             if run_link is not None:
                 run_link.send_small(run)
                 run, run_link = [], None
-            self._handle_vnet(read)
+            self._deliver_vnet(read, vh, pkt, dst, is_group, link)
         if run_link is not None:
             run_link.send_small(run)
 
-    def _route(self, read: memoryview) -> tuple[VnetHdr, memoryview, Link | None] | None:
-        """Parse one small read: its header, packet and unicast link (translated and clamped),
-        or None when it was not IP.  Link None: group or unknown destination."""
-        n = len(read)
-        if n < VNET_LEN + 20:
-            self.counters["not_ip"] += 1
-            return None
-        ver = read[VNET_LEN] >> 4
-        if ver == 4:
-            dst = bytes(read[VNET_LEN + 16 : VNET_LEN + 20])
-            proto = read[VNET_LEN + 9]
-        elif ver == 6 and n >= VNET_LEN + 40:
-            dst = bytes(read[VNET_LEN + 24 : VNET_LEN + 40])
-            proto = read[VNET_LEN + 6]
-        else:
-            self.counters["not_ip"] += 1
-            return None
-        vh = VnetHdr._make(VNET.unpack_from(read))
-        pkt = read[VNET_LEN:]
-        link = self.table.by_ip.get(dst)
-        if link is None or link.path.channel is not None:
-            return vh, pkt, None
-        partial = bool(vh.flags & F_NEEDS_CSUM)
-        if proto == wp.IPPROTO_TCP:
-            wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
-        if link.xlat is not None:
-            link.xlat.tx(pkt, partial)
-        return vh, pkt, link
-
     def _handle_vnet(self, view: memoryview) -> None:
+        parsed = self._parse_vnet(view)
+        if parsed is not None:
+            self._deliver_vnet(view, *parsed)
+
+    def _parse_vnet(self, view: memoryview,
+                    ) -> tuple[VnetHdr, memoryview, bytes, bool, Link | None] | None:
+        """One read's header, packet, destination address, whether it is a group address, and
+        its link (None: none); the MSS of a TCP SYN clamped, the packet translated for a
+        SocialVPN link.  None when the read is not IP (counted)."""
         n = len(view)
         if n < VNET_LEN + 20:
             self.counters["not_ip"] += 1
-            return
+            return None
         vh = VnetHdr._make(VNET.unpack_from(view))
         pkt = view[VNET_LEN:n]
         ver = view[VNET_LEN] >> 4
@@ -233,14 +213,20 @@ class Outbound(threading.Thread):
             proto = view[VNET_LEN + 6]
         else:
             self.counters["not_ip"] += 1
-            return
+            return None
         partial = bool(vh.flags & F_NEEDS_CSUM)
         if proto == wp.IPPROTO_TCP and vh.gso_type == GSO_NONE:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
         link = self.table.by_ip.get(dst)
+        if link is not None and link.xlat is not None:
+            link.xlat.tx(pkt, partial)
+        return vh, pkt, dst, is_group, link
+
+    def _deliver_vnet(self, view: memoryview, vh: VnetHdr, pkt: memoryview, dst: bytes,
+                      is_group: bool, link: Link | None) -> None:
+        """Send a parsed read (``view`` is all of it) to its link, to every link (group), or
+        hold it and report the miss."""
         if link is not None:
-            if link.xlat is not None:
-                link.xlat.tx(pkt, partial)
             link.send_super(vh, pkt, view)
             return
         if is_group:
