@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
-from ipop.dataplane.link import Link, standalone
+from ipop.dataplane.link import CryptoSession, Link, standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.dataplane.udpio import RECV_BUFFER, enable_gro, recv_batch, split_gro
@@ -193,6 +193,14 @@ class Inbound:
         self.queued += 1
         self.work.put((slab, pkts, vectored))
 
+    def _write_first(self, out: list[Pkt], partial: list[bool], ready: list[list[Any]]) -> None:
+        """Keep arrival order before a super-packet joins ``ready``: the packets gathered so
+        far are merged and go first."""
+        if out:
+            ready.extend(self._merge(out, partial))
+            out.clear()
+            partial.clear()
+
     def _merge(self, out: list[Pkt], partial: list[bool]) -> list[list[Any]]:
         try:
             return coalesce(out, partial)
@@ -267,10 +275,7 @@ class Inbound:
                 iovs, used = self._train_read(sock, area, n, gso, addr, spare)
                 off += (used + 15) & ~15
             if iovs is not None:
-                if out:  # keep arrival order: what came before is written first
-                    ready.extend(self._merge(out, partial))
-                    out.clear()
-                    partial.clear()
+                self._write_first(out, partial, ready)
                 ready.extend(iovs)
                 continue
             for dgram in split_gro(area, n, gso):
@@ -360,18 +365,26 @@ class Inbound:
         same_path = (
             addr == path.addr and channel == path.channel and sock.fileno() == path.sock.fileno()
         )
-        if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
-            try:
-                self._train_datagram(sock, link, dgram, addr, channel, same_path, out, partial,
-                                     ready)
-            except RemoteProtocolError as exc:
-                stats.drops[exc.reason] += 1
-            return
-        if ftype & wh.SEALED_BIT:
-            session = link.session
+        sealed = bool(ftype & wh.SEALED_BIT)
+        session = link.session
+        if sealed:
             if not link.encrypted or session is None:
                 stats.drops["sealed_on_plain_link"] += 1
                 return
+        elif link.encrypted:
+            stats.drops["plaintext_on_encrypted_link"] += 1
+            return
+        elif not same_path:
+            stats.drops["unexpected_source"] += 1
+            return
+        if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
+            try:
+                self._train_datagram(sock, link, session if sealed else None, dgram, addr,
+                                     channel, same_path, out, partial, ready)
+            except RemoteProtocolError as exc:
+                stats.drops[exc.reason] += 1
+            return
+        if session is not None and sealed:
             try:
                 payload: bytes | bytearray | memoryview = session.open(
                     dgram[: wh.HEADER_LEN], dgram[wh.HEADER_LEN :]
@@ -382,12 +395,6 @@ class Inbound:
             if not same_path and channel is None:
                 self.on_roam(link, sock, addr)  # authenticated: the peer moved
         else:
-            if link.encrypted:
-                stats.drops["plaintext_on_encrypted_link"] += 1
-                return
-            if not same_path:
-                stats.drops["unexpected_source"] += 1
-                return
             payload = dgram[wh.HEADER_LEN :]
         stats.last_rx_mono = time.monotonic()
         if ftype in wh.DATA_TYPES:
@@ -468,6 +475,7 @@ class Inbound:
         self,
         sock: socket.socket,
         link: Link,
+        session: CryptoSession | None,
         dgram: memoryview,
         addr: tuple[str, int],
         channel: int | None,
@@ -476,15 +484,9 @@ class Inbound:
         partial: list[bool],
         ready: list[list[Any]] | None,
     ) -> None:
-        """One datagram of a train that did not come whole in one read: reassemble (copying)."""
-        sealed = dgram[0] == wh.T_TRAIN_SEALED
+        """One datagram of a train that did not come whole in one read, admitted by ``_frame``:
+        reassemble (copying); ``session`` opens a sealed train, None for a plain one."""
         stats = link.stats
-        if sealed != link.encrypted:
-            stats.drops["sealed_on_plain_link" if sealed else "plaintext_on_encrypted_link"] += 1
-            return
-        if not sealed and not same_path:
-            stats.drops["unexpected_source"] += 1
-            return
         seq, idx, count = wt.parse(dgram)
         now = time.monotonic()
         joined = link.reassembler.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
@@ -492,11 +494,7 @@ class Inbound:
         if joined is None:
             return
         blob: bytes | memoryview = joined
-        if sealed:
-            session = link.session
-            if session is None:
-                stats.drops["sealed_on_plain_link"] += 1
-                return
+        if session is not None:
             blob = session.open(dgram[: wh.HEADER_LEN], blob)
             if not same_path and channel is None:
                 self.on_roam(link, sock, addr)
@@ -505,10 +503,7 @@ class Inbound:
         stats.rx_bytes += len(blob)
         stats.last_rx_mono = now
         if ready is not None:  # the device takes super-packets
-            if out:
-                ready.extend(self._merge(out, partial))
-                out.clear()
-                partial.clear()
+            self._write_first(out, partial, ready)
             ready.append(iov)
             return
         body = b"".join(iov[1:])
