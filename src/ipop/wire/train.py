@@ -51,27 +51,6 @@ TRAIN = struct.Struct("!IBB")
 TRAIN_LEN = TRAIN.size  # 6
 FRAME_HDR = wh.HEADER_LEN + TRAIN_LEN  # 47: what precedes every chunk
 MAX_COUNT = 64  # UDP GSO sends at most 64 segments
-_SEQ = struct.Struct("!I")
-
-
-def frames(prefix: bytes, seq: int, blob: Buf, chunk: int) -> list[Buf]:
-    """The buffers of one train, two per datagram (frame header, chunk view), ready for a GSO
-    send: ``prefix`` is the 41-byte frame header, ``blob`` what the train carries.
-
-    Raises ``LocalProtocolError`` (reason ``train_too_long``) if ``blob`` needs more than 64
-    chunks.
-    """
-    view = memoryview(blob)
-    size = len(view)
-    count = -(-size // chunk) if size else 1
-    if count > MAX_COUNT:
-        raise LocalProtocolError(f"{size} bytes need {count} chunks", reason="train_too_long")
-    head = prefix + _SEQ.pack(seq & 0xFFFF_FFFF)
-    out: list[Buf] = []
-    for i in range(count):
-        out.append(head + bytes((i, count)))
-        out.append(view[i * chunk : (i + 1) * chunk])
-    return out
 
 
 def parse(dgram: Buf) -> tuple[int, int, int]:
@@ -88,9 +67,9 @@ def parse(dgram: Buf) -> tuple[int, int, int]:
 
 
 class Framer:
-    """Makes one link's trains (TX thread only): :func:`frames`, with the frame headers packed
-    in one call into a buffer kept per train length.  The views it returns are valid until the
-    next train of the same length (the send has copied them by then)."""
+    """Makes one link's trains (TX thread only), packing the frame headers in one call into a
+    buffer kept per train length.  The views it returns are valid until the next train of the
+    same length (the send has copied them by then)."""
 
     def __init__(self, prefix: bytes, chunk: int) -> None:
         self.prefix = prefix
@@ -99,6 +78,9 @@ class Framer:
                                        list[slice]]] = {}
 
     def frames(self, seq: int, blob: Buf) -> list[Buf]:
+        """The buffers of train ``seq`` carrying ``blob``, two per datagram (frame header,
+        chunk view), ready for a GSO send.  Raises ``LocalProtocolError`` (reason
+        ``train_too_long``) if ``blob`` needs more than 64 chunks."""
         view = memoryview(blob)
         size = len(view)
         chunk = self.chunk
