@@ -271,3 +271,26 @@ def test_policy_judges_reports_by_the_share_of_trains_lost() -> None:
     assert p.on_report(2.2 + p.hold, 11, 220) and p.hold == 2 * wt.TrainPolicy.MIN_HOLD
     assert not p.on_report(100.0, 2, 5000)  # the peer's count restarted: 2 of 4780
     assert p.on_report(100.1, 4, 5004)
+
+
+def test_a_link_whose_mtu_needs_too_many_chunks_sends_segments_without_a_train_number() -> None:
+    import socket
+
+    from ipop.dataplane.link import Link, Path
+
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        rx.bind(("127.0.0.1", 0))
+        small = Link(local_uid=SRC, peer_uid=DST, path=Path(tx, rx.getsockname()),
+                     overlay_ip4=bytes([100, 64, 0, 2]), mtu=576)
+        raw = memoryview(bytes(60_000))
+        assert not small._send_whole(raw)  # 60 KB in 595-byte chunks: over 64
+        assert small.train_seq == 0 and small.trains_sent == 0
+        big = Link(local_uid=SRC, peer_uid=DST, path=Path(tx, rx.getsockname()),
+                   overlay_ip4=bytes([100, 64, 0, 2]))
+        assert big._send_whole(memoryview(bytes(20_000)))
+        assert big.train_seq == 1 and big.trains_sent == 1
+    finally:
+        rx.close()
+        tx.close()

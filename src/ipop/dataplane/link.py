@@ -311,25 +311,24 @@ class Link:
         self.stats.tx_bytes += inner if sent == count else inner * sent // max(count, 1)
 
     def _send_whole(self, raw: memoryview) -> bool:
-        """Send ``raw`` as one whole train; False if it must go as segments instead."""
+        """Send ``raw`` as one whole train; False if it must go as segments instead (checked
+        before any sealing, so a super-packet is never sealed twice)."""
+        chunk = self.train_chunk
+        size = len(raw) + (SEAL_OVERHEAD if self.encrypted else 0)
+        if size > SEAL_BUFFER or -(-size // chunk) > wt.MAX_COUNT:  # a small MTU: too many
+            return False
         blob: memoryview
         if self.encrypted:
             session = self.session
             if session is None or not session.ready:
-                return False
-            if len(raw) + SEAL_OVERHEAD > SEAL_BUFFER:
                 return False
             if self._seal_buf is None:
                 self._seal_buf = bytearray(SEAL_BUFFER)
             blob = session.seal_into(self.hdr_train_sealed, raw, self._seal_buf)
         else:
             blob = raw
-        chunk = self.train_chunk
         self.train_seq = seq = (self.train_seq + 1) & 0xFFFF_FFFF
-        try:
-            parts = self.framer.frames(seq, blob)
-        except LocalProtocolError:
-            return False
+        parts = self.framer.frames(seq, blob)
         count = len(parts) // 2
         size = wt.FRAME_HDR + chunk
         last = wt.FRAME_HDR + len(blob) - (count - 1) * chunk
