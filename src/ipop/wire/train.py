@@ -35,6 +35,8 @@ import time
 from ipop.errors import LocalProtocolError, MalformedFrame
 from ipop.wire import header as wh
 from ipop.wire.vnet import (
+    CSUM_OFFSET_TCP,
+    CSUM_OFFSET_UDP,
     F_NEEDS_CSUM,
     GSO_ECN,
     GSO_NONE,
@@ -42,8 +44,8 @@ from ipop.wire.vnet import (
     GSO_TCPV6,
     VNET,
     VNET_HDR_LEN,
-    VnetHdr,
 )
+from ipop.wire.vnet import parse as vnet_parse
 
 Buf = bytes | bytearray | memoryview
 
@@ -51,6 +53,7 @@ TRAIN = struct.Struct("!IBB")
 TRAIN_LEN = TRAIN.size  # 6
 FRAME_HDR = wh.HEADER_LEN + TRAIN_LEN  # 47: what precedes every chunk
 MAX_COUNT = 64  # UDP GSO sends at most 64 segments
+_FRAME_FIELDS = f"{wh.HEADER_LEN}s{TRAIN.format.lstrip('!')}"  # frame header, seq, idx, count
 
 
 def parse(dgram: Buf) -> tuple[int, int, int]:
@@ -100,7 +103,7 @@ class Framer:
 
     def _layout(self, count: int) -> tuple[bytearray, struct.Struct, list[object],
                                            list[memoryview], list[slice]]:
-        packer = struct.Struct("!" + "41sIBB" * count)
+        packer = struct.Struct("!" + _FRAME_FIELDS * count)
         buf = bytearray(packer.size)
         args: list[object] = []
         for i in range(count):
@@ -120,8 +123,8 @@ def _gro_layout(gso: int, count: int) -> tuple[struct.Struct, tuple[int, ...], l
     if layout is None:
         if len(_GRO_LAYOUTS) >= 512:
             _GRO_LAYOUTS.clear()
-        one = f"41sIBB{gso - FRAME_HDR}x"
-        packer = struct.Struct("!" + one * (count - 1) + "41sIBB")
+        one = f"{_FRAME_FIELDS}{gso - FRAME_HDR}x"
+        packer = struct.Struct("!" + one * (count - 1) + _FRAME_FIELDS)
         cuts = [slice(i * gso + FRAME_HDR, (i + 1) * gso) for i in range(count - 1)]
         layout = _GRO_LAYOUTS[key] = (packer, tuple(range(count)), cuts)
     return layout
@@ -159,7 +162,7 @@ def check_vnet(head: Buf, size: int) -> bytes:
     """
     if size < VNET_HDR_LEN + 40 or len(head) < VNET_HDR_LEN + 40:
         raise MalformedFrame("train shorter than a TCP/IP packet", reason="bad_vnet")
-    vh = VnetHdr._make(VNET.unpack_from(head))
+    vh = vnet_parse(head)
     pkt_len = size - VNET_HDR_LEN
     gso = vh.gso_type & ~GSO_ECN
     if vh.flags & ~F_NEEDS_CSUM or gso not in (GSO_NONE, GSO_TCPV4, GSO_TCPV6):
@@ -170,10 +173,11 @@ def check_vnet(head: Buf, size: int) -> bytes:
     hdr_len = 0
     if vh.flags & F_NEEDS_CSUM:
         start, offset = vh.csum_start, vh.csum_offset
-        if start < 20 or offset not in (6, 16) or start + offset + 2 > pkt_len:
+        if (start < 20 or offset not in (CSUM_OFFSET_UDP, CSUM_OFFSET_TCP)
+                or start + offset + 2 > pkt_len):
             raise MalformedFrame("checksum outside the packet", reason="bad_vnet")
         if gso != GSO_NONE:
-            if offset != 16 or vh.gso_size < 64 or (ver == 4) != (gso == GSO_TCPV4):
+            if offset != CSUM_OFFSET_TCP or vh.gso_size < 64 or (ver == 4) != (gso == GSO_TCPV4):
                 raise MalformedFrame("bad TSO header", reason="bad_vnet")
             if len(head) < VNET_HDR_LEN + start + 20:
                 raise MalformedFrame("headers not in the first chunk", reason="bad_vnet")
