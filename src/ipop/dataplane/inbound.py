@@ -284,15 +284,24 @@ class Inbound:
                 except RemoteProtocolError as exc:
                     self.drops[exc.reason] += 1
 
+    def _direct_sender(self, sock: socket.socket, area: memoryview,
+                       addr: tuple[str, int]) -> Link | None:
+        """The link a GRO read came from, by its first frame's source UID, if the read arrived
+        on that link's own direct path (socket and address); else None."""
+        link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
+        if link is None:
+            return None
+        path = link.path
+        if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
+            return None
+        return link
+
     def _whole_train(self, sock: socket.socket, area: memoryview, n: int, gso: int,
                      addr: tuple[str, int]) -> list[list[Any]] | None:
         """A GRO batch of one plain link's partial segments, checked and merged in one go
         (``coalesce_gro``), or None when the batch must take the per-datagram path."""
-        link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
+        link = self._direct_sender(sock, area, addr)
         if link is None or link.encrypted or link.xlat is not None:
-            return None
-        path = link.path
-        if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
             return None
         try:
             iovs = coalesce_gro(area, n, gso, link.rx_prefix_partial)
@@ -434,11 +443,8 @@ class Inbound:
         (none if the train is bad); None when the read must go datagram by datagram.  An
         encrypted train is opened into ``spare`` (slab space) when it fits: the bytes used of
         it come second."""
-        link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
+        link = self._direct_sender(sock, area, addr)
         if link is None:
-            return None, 0
-        path = link.path
-        if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
             return None, 0
         got = wt.whole(area, n, gso, link.rx_prefix_train)
         if got is None:
