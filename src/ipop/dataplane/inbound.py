@@ -2,7 +2,8 @@
 
 Pipeline:
   1. [rx thread] wait in epoll on every link socket (and a wake pipe); drain each ready socket
-     into slots of a preallocated slab until it is empty or the slab is full;
+     into slots of a preallocated slab until it is empty (a zero-timeout poll() per socket
+     says so, with no failing read) or the slab is full;
   2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
      TURN ChannelData is unwrapped and demultiplexed again; STUN and DTLS are copied and handed
      to the control thread; anything else is dropped and counted;
@@ -94,6 +95,9 @@ class Inbound:
         self.epoll = select.epoll()
         self.epoll.register(wake_fd, select.EPOLLIN)
         self.socks: dict[int, socket.socket] = {}
+        # one zero-timeout poll() per socket tells whether more is queued: cheaper than a read
+        # that fails with EAGAIN, whose exception is the costliest step of a lone packet's way
+        self.probes: dict[int, select.poll] = {}
         self.drops: collections.Counter[str] = collections.Counter()
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.gro = dev.vnet_hdr  # receive trains (UDP_GRO) and write super-packets
@@ -123,11 +127,15 @@ class Inbound:
             return
         if self.gro and not enable_gro(sock):
             self.gro_missing = True
+        probe = select.poll()
+        probe.register(fd, select.POLLIN)
+        self.probes[fd] = probe
         self.socks[fd] = sock
         self.epoll.register(fd, select.EPOLLIN)
 
     def remove_socket(self, sock: socket.socket) -> None:
         fd = sock.fileno()
+        self.probes.pop(fd, None)
         if self.socks.pop(fd, None) is not None:
             try:
                 self.epoll.unregister(fd)
@@ -181,6 +189,11 @@ class Inbound:
                     out = self._completed(out, partial)
                 self._hand_over(slab, out, False)
 
+    def _more(self, sock: socket.socket) -> Callable[[int], list[tuple[int, int]]]:
+        """``more(0)``: the socket's readiness now, without reading (empty: drained)."""
+        probe = self.probes.get(sock.fileno())
+        return probe.poll if probe is not None else _always
+
     def _hand_over(self, slab: bytearray, pkts: list[Any], vectored: bool) -> None:
         """Give a batch to the writer thread, or write it here when this thread has nothing
         else to do: the socket is drained and the writer has nothing left to write (so order
@@ -223,8 +236,12 @@ class Inbound:
     def _read_datagrams(self, sock: socket.socket, view: memoryview, out: list[Pkt],
                         partial: list[bool]) -> None:
         recvfrom_into = sock.recvfrom_into
+        more = self._more(sock)
         slot = 0
         while slot < SLOTS_PER_SLAB:
+            if slot and not more(0):
+                self.drained = True
+                return
             off = slot * SLOT
             try:
                 n, raw_addr = recvfrom_into(view[off : off + SLOT])
@@ -248,8 +265,12 @@ class Inbound:
         # so single datagrams (no GRO on the path) share a slab as well as trains do.
         off = 0
         end = len(view)
-        for _ in range(MAX_READS):
+        more = self._more(sock)
+        for i in range(MAX_READS):
             if end - off < RECV_BUFFER:
+                return
+            if i and not more(0):
+                self.drained = True
                 return
             area = view[off : off + RECV_BUFFER]
             try:
@@ -576,6 +597,10 @@ class Inbound:
         pkts.clear()
         self.free.put(slab)
         return alive
+
+
+def _always(_timeout: int) -> list[tuple[int, int]]:
+    return [(-1, select.POLLIN)]  # no probe (socket being removed): let the read tell
 
 
 def send_keepalive(link: Link, op: int, stamp_ns: int) -> None:

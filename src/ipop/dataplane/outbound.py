@@ -2,7 +2,8 @@
 
 Pipeline (sequential, in this thread; one flow's order is the device's read order):
   1. read packets from the device into one preallocated buffer (non-blocking; when the device is
-     empty, sleep in poll() on the device and a wake pipe: no busy waiting);
+     empty, sleep in poll() on the device and a wake pipe: no busy waiting; after a small read,
+     a zero-timeout poll() tells whether more is queued, sparing a failing read's exception);
   2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP);
   3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
@@ -93,6 +94,10 @@ class Outbound(threading.Thread):
         readv = os.readv
         counters = self.counters
         stopped = self.stopping.is_set
+        # Whether more is queued after a small read is asked with poll(0), not with a read that
+        # fails: the EAGAIN exception is the costliest step of a lone packet's way (ping).
+        probe = select.poll()
+        probe.register(fd, select.POLLIN)
         while True:
             area = view[self._off : self._off + READ_SIZE]
             try:
@@ -112,6 +117,11 @@ class Outbound(threading.Thread):
             counters["packets"] += 1
             counters["bytes"] += n
             take(area, n)
+            if n <= SMALL_READ and not probe.poll(0):
+                flush()  # the device is empty: send what was kept back, then sleep
+                if stopped():
+                    return
+                poller.poll()
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
