@@ -11,6 +11,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from ipop.bench import rounds
+
 _WG = "wireguard-go"
 _CLIFF = 0.5
 """A sweep point below this fraction of the previous (smaller) size's Mbit/s is a cliff."""
@@ -29,7 +31,11 @@ def _ratio_line(res: dict[str, Any], key: str, have_wg: bool) -> str:
 
 
 def _cell(res: dict[str, Any], key: str, have_wg: bool, fmt: str = ",.0f") -> str:
-    return f"{_num(res.get(key), fmt)}\n[dim]{_ratio_line(res, key, have_wg)}[/dim]"
+    text = f"{_num(res.get(key), fmt)}\n[dim]{_ratio_line(res, key, have_wg)}[/dim]"
+    span = rounds.spread(res, key)
+    if span is not None:
+        text += f"\n[dim]{_num(span[0], fmt)}-{_num(span[1], fmt)}[/dim]"
+    return text
 
 
 def _cpu(d: Any) -> str:
@@ -42,8 +48,12 @@ def main_table(doc: dict[str, Any], lname: str) -> Table:
     systems: dict[str, Any] = doc["systems"]
     have_wg = _WG in systems
     base = "x direct · x wireguard-go" if have_wg else "x direct"
+    n = doc.get("rounds", 1)
+    caption = f"second line in each cell: {base}"
+    if n > 1:
+        caption = (f"medians of {n} rounds; {caption}; third line: lowest-highest round")
     t = Table(title=f"{doc['links'][lname]}: throughput (Mbit/s), RTT, CPU",
-              caption=f"second line in each cell: {base}", title_justify="left")
+              caption=caption, title_justify="left")
     t.add_column("system")
     t.add_column("TCP 1 stream", justify="right")
     t.add_column("TCP 4 streams", justify="right")
@@ -176,7 +186,9 @@ def render(doc: dict[str, Any], console: Console) -> None:
     systems = doc["systems"]
     console.print(f"[bold]ipop bench[/bold]  {doc['started']}  {doc['duration_s']:.0f} s  "
                   f"(-t {doc['seconds']} s TCP, {doc['sweep_seconds']} s per sweep point; "
-                  f"loss model {doc['loss_model']}; {doc['machine']['cpus']} CPUs, "
+                  f"loss model {doc['loss_model']}; "
+                  f"{doc.get('rounds', 1)} round{'s' if doc.get('rounds', 1) > 1 else ''}; "
+                  f"{doc['machine']['cpus']} CPUs, "
                   f"kernel {doc['machine']['kernel']})")
     for name, s in systems.items():
         if s.get("version") is None:

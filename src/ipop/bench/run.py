@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ipop.bench import SCHEMA, lossy, measure
+from ipop.bench import SCHEMA, lossy, measure, rounds
 from ipop.bench.lossy import LossModel
 from ipop.bench.peers import SYSTEMS, System
 from ipop.errors import IpopError
@@ -58,6 +58,9 @@ class Plan:
     """Seconds between cases, so that queues drain."""
     loss_model: LossModel = "testbed"
     quick: bool = False
+    rounds: int = 1
+    """Times every system is measured, interleaved (round 1 of all systems, then round 2...);
+    the results are the medians (``ipop.bench.rounds``)."""
     skipped: dict[str, str] = field(default_factory=dict)
 
     def cases(self) -> list[str]:
@@ -67,7 +70,7 @@ class Plan:
 
     def steps(self) -> int:
         """Progress steps: start + idle per system, and every case of every link."""
-        return len(self.systems) * (2 + len(self.links) * len(self.cases()))
+        return self.rounds * len(self.systems) * (2 + len(self.links) * len(self.cases()))
 
 
 Step = Callable[[str], None]
@@ -83,6 +86,7 @@ class Runner:
         self.done = done
         self.failures: list[str] = []
         self.notes: list[str] = []
+        self.round = ""  # "round 2/3: " while several rounds run, for the progress lines
 
     def run(self) -> dict[str, Any]:
         plan = self.plan
@@ -101,6 +105,7 @@ class Runner:
             "sizes": list(plan.sizes),
             "losses": list(plan.losses),
             "loss_model": plan.loss_model,
+            "rounds": plan.rounds,
             "method": METHOD,
             "systems": {},
             "skipped": dict(plan.skipped),
@@ -109,9 +114,16 @@ class Runner:
         with tempfile.TemporaryDirectory(prefix="ipop-bench-") as tmp, Testbed() as tb:
             a, b = tb.add_host("a"), tb.add_host("b")
             link = tb.connect(a, b)
-            for name in plan.systems:
-                system = SYSTEMS[name](link, Path(tmp))
-                doc["systems"][name] = self._system(tb, link, system)
+            runs: dict[str, list[dict[str, Any]]] = {name: [] for name in plan.systems}
+            for r in range(plan.rounds):
+                if plan.rounds > 1:
+                    self.round = f"round {r + 1}/{plan.rounds}: "
+                for name in plan.systems:
+                    system = SYSTEMS[name](link, Path(tmp))
+                    runs[name].append(self._system(tb, link, system))
+            for name, results in runs.items():
+                doc["systems"][name] = (results[0] if plan.rounds == 1
+                                        else rounds.fold(results, list(plan.losses)))
         doc["duration_s"] = round(time.monotonic() - t0, 1)
         cpus = os.cpu_count() or 1
         stat1, own1, soft1 = _proc_stat(), _own_cpu(), _ksoftirqd()
@@ -143,13 +155,13 @@ class Runner:
                                "links": {name: self._empty() for name in plan.links}}
         left = 2 + len(plan.links) * len(plan.cases())
         try:
-            self.begin(f"{system.name}: starting")
+            self.begin(f"{self.round}{system.name}: starting")
             system.start()
             self.done(1)
             left -= 1
             out.update(version=system.version, security=system.security,
                        mtu=system.mtu(), up_seconds=round(system.up_seconds, 2))
-            self.begin(f"{system.name}: idle CPU")
+            self.begin(f"{self.round}{system.name}: idle CPU")
             if system.overlay:
                 time.sleep(plan.idle_settle)
                 out["idle_cpu_pct"] = measure.idle_cpu(system.roots(), plan.idle_seconds)
@@ -194,7 +206,7 @@ class Runner:
         plan = self.plan
         res = self._empty()
         cli, srv, addr = system.client, system.server, system.target
-        tag = f"{system.name} · {LINKS[lname][0]}"
+        tag = f"{self.round}{system.name} · {LINKS[lname][0]}"
 
         def case(what: str, fn: Callable[[], None]) -> None:
             self.begin(f"{tag} · {what}")

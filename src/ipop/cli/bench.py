@@ -38,6 +38,9 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[str]]:
     seconds = int(args.seconds)
     if seconds < 1:
         raise ConfigError("seconds", f"{seconds}: must be at least 1")
+    rounds = int(getattr(args, "rounds", 1))
+    if not 1 <= rounds <= 9:
+        raise ConfigError("rounds", f"{rounds}: must be 1 to 9")
     systems = list(BASE_SYSTEMS)
     skipped: dict[str, str] = {}
     if args.peers:
@@ -64,7 +67,7 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[str]]:
             notes.append("loss model 'datagram': the receiving veth does no GRO during the loss "
                          "cases, so GRO-reliant receivers run their per-datagram path there")
     plan = Plan(systems=systems, links=links, seconds=seconds, loss_model=model,
-                quick=bool(args.quick), skipped=skipped)
+                quick=bool(args.quick), skipped=skipped, rounds=rounds)
     if args.quick:
         plan.sizes = QUICK_SIZES
         plan.sweep_seconds = 1

@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="testbed: Testbed.set_loss, nftables drop per skb at egress; "
                             "datagram: per wire datagram, offloads off on the veth during the "
                             "loss cases, so the receiver loses GRO too (diagnostic)")
+    bench.add_argument("--rounds", type=int, default=1,
+                       help="measure every system this many times, interleaved, and report "
+                            "medians with the spread (a shared machine drifts; default 1)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--png", metavar="FILE", help="write a throughput/packet-size chart")
     bench.set_defaults(func=cmd_bench)
