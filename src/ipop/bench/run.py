@@ -86,6 +86,7 @@ class Runner:
         self.done = done
         self.failures: list[str] = []
         self.notes: list[str] = []
+        self.log_notes: dict[str, str] = {}  # per system, the last round's: rounds repeat them
         self.round = ""  # "round 2/3: " while several rounds run, for the progress lines
 
     def run(self) -> dict[str, Any]:
@@ -143,7 +144,7 @@ class Runner:
                 f"{doc['machine']['steal_cpu_pct']:.0f} %; absolute numbers are lower and "
                 "noisier than on an idle machine, compare ratios")
         doc["failures"] = self.failures
-        doc["notes"] = self.notes
+        doc["notes"] = self.notes + list(self.log_notes.values())
         return doc
 
     # -- one system ----------------------------------------------------------------------
@@ -187,8 +188,9 @@ class Runner:
                     eperm = sum("operation not permitted" in p.lower() for p in problems)
                     why = (f" ({eperm} of them EPERM on send: the testbed loss model's egress "
                            "drop)" if eperm else "")
-                    self.notes.append(f"{system.name}: {len(problems)} error lines in its logs"
-                                      f"{why}, e.g. {problems[-1]}")
+                    self.log_notes[system.name] = (
+                        f"{system.name}: {len(problems)} error lines in its logs{why}, "
+                        f"e.g. {problems[-1]}")
                     out["log_errors"] = problems[:20]
             finally:
                 system.stop()
