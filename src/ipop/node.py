@@ -195,9 +195,10 @@ class Node:
     def create_link_on_path(
         self, *, peer_uid: str, ip4: str | None, path: LinkPath, fingerprint: str | None,
         mac: str | None, encrypt: bool, reason: str, real_ip4: str | None = None,
-        early: list[bytes] | None = None,
+        early: list[bytes] | None = None, peer_trains: bool = True,
     ) -> Link:
-        """``create_link`` for a controller, on the path ICE selected."""
+        """``create_link`` for a controller, on the path ICE selected; ``peer_trains``: the
+        peer said it receives whole trains."""
         assert self.dp is not None
         link = self.dp.add_link(
             peer_uid=bytes.fromhex(peer_uid), path=path,
@@ -205,7 +206,11 @@ class Node:
             encrypted=encrypt, security_reason=reason,
             xlat=None if real_ip4 is None or ip4 is None else Translator(
                 ipaddress.IPv4Address(ip4).packed, ipaddress.IPv4Address(real_ip4).packed),
+            peer_trains=peer_trains,
         )
+        if not peer_trains:
+            log.info("link %s: the peer did not offer whole trains; sending segments",
+                     peer_uid[:12])
         if encrypt:
             self.start_security(link, fingerprint)
             for d in early or []:

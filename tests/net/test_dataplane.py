@@ -172,7 +172,7 @@ def test_file_crosses_byte_exact(testbed, tmp_path, offload, trains, sec):
     framing = a.link_to(b)["framing"]
     assert (framing["trains_sent"] > 0) == (offload and trains)
     assert framing["fallbacks"] == 0
-    assert framing["mode"] == ("trains" if trains else "segments")
+    assert framing["mode"] == ("trains" if trains else "segments (whole_trains off)")
 
 
 @pytest.mark.parametrize("sec", [False, True], ids=["plain", "encrypted"])

@@ -56,6 +56,8 @@ def test_four_nodes_proactive_all_pairs_ping(world: World):
     peers = nodes[0].status()["peers"]
     assert {p["jid"] for p in peers} == {f"{u}@{DOMAIN}" for u in GROUPS["four"][1:]}
     assert all(p["online"] and p["linked"] and p["state"] == "up" for p in peers)
+    # every peer offered whole trains in its con_req/con_resp, so every link may send them
+    assert {nodes[0].link_to(n)["framing"]["mode"] for n in nodes[1:]} == {"trains"}
     assert nodes[0].status()["node"]["xmpp"]["connected"] is True
 
 

@@ -17,9 +17,11 @@ from ipop.errors import LocalProtocolError, MalformedMessage
 from ipop.signal.base import LogLimiter, SignalListener, TokenBucket
 from ipop.signal.loopback import LoopbackHub
 from ipop.wire.signal import (
+    FEATURE_TRAINS,
     MAX_BODY,
     MAX_CANDIDATE_LEN,
     MAX_CANDIDATES,
+    MAX_FEATURES,
     MAX_GROUP_LEN,
     MAX_GROUPS,
     SignalMessage,
@@ -114,6 +116,22 @@ def test_missing_security_groups_is_none_not_empty() -> None:
     assert SignalMessage.parse(empty.to_json()).security_groups == ()
 
 
+def test_features_sorted_kept_and_missing_is_none() -> None:
+    """A peer without ``features`` predates them (None: send it no trains); names are sorted,
+    deduplicated, and unknown ones kept."""
+    assert CON_REQ.features is None and "features" not in CON_REQ.to_json()
+    assert not CON_REQ.offers(FEATURE_TRAINS)  # an older peer: no trains for it
+    m = parse_obj(base(features=["zz-later", FEATURE_TRAINS, "trains"]))
+    assert m.features == ("trains", "zz-later")
+    assert m.offers(FEATURE_TRAINS) and not m.offers("other")
+    assert m.to_json().endswith(',"features":["trains","zz-later"]}')
+    assert SignalMessage.parse(m.to_json()) == m
+    assert parse_obj(base(features=[])).features == ()
+    assert parse_obj(base(features=None)).features is None
+    with pytest.raises(LocalProtocolError):  # built by hand, it must be canonical (sorted)
+        SignalMessage(type="trim", uid=UID_A, overlay_id="lab", features=("z", "a"))
+
+
 def test_optional_fields_tolerated_and_unknown_fields_ignored() -> None:
     d = base(future_field={"x": [1, 2]}, another=None)
     del d["candidates"]
@@ -187,6 +205,13 @@ BAD_FIELDS: dict[str, dict[str, object]] = {
     "candidate too long": {"candidates": ["c" * (MAX_CANDIDATE_LEN + 1)]},
     "candidate non-ascii": {"candidates": ["host é:1"]},
     "candidate control": {"candidates": ["host\r\n1.2.3.4:5"]},
+    "features not list": {"features": "trains"},
+    "features too many": {"features": [f"f{i}" for i in range(MAX_FEATURES + 1)]},
+    "feature upper case": {"features": ["Trains"]},
+    "feature too long": {"features": ["t" * 33]},
+    "feature empty": {"features": [""]},
+    "feature space": {"features": ["two words"]},
+    "feature number": {"features": [1]},
 }
 
 
@@ -269,6 +294,9 @@ messages = st.builds(
     security_groups=st.none() | st.lists(printable, max_size=8).map(tuple),
     sec=st.none() | st.booleans(),
     encrypt=st.none() | st.booleans(),
+    features=st.none() | st.lists(st.from_regex(r"[a-z0-9][a-z0-9_-]{0,31}", fullmatch=True),
+                                  max_size=MAX_FEATURES, unique=True).map(
+                                      lambda f: tuple(sorted(f))),
 )
 
 
@@ -305,6 +333,7 @@ FIELDS = [
     "sec",
     "encrypt",
     "candidates",
+    "features",
 ]
 
 

@@ -210,6 +210,8 @@ def test_policy_holds_off_and_doubles() -> None:
     assert p.fallbacks >= 5
     off = wt.TrainPolicy(enabled=False)
     assert not off.allowed(100.0) and off.mode(0.0) == "segments"
+    older = wt.TrainPolicy(False, "peer has no trains")  # the peer did not offer them
+    assert not older.allowed(100.0) and older.mode(0.0) == "segments (peer has no trains)"
 
 
 def test_keepalive_carries_train_loss_reports() -> None:

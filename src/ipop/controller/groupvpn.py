@@ -29,7 +29,7 @@ from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
-from ipop.wire.signal import SignalMessage
+from ipop.wire.signal import FEATURE_TRAINS, SignalMessage
 
 if TYPE_CHECKING:
     from ipop.node import Node
@@ -218,6 +218,7 @@ class GroupVPN(SignalListener):
             mac=self.node.mac_text(),
             security_groups=None if groups is None else tuple(groups),
             sec=self.cfg.sec, encrypt=encrypt,
+            features=(FEATURE_TRAINS,),  # this data plane receives trains, whatever it sends
         )
 
     def _maybe_request(self, peer: Peer, now: float) -> None:
@@ -368,7 +369,7 @@ class GroupVPN(SignalListener):
             self.node.create_link_on_path(
                 peer_uid=msg.uid, ip4=local_ip, path=path, fingerprint=msg.fingerprint,
                 mac=msg.mac, encrypt=verdict.encrypt, reason=verdict.reason, real_ip4=real_ip,
-                early=early,
+                early=early, peer_trains=msg.offers(FEATURE_TRAINS),
             )
         except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
             self._attempt_failed(peer, attempt, f"create_link: {exc}")

@@ -14,7 +14,8 @@ JSON object, at most ``MAX_BODY`` (16 KiB) of UTF-8:
      "security_groups": ["dc1", …],            sender's security groups            (optional)
      "sec": true,                              sender's plain ``sec`` setting      (optional)
      "encrypt": true,                          the verdict, repeated by con_resp   (optional)
-     "candidates": ["candidate:…", …]}         ICE candidates (SDP) or "host IP:PORT"  (optional)
+     "candidates": ["candidate:…", …],         ICE candidates (SDP) or "host IP:PORT"  (optional)
+     "features": ["trains"]}                   data-plane frames the sender can receive (optional)
 
 As in the seed paper's section 5, the group list travels in front of the fingerprint and the
 candidates: the receiver of a con_req intersects the groups, decides, and its con_resp carries its
@@ -25,6 +26,11 @@ own groups, its candidates and (``encrypt``) the verdict.  A missing ``security_
 ignored, a JSON ``null`` counts as missing, everything else is checked for type and size and put
 into canonical form (lower-case UID and MAC, upper-case fingerprint hex).  Building a message that
 breaks these rules raises ``LocalProtocolError``.
+
+``features`` names what the sender's data plane understands beyond the frames every version
+knows: ``"trains"`` (``ipop.wire.train``, frame types 0x86/0x87).  A peer that gives no
+``features`` is an older one and is sent none of them: an older receiver would drop every train,
+and a whole TCP transfer with it.  Unknown names are kept (and ignored by this version).
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ from typing import Any, Final, Literal, get_args
 from ipop.errors import LocalProtocolError, MalformedMessage
 
 __all__ = [
+    "FEATURE_TRAINS",
     "MAX_BODY",
     "MAX_CANDIDATES",
     "MAX_CANDIDATE_LEN",
+    "MAX_FEATURES",
     "MAX_GROUPS",
     "MAX_GROUP_LEN",
     "MAX_OVERLAY_ID_LEN",
@@ -56,6 +64,8 @@ MAX_GROUP_LEN: Final = 64
 MAX_CANDIDATES: Final = 32
 MAX_CANDIDATE_LEN: Final = 256
 MAX_OVERLAY_ID_LEN: Final = 64
+MAX_FEATURES: Final = 16
+FEATURE_TRAINS: Final = "trains"
 
 MsgType = Literal["con_req", "con_resp", "trim"]
 _TYPES: Final[frozenset[str]] = frozenset(get_args(MsgType))
@@ -64,6 +74,7 @@ _LINK_TYPES: Final = frozenset({"con_req", "con_resp"})
 
 _UID_RE: Final = re.compile(r"[0-9a-fA-F]{40}")
 _MAC_RE: Final = re.compile(r"[0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){5}")
+_FEATURE_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 _FPR_RE: Final = re.compile(r"(?i:sha-256) ([0-9a-fA-F]{2}(?::[0-9a-fA-F]{2}){31})")
 
 
@@ -133,6 +144,14 @@ def _candidates(value: object) -> tuple[str, ...]:
     return _str_list(value, "candidates", MAX_CANDIDATES, MAX_CANDIDATE_LEN, ascii_only=True)
 
 
+def _features(value: object) -> tuple[str, ...]:
+    names = _str_list(value, "features", MAX_FEATURES, 32, ascii_only=True)
+    for name in names:
+        if not _FEATURE_RE.fullmatch(name):
+            raise _fail("features item must be lower-case letters, digits, '-' or '_'")
+    return tuple(sorted(set(names)))
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -160,6 +179,8 @@ class SignalMessage:
     """Sender's plain ``sec`` setting, used when a side gives no security groups."""
     encrypt: bool | None = None
     """The link's verdict, repeated by con_resp so both sides can check they agree."""
+    features: tuple[str, ...] | None = None
+    """Data-plane features the sender can receive, sorted; None = not given (older peer)."""
     v: int = VERSION
 
     def __post_init__(self) -> None:
@@ -185,7 +206,12 @@ class SignalMessage:
             "sec": self.sec,
             "encrypt": self.encrypt,
             "candidates": list(self.candidates),
+            "features": None if self.features is None else list(self.features),
         }
+
+    def offers(self, feature: str) -> bool:
+        """Whether the sender said it receives ``feature`` (never, for an older peer)."""
+        return self.features is not None and feature in self.features
 
     def to_json(self) -> str:
         """Compact JSON (None fields left out).  Raises LocalProtocolError above MAX_BODY."""
@@ -228,12 +254,13 @@ def _from_dict(obj: dict[str, Any]) -> SignalMessage:
     fpr = opt("fingerprint")
     if link and (ip4 is None or fpr is None):
         raise _fail(f"{mtype} needs ip4 and fingerprint")
-    mac, groups, sec, enc, cands = (
+    mac, groups, sec, enc, cands, feats = (
         opt("mac"),
         opt("security_groups"),
         opt("sec"),
         opt("encrypt"),
         opt("candidates"),
+        opt("features"),
     )
     return _build(
         type=mtype,  # checked against _TYPES above
@@ -246,6 +273,7 @@ def _from_dict(obj: dict[str, Any]) -> SignalMessage:
         security_groups=None if groups is None else _groups(groups),
         sec=None if sec is None else _bool(sec, "sec"),
         encrypt=None if enc is None else _bool(enc, "encrypt"),
+        features=None if feats is None else _features(feats),
     )
 
 

@@ -268,8 +268,9 @@ class TrainPolicy:
     CLEAN = 10.0
     MAX_LOSS = 0.05  # lost trains per train sent, between two reports
 
-    def __init__(self, enabled: bool = True) -> None:
+    def __init__(self, enabled: bool = True, off_reason: str = "") -> None:
         self.enabled = enabled
+        self.off_reason = off_reason  # why trains are off for good ("" when enabled)
         self.until = 0.0
         self.hold = 0.0
         self.last_loss = float("-inf")
@@ -305,5 +306,5 @@ class TrainPolicy:
 
     def mode(self, now: float) -> str:
         if not self.enabled:
-            return "segments"
+            return f"segments ({self.off_reason})" if self.off_reason else "segments"
         return "trains" if now >= self.until else "segments (loss)"
