@@ -96,13 +96,10 @@ class DataPlane:
         self._held_lock = threading.Lock()
         self._miss_bucket = TokenBucket(MISS_RATE, MISS_BURST)
         self._miss_seen: dict[bytes, float] = {}
-        self.outbound = Outbound(
-            self.dev, self.table, mss=self.mss, on_miss=self._on_miss,
-            stopping=self.stopping, wake_fd=self._wake_r,
-        )
+        self.outbound = Outbound(self.dev, self.table, mss=self.mss, on_miss=self._on_miss)
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
-            stopping=self.stopping, wake_fd=self._wake_r,
+            stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
         )
         self.sockets: list[socket.socket] = []
         self.started = time.time()
@@ -113,7 +110,6 @@ class DataPlane:
         # default 5 ms switch interval would let a busy thread keep a waiting one (and every
         # packet in its queue) waiting that long, which TCP sees as a 5-10 ms longer RTT.
         sys.setswitchinterval(SWITCH_INTERVAL)
-        self.outbound.start()
         self.inbound.start()
 
     @property
@@ -128,7 +124,7 @@ class DataPlane:
         self.stopping.set()
         os.write(self._wake_w, b"x")
         self.inbound.stop()
-        for th in (self.outbound, self.inbound.rx_thread, self.inbound.wr_thread):
+        for th in (self.inbound.rx_thread, self.inbound.wr_thread):
             if th.is_alive():
                 th.join(timeout=2.0)
         self.dev.close()
@@ -219,7 +215,8 @@ class DataPlane:
 
     # ---- held packets for unknown destinations (on-demand links)
     def _on_miss(self, dst: bytes, pkt: bytes) -> None:
-        """TX thread: hold the packet briefly and tell the controller (rate limited)."""
+        """Data-plane thread (device reads): hold the packet briefly and tell the controller
+        (rate limited)."""
         now = time.monotonic()
         if self.held_limit:
             with self._held_lock:

@@ -1,7 +1,9 @@
-"""UDP → TUN: the inbound pipeline, run by two threads joined by a bounded queue.
+"""UDP → TUN: the inbound pipeline, run by two threads joined by a bounded queue; the rx thread
+also pumps the outbound pipeline (``Outbound.pump``) whenever the device is readable.
 
 Pipeline:
-  1. [rx thread] wait in epoll on every link socket (and a wake pipe); drain each ready socket
+  1. [rx thread] wait in epoll on every link socket, the device (its reads go to ``Outbound``)
+     and a wake pipe; drain each ready socket
      into slots of a preallocated slab until it is empty (a zero-timeout poll() per socket
      says so, with no failing read) or the slab is full;
   2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
@@ -84,6 +86,7 @@ class Inbound:
         on_roam: Callable[[Link, socket.socket, tuple[str, int]], None],
         stopping: threading.Event,
         wake_fd: int,
+        pump: Callable[[], None] | None = None,
     ) -> None:
         self.dev = dev
         self.table = table
@@ -94,6 +97,14 @@ class Inbound:
         self.wake_fd = wake_fd
         self.epoll = select.epoll()
         self.epoll.register(wake_fd, select.EPOLLIN)
+        # The device is read by this thread too: what a write makes the kernel answer (a TCP ACK,
+        # an echo reply, the next segments the peer's ACK released) is read without waking
+        # another thread, and no GIL passes between a reader and a receiver (measured on 2
+        # cores: plain TCP 2.6 -> 3.3 Gbit/s, encrypted 2.05 -> 2.3).  None: no device here
+        # (the fuzz harness).
+        self.pump = pump
+        if pump is not None:
+            self.epoll.register(dev.fd, select.EPOLLIN)
         self.socks: dict[int, socket.socket] = {}
         # one zero-timeout poll() per socket tells whether more is queued: cheaper than a read
         # that fails with EAGAIN, whose exception is the costliest step of a lone packet's way
@@ -110,7 +121,7 @@ class Inbound:
         self.queued = 0  # batches handed to the writer (written by the rx thread only)
         self.done = 0  # batches the writer finished (written by the writer thread only)
         self.gro_missing = False
-        self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-udp-rx", daemon=True)
+        self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
 
     def start(self) -> None:
@@ -145,6 +156,8 @@ class Inbound:
     # ---- rx thread
     def _rx_loop(self) -> None:
         wake = self.wake_fd
+        pump = self.pump
+        dev_fd = self.dev.fd if pump is not None else -1
         stopped = self.stopping.is_set
         while True:
             try:
@@ -155,6 +168,13 @@ class Inbound:
                 if fd == wake:
                     if stopped():
                         return
+                    continue
+                if fd == dev_fd and pump is not None:
+                    try:
+                        pump()
+                    except Exception:  # never let one packet stop the data plane
+                        self.drops["internal_error"] += 1
+                        log.exception("outbound: read dropped")
                     continue
                 sock = self.socks.get(fd)
                 if sock is None:

@@ -1,8 +1,9 @@
 """A link to one peer: its underlay path, its crypto session (if encrypted) and its counters.
 
-Threads: the TX thread writes ``tx_*`` counters and calls ``send``; the RX thread writes
-``rx_*`` counters and ``last_rx``; the control thread swaps ``path`` and ``session`` (plain
-attribute stores, atomic under the GIL).  Counters have one writer each and need no lock.
+Threads: the data-plane thread (``Inbound``'s rx thread, which also pumps the device: the "TX"
+and "RX" sides below) writes the ``tx_*`` and ``rx_*`` counters and ``last_rx`` and calls
+``send``; the control thread swaps ``path`` and ``session`` (plain attribute stores, atomic under
+the GIL) and sends keepalives.  Counters have one writer each and need no lock.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""TUN → UDP: the outbound pipeline, run by one thread.
+"""TUN → UDP: the outbound pipeline, pumped by the data-plane thread when the device is readable.
 
-Pipeline (sequential, in this thread; one flow's order is the device's read order):
-  1. read packets from the device into one preallocated buffer (non-blocking; when the device is
-     empty, sleep in poll() on the device and a wake pipe: no busy waiting; after a small read,
-     a zero-timeout poll() tells whether more is queued, sparing a failing read's exception);
+Pipeline (sequential, in that thread; one flow's order is the device's read order):
+  1. read packets from the device into one preallocated buffer (non-blocking; the thread waits
+     in ``Inbound``'s epoll, which holds the device beside the sockets: no busy waiting; after a
+     small read, a zero-timeout poll() tells whether more is queued, sparing a failing read's
+     exception; at most ``PUMP_READS`` reads per turn, so that the sockets are served too);
   2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP);
   3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
@@ -21,10 +22,8 @@ The buffer is reused for the next read: ``Link.send_packet`` must copy anything 
 
 from __future__ import annotations
 
-import errno
 import os
 import select
-import threading
 from collections.abc import Callable
 
 from ipop.dataplane.link import Link, standalone
@@ -37,11 +36,17 @@ VNET_LEN = VNET_HDR_LEN
 
 READ_SIZE = 65536 + 16
 SMALL_READ = 2048  # reads up to this size (no GSO) are batched
+PUMP_READS = 64  # reads per pump at most, so that the sockets get their turn
 MAX_SMALL = 64  # small reads per batch at most
 BATCH_AREA = 128 * 1024  # where small reads pack; a full read always fits behind it
 
 
-class Outbound(threading.Thread):
+class Outbound:
+    """Reads the device and sends what it reads.  It has no thread of its own: the data-plane
+    thread calls ``pump`` whenever its epoll finds the device readable (``Inbound``), so a
+    packet read, an answer written and the next read are one thread's work, with no hand-over
+    (and no GIL hand-over) between a reader and a receiver."""
+
     def __init__(
         self,
         dev: Device,
@@ -49,79 +54,60 @@ class Outbound(threading.Thread):
         *,
         mss: int,
         on_miss: Callable[[bytes, bytes], None],
-        stopping: threading.Event,
-        wake_fd: int,
     ) -> None:
-        super().__init__(name="ipop-tun-rx", daemon=True)
         self.dev = dev
         self.table = table
         self.mss = mss
         self.on_miss = on_miss  # (destination address or MAC, packet copy)
-        self.stopping = stopping
-        self.wake_fd = wake_fd
         self.counters: dict[str, int] = {"packets": 0, "bytes": 0, "no_route": 0, "flooded": 0,
-                                         "not_ip": 0}
-        self._batch = bytearray(0)  # the TX thread's read buffer
-        self._off = 0  # where the next read lands in it
+                                         "not_ip": 0, "read_error": 0}
+        self._off = 0  # where the next read lands in the batch buffer
         self._small: list[memoryview] = []  # small reads kept back (offloads)
-
-    def run(self) -> None:
-        fd = self.dev.fd
-        os.set_blocking(fd, False)
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        poller.register(self.wake_fd, select.POLLIN)
-        if self.dev.vnet_hdr:
-            self._batch = bytearray(BATCH_AREA + READ_SIZE)
-            self._read_loop(fd, poller, self._take_vnet, self._flush_small)
-            return
-        buf = bytearray(READ_SIZE)
-        view = memoryview(buf)
-        handle = self._handle_tap if self.dev.tap else self._handle_tun
-
-        def take(_view: memoryview, n: int) -> None:
-            handle(view[:n], buf, n)
-
-        self._batch = buf
-        self._read_loop(fd, poller, take, lambda: False)
-
-    def _read_loop(self, fd: int, poller: select.poll,
-                   take: Callable[[memoryview, int], None], flush: Callable[[], bool]) -> None:
-        """Read the device until it is closed: each read lands in the batch buffer at
-        ``self._off`` and goes to ``take``; when the device is empty, ``flush`` sends what was
-        kept back (True: it sent something, read again), else the thread sleeps in poll()."""
-        view = memoryview(self._batch)
-        readv = os.readv
-        counters = self.counters
-        stopped = self.stopping.is_set
+        os.set_blocking(dev.fd, False)
         # Whether more is queued after a small read is asked with poll(0), not with a read that
         # fails: the EAGAIN exception is the costliest step of a lone packet's way (ping).
-        probe = select.poll()
-        probe.register(fd, select.POLLIN)
-        while True:
+        self._probe = select.poll()
+        self._probe.register(dev.fd, select.POLLIN)
+        self._take: Callable[[memoryview, int], None]
+        self._flush: Callable[[], bool]
+        if dev.vnet_hdr:
+            self._batch = bytearray(BATCH_AREA + READ_SIZE)
+            self._take, self._flush = self._take_vnet, self._flush_small
+        else:
+            self._batch = bytearray(READ_SIZE)  # every read is handled at once, at offset 0
+            self._take, self._flush = self._take_plain, _nothing
+        self._view = memoryview(self._batch)
+
+    def pump(self) -> None:
+        """Read the device until it is empty or ``PUMP_READS`` reads were taken, sending what
+        is read (small reads kept back go out before this returns)."""
+        fd = self.dev.fd
+        readv = os.readv
+        view = self._view
+        counters = self.counters
+        take = self._take
+        more = self._probe.poll
+        for _ in range(PUMP_READS):
             area = view[self._off : self._off + READ_SIZE]
             try:
                 n = readv(fd, [area])
             except BlockingIOError:
-                if flush():
-                    continue
-                if stopped():  # checked when idle; a busy device is closed under us (EBADF)
-                    return
-                poller.poll()
-                continue
-            except OSError as exc:
-                if exc.errno == errno.EBADF or self.stopping.is_set():
-                    return
-                counters["read_error"] = counters.get("read_error", 0) + 1
-                continue
+                break
+            except OSError:
+                counters["read_error"] += 1
+                break
             counters["packets"] += 1
             counters["bytes"] += n
             take(area, n)
-            if n <= SMALL_READ and not probe.poll(0):
-                flush()  # the device is empty: send what was kept back, then sleep
-                if stopped():
-                    return
-                poller.poll()
+            if n <= SMALL_READ and not more(0):
+                break
+        self._flush()
+
+    def _take_plain(self, area: memoryview, n: int) -> None:
+        if self.dev.tap:
+            self._handle_tap(area[:n], self._batch, n)
+        else:
+            self._handle_tun(area[:n], self._batch, n)
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
@@ -285,3 +271,7 @@ class Outbound(threading.Thread):
             self.counters["flooded"] += 1
         for link in links:
             link.send_packet(pkt)
+
+
+def _nothing() -> bool:
+    return False
