@@ -1,7 +1,7 @@
 """Fold the results of one system measured in several rounds into one: the median of each
 figure, with every round's values kept beside it (``runs``) so the spread stays visible.
 
-A shared machine's speed drifts by 10-20 % from one minute to the next; ``ipop bench --rounds N``
+A shared machine's speed drifts by 10-40 % from one minute to the next; ``ipop bench --rounds N``
 runs every system N times, interleaved, and compares medians instead of single draws.
 """
 

@@ -175,14 +175,14 @@ class DataPlane:
         """Create (or replace) the link to ``peer_uid`` and release packets held for it.
         ``peer_trains``: the peer receives whole trains (it said so when the link was set up);
         trains are sent only when it does and ``whole_trains`` is on here."""
-        off = "" if self.whole_trains and peer_trains else (
-            "whole_trains off" if not self.whole_trains else "peer has no trains")
+        off = ("whole_trains off" if not self.whole_trains
+               else "" if peer_trains else "peer has no trains")
         link = Link(
             local_uid=self.uid, peer_uid=peer_uid, path=path,
             overlay_ip4=ipaddress.IPv4Address(ip4).packed if ip4 else None,
             overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None,
             mac=mac, encrypted=encrypted, security_reason=security_reason,
-            mtu=self.mtu, trains=not off, trains_off=off,
+            mtu=self.mtu, trains_off=off,
         )
         link.session = session
         link.xlat = xlat

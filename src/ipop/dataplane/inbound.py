@@ -3,9 +3,8 @@ also pumps the outbound pipeline (``Outbound.pump``) whenever the device is read
 
 Pipeline:
   1. [rx thread] wait in epoll on every link socket, the device (its reads go to ``Outbound``)
-     and a wake pipe; drain each ready socket
-     into slots of a preallocated slab until it is empty (a zero-timeout poll() per socket
-     says so, with no failing read) or the slab is full;
+     and a wake pipe; drain each ready socket into slots of a preallocated slab until it is
+     empty (a zero-timeout poll() per socket says so, with no failing read) or the slab is full;
   2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
      TURN ChannelData is unwrapped and demultiplexed again; STUN and DTLS are copied and handed
      to the control thread; anything else is dropped and counted;

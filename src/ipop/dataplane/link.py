@@ -113,7 +113,6 @@ class Link:
         encrypted: bool = False,
         security_reason: str = "",
         mtu: int = 1374,
-        trains: bool = True,
         trains_off: str = "",
     ) -> None:
         self.peer_uid = peer_uid
@@ -143,7 +142,8 @@ class Link:
         self.train_chunk = mtu + SEAL_OVERHEAD - wt.TRAIN_LEN
         self.framer = wt.Framer(self.hdr_train_sealed if encrypted else self.hdr_train,
                                 self.train_chunk)
-        self.trains = wt.TrainPolicy(trains, trains_off)  # TX side: may we send trains now?
+        # TX side: may we send trains now?  ``trains_off``: why never ("" = they may be sent)
+        self.trains = wt.TrainPolicy(not trains_off, trains_off)
         self.reassembler = wt.Reassembler()  # RX side: trains that came datagram by datagram
         self.train_seq = 0
         self._seal_buf: bytearray | None = None  # TX thread: trains are sealed into it

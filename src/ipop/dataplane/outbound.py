@@ -69,13 +69,13 @@ class Outbound:
         self._probe = select.poll()
         self._probe.register(dev.fd, select.POLLIN)
         self._take: Callable[[memoryview, int], None]
-        self._flush: Callable[[], bool]
         if dev.vnet_hdr:
             self._batch = bytearray(BATCH_AREA + READ_SIZE)
-            self._take, self._flush = self._take_vnet, self._flush_small
-        else:
-            self._batch = bytearray(READ_SIZE)  # every read is handled at once, at offset 0
-            self._take, self._flush = self._take_plain, _nothing
+            self._take = self._take_vnet
+        else:  # every read is handled at once, at offset 0; nothing is kept back
+            self._batch = bytearray(READ_SIZE)
+            self._handle = self._handle_tap if dev.tap else self._handle_tun
+            self._take = self._take_plain
         self._view = memoryview(self._batch)
 
     def pump(self) -> None:
@@ -101,13 +101,10 @@ class Outbound:
             take(area, n)
             if n <= SMALL_READ and not more(0):
                 break
-        self._flush()
+        self._flush_small()
 
     def _take_plain(self, area: memoryview, n: int) -> None:
-        if self.dev.tap:
-            self._handle_tap(area[:n], self._batch, n)
-        else:
-            self._handle_tun(area[:n], self._batch, n)
+        self._handle(area[:n], self._batch, n)
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
@@ -150,13 +147,12 @@ class Outbound:
         self._flush_small()  # keep the read order: what came before goes first
         self._handle_vnet(read)
 
-    def _flush_small(self) -> bool:
+    def _flush_small(self) -> None:
         if not self._small:
-            return False
+            return
         self._send_small(self._small)
         self._small.clear()
         self._off = 0
-        return True
 
     def _send_small(self, reads: list[memoryview]) -> None:
         """Route a run of small reads; runs of packets for one directly reachable peer go out
@@ -271,7 +267,3 @@ class Outbound:
             self.counters["flooded"] += 1
         for link in links:
             link.send_packet(pkt)
-
-
-def _nothing() -> bool:
-    return False
