@@ -24,6 +24,7 @@ from ipop.errors import LocalProtocolError
 from ipop.wire import header as wh
 from ipop.wire import train as wt
 from ipop.wire.nat44 import Translator
+from ipop.wire.prefixes import Net, PrefixSet
 from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
@@ -119,6 +120,12 @@ class Link:
         self.overlay_ip4 = overlay_ip4
         self.overlay_ip6 = overlay_ip6
         self.mac = mac
+        # cryptokey routing: the prefixes this peer carries (routes it advertised that we
+        # accept, static ``allowed_ips``); inner sources must be its overlay addresses or
+        # lie in these (``source_ok``), and outbound traffic to them goes over this link
+        self.nets: tuple[Net, ...] = ()
+        self.src_exact = frozenset(a for a in (overlay_ip4, overlay_ip6) if a)
+        self.src_nets: PrefixSet | None = None
         self.path = path
         self.encrypted = encrypted
         self.security_reason = security_reason
@@ -155,6 +162,28 @@ class Link:
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
         self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+
+    def set_nets(self, nets: tuple[Net, ...]) -> None:
+        """The prefixes this link carries besides the peer's own addresses (control thread;
+        the rx thread sees the old or the new set, each whole)."""
+        self.nets = nets
+        self.src_exact = frozenset(a for a in (self.overlay_ip4, self.overlay_ip6) if a)
+        self.src_nets = PrefixSet(nets) if nets else None
+
+    def source_ok(self, pkt: bytes | bytearray | memoryview) -> bool:
+        """Whether the inner IP packet ``pkt`` has a source this peer may use."""
+        n = len(pkt)
+        ver = pkt[0] >> 4 if n else 0
+        if ver == 4 and n >= 20:
+            src = bytes(pkt[12:16])
+        elif ver == 6 and n >= 40:
+            src = bytes(pkt[8:24])
+        else:
+            return False
+        if src in self.src_exact:
+            return True
+        nets = self.src_nets
+        return nets is not None and src in nets
 
     # ---- sending (TX thread, and the control thread for keepalives and flushes)
     def send_frame(self, parts: list[bytes | bytearray | memoryview]) -> bool:

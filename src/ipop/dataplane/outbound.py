@@ -5,7 +5,9 @@ Pipeline (sequential, in that thread; one flow's order is the device's read orde
      in ``Inbound``'s epoll, which holds the device beside the sockets: no busy waiting; after a
      small read, a zero-timeout poll() tells whether more is queued, sparing a failing read's
      exception; at most ``PUMP_READS`` reads per turn, so that the sockets are served too);
-  2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP);
+  2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP); a
+     destination no peer owns exactly goes to the link whose prefix matches it longest
+     (subnet routes, exit nodes: ``ForwardingTable.routes``), looked up only on that miss;
   3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
      no link → held in a small per-destination queue and reported to the controller;
@@ -120,7 +122,10 @@ class Outbound:
             return
         if buf[9 if ver == 4 else 6] == wp.IPPROTO_TCP:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20)
-        link = self.table.by_ip.get(dst)
+        table = self.table
+        link = table.by_ip.get(dst)
+        if link is None and not is_group and table.routes:
+            link = table.routes.lookup(dst)  # a subnet route or an exit node
         if link is not None:
             if link.xlat is not None:
                 link.xlat.tx(pkt)
@@ -209,7 +214,10 @@ class Outbound:
         partial = bool(vh.flags & F_NEEDS_CSUM)
         if proto == wp.IPPROTO_TCP and vh.gso_type == GSO_NONE:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
-        link = self.table.by_ip.get(dst)
+        table = self.table
+        link = table.by_ip.get(dst)
+        if link is None and not is_group and table.routes:
+            link = table.routes.lookup(dst)  # a subnet route or an exit node
         if link is not None and link.xlat is not None:
             link.xlat.tx(pkt, partial)
         return vh, pkt, dst, is_group, link

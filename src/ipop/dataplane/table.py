@@ -11,6 +11,7 @@ import ipaddress
 import threading
 
 from ipop.dataplane.link import Link
+from ipop.wire.prefixes import RouteTable
 
 
 class ForwardingTable:
@@ -21,6 +22,9 @@ class ForwardingTable:
         self.by_mac: dict[bytes, Link] = {}
         self.by_source: dict[tuple[int, tuple[str, int], int | None], Link] = {}
         self.links: tuple[Link, ...] = ()
+        # prefixes links carry (accepted routes, ``allowed_ips``): looked up, longest prefix
+        # first, only for destinations no link owns exactly
+        self.routes: RouteTable[Link] = RouteTable()
 
     def add(self, link: Link) -> Link | None:
         """Insert ``link``, replacing (and returning) an older link to the same peer."""
@@ -48,27 +52,50 @@ class ForwardingTable:
         by_ip: dict[bytes, Link] = {}
         by_source: dict[tuple[int, tuple[str, int], int | None], Link] = {}
         for link in by_uid.values():
+            # the first holder of an address keeps it (ownership: a newcomer is refused)
             if link.overlay_ip4:
-                by_ip[link.overlay_ip4] = link
+                by_ip.setdefault(link.overlay_ip4, link)
             if link.overlay_ip6:
-                by_ip[link.overlay_ip6] = link
+                by_ip.setdefault(link.overlay_ip6, link)
             by_source[link.path.source_key] = link
         by_mac = {m: lk for m, lk in list(self.by_mac.items()) if lk.peer_uid in by_uid}
         for link in by_uid.values():
             if link.mac:
                 by_mac[link.mac] = link
+        # a prefix two links claim goes to the older link (the controller refuses the newer)
+        routes = RouteTable((net, lk) for lk in sorted(by_uid.values(), key=_age)
+                            for net in lk.nets)
         self.by_ip, self.by_source, self.by_mac = by_ip, by_source, by_mac
+        self.routes = routes
         self.by_uid = by_uid
         self.links = tuple(by_uid.values())
 
-    def learn_mac(self, mac: bytes, link: Link) -> None:
-        """Remember that ``mac`` lives behind ``link`` (called by the RX thread)."""
-        if self.by_mac.get(mac) is not link:
-            self.by_mac[mac] = link
+    def learn_mac(self, mac: bytes, link: Link) -> bool:
+        """Remember that ``mac`` lives behind ``link`` (called by the RX thread); False when
+        another live link holds it already (the first holder keeps it)."""
+        held = self.by_mac.get(mac)
+        if held is link:
+            return True
+        if held is not None and not held.closed and held.peer_uid in self.by_uid:
+            return False
+        self.by_mac[mac] = link
+        return True
 
     def lookup_ip(self, addr: bytes) -> Link | None:
+        """The link for a destination: the peer that owns it, else the longest prefix."""
+        link = self.by_ip.get(addr)
+        if link is None and self.routes:
+            link = self.routes.lookup(addr)
+        return link
+
+    def owner_of(self, addr: bytes) -> Link | None:
+        """The link whose peer holds the overlay address ``addr`` exactly."""
         return self.by_ip.get(addr)
 
     @staticmethod
     def ip_text(addr: bytes) -> str:
         return str(ipaddress.ip_address(addr))
+
+
+def _age(link: Link) -> float:
+    return link.created
