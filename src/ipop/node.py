@@ -353,6 +353,7 @@ class Node:
             if found is None:
                 raise IpopError("no such link")
             found.overlay_ip4 = ipaddress.IPv4Address(str(params["ip4"])).packed
+            found.set_nets(found.nets)  # its allowed sources follow its address
             dp.table.reindex()
             return st.link_entry(found)
         if method == "set_local_ip":

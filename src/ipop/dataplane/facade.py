@@ -21,12 +21,15 @@ from typing import Any
 
 from ipop.dataplane import tun
 from ipop.dataplane.inbound import Inbound, send_keepalive
+from ipop.dataplane.kroutes import KernelRoutes
 from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.table import ForwardingTable
+from ipop.fwmark import mark_socket
 from ipop.ratelimit import TokenBucket
 from ipop.wire import keepalive as wk
 from ipop.wire.nat44 import Translator
+from ipop.wire.prefixes import Net, PrefixSet
 
 log = logging.getLogger("ipop.dataplane")
 
@@ -101,7 +104,16 @@ class DataPlane:
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
             stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
         )
+        overlay: list[Net] = [ipaddress.ip_network(f"{ip4}/{prefixlen}", strict=False)]
+        if ip6:
+            overlay.append(ipaddress.IPv6Interface(ip6).network)
+        self.overlay = tuple(overlay)
+        self.inbound.overlay = PrefixSet(overlay)
+        self.kroutes = KernelRoutes(interface)
         self.sockets: list[socket.socket] = []
+        self.exit_via: bytes | None = None  # the peer UID our default route goes through
+        # underlay addresses (XMPP, STUN, TURN servers) kept on the main table while exiting
+        self.exit_servers: set[str] = set()
         self.started = time.time()
 
     # ---- life cycle
@@ -127,6 +139,7 @@ class DataPlane:
         for th in (self.inbound.rx_thread, self.inbound.wr_thread):
             if th.is_alive():
                 th.join(timeout=2.0)
+        self.kroutes.clear()
         self.dev.close()
         for s in self.sockets:
             s.close()
@@ -144,7 +157,9 @@ class DataPlane:
         return sock
 
     def adopt_socket(self, sock: socket.socket, *, owned: bool = False) -> None:
-        """Serve ``sock`` from the rx thread (e.g. the socket ICE selected)."""
+        """Serve ``sock`` from the rx thread (e.g. the socket ICE selected); it gets the
+        underlay mark (``ipop.fwmark``), so an exit node's default route never captures it."""
+        mark_socket(sock)
         for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
@@ -171,10 +186,12 @@ class DataPlane:
         session: CryptoSession | None = None,
         xlat: Translator | None = None,
         peer_trains: bool = True,
+        nets: tuple[Net, ...] = (),
     ) -> Link:
         """Create (or replace) the link to ``peer_uid`` and release packets held for it.
         ``peer_trains``: the peer receives whole trains (it said so when the link was set up);
-        trains are sent only when it does and ``whole_trains`` is on here."""
+        trains are sent only when it does and ``whole_trains`` is on here.  ``nets``: the
+        prefixes the link carries besides the peer's addresses (``set_link_nets``)."""
         off = ("whole_trains off" if not self.whole_trains
                else "" if peer_trains else "peer has no trains")
         link = Link(
@@ -186,11 +203,14 @@ class DataPlane:
         )
         link.session = session
         link.xlat = xlat
+        link.set_nets(nets)
         link.stats.last_rx_mono = time.monotonic()
         self.adopt_socket(path.sock)
         old = self.table.add(link)
         if old is not None:
             old.closed = True
+        if nets or (old is not None and old.nets):
+            self.apply_routes()
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
                 self._release_held(addr, link)
@@ -200,7 +220,47 @@ class DataPlane:
         link = self.table.remove(peer_uid)
         if link is not None:
             link.closed = True
+            if link.nets:
+                self.apply_routes()
         return link
+
+    # ---- routes (cryptokey routing)
+    def set_link_nets(self, peer_uid: bytes, nets: tuple[Net, ...]) -> bool:
+        """Set the prefixes ``peer_uid``'s link carries (its allowed sources besides its own
+        addresses, and where traffic for them goes), then the kernel routes; False: no link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return False
+        link.set_nets(nets)
+        self.table.reindex()
+        self.apply_routes()
+        return True
+
+    def route_owner(self, net: Net) -> Link | None:
+        """The link that already carries a prefix overlapping ``net``, if any."""
+        for link in self.table.links:
+            for mine in link.nets:
+                if mine.version == net.version and mine.overlaps(net):
+                    return link
+        return None
+
+    def apply_routes(self, exit_via: bytes | None = None) -> None:
+        """Make the kernel's routes into the NIC match the links' prefixes: one route per
+        prefix a link carries (added and removed as links come and go); a default route
+        (``0.0.0.0/0``, ``::/0``) only through the exit node ``exit_via`` (a peer UID), by
+        policy routing (``KernelRoutes``).  The one place routes are applied: a reload may call
+        it again at any time."""
+        if exit_via is not None:
+            self.exit_via = exit_via
+        wanted: set[Net] = set()
+        exit_nets: set[Net] = set()
+        for net, link in self.table.routes.nets:
+            if net.prefixlen == 0:
+                if link.peer_uid == self.exit_via and not link.closed:
+                    exit_nets.add(net)
+            else:
+                wanted.add(net)
+        self.kroutes.sync(wanted, exit_nets, self.exit_servers)
 
     def set_path(self, peer_uid: bytes, path: Path) -> None:
         link = self.table.by_uid.get(peer_uid)

@@ -62,6 +62,7 @@ from aioice.ice import CandidatePair, ConnectionClosed, StunProtocol
 from aioice.turn import TurnClientUdpProtocol, TurnTransport
 
 from ipop.errors import IpopError, RemoteProtocolError
+from ipop.fwmark import mark_socket
 from ipop.nat.conn import IpopConnection
 from ipop.nat.filters import IpNetwork, address_allowed, excluded_networks, host_addresses
 from ipop.nat.params import IceParams, SelectedPath, TurnConf, parse_candidate
@@ -201,6 +202,7 @@ class IceLink:
         conn.remote_is_lite = True  # regular nomination: see the module docstring
         self._conn = conn
         await conn.gather_candidates()
+        self._mark(conn)
         local = conn.local_candidates
         hosts = {(c.host, c.port) for c in local if c.type == "host"}
         others = [c for c in local if c.type != "host" and (c.host, c.port) not in hosts]
@@ -364,6 +366,17 @@ class IceLink:
             callback = self.on_path_change
             if callback is not None:
                 asyncio.get_running_loop().call_soon(callback, path)
+
+    @staticmethod
+    def _mark(conn: IpopConnection) -> None:
+        """Put the underlay mark (``SO_MARK``) on every socket of the link: its checks and
+        data then bypass a default route through an exit node (``dataplane.kroutes``)."""
+        for proto in conn.protocols:
+            turn = _turn_client(proto) if proto.local_candidate.type == "relay" else None
+            transport = turn.transport if turn is not None else proto.transport
+            raw = transport.get_extra_info("socket") if transport is not None else None
+            if raw is not None:
+                mark_socket(raw)
 
     def _take_over(self, conn: IpopConnection) -> None:
         """Stop asyncio reading every socket of this link and keep a duplicate of each."""

@@ -1,0 +1,179 @@
+"""Kernel routes into the virtual NIC for the prefixes links carry, and exit-node policy routing.
+
+Subnet routes (a LAN behind a peer, ``allowed_ips``) are plain routes in the main table:
+``dst PREFIX dev ipop0``.  A default route through an exit node is set as wg-quick sets one, so
+that the underlay (XMPP, STUN/TURN servers, peers' endpoints) does not vanish into the tunnel::
+
+    ip route add default dev ipop0 table 26992            (and ::/0 for IPv6)
+    ip rule add to SERVER lookup main priority 30998      (each signaling/STUN/TURN server)
+    ip rule add lookup main suppress_prefixlength 0 priority 30999
+    ip rule add not fwmark 0x6970 lookup 26992 priority 31000
+
+Every socket the data plane serves and every ICE socket carries ``SO_MARK`` 0x6970, so the
+underlay traffic of links follows the main table; more specific main routes (the LAN) stay in
+use through ``suppress_prefixlength 0``; everything else leaves through the exit node.
+
+``KernelRoutes.sync`` diffs what is wanted against what it installed, so it can be called at any
+time (a link comes or goes, a reload); ``clear`` removes all of it.  pyroute2's synchronous API
+refuses to run inside a running asyncio loop, so each change runs in a short-lived thread.
+Failures are logged, never raised: a route the kernel refuses never takes a link down.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ipop.fwmark import UNDERLAY_MARK
+from ipop.wire.prefixes import Net
+
+log = logging.getLogger("ipop.dataplane")
+
+EXIT_TABLE = 26992  # 0x6970, "ip"
+EXIT_MARK = UNDERLAY_MARK
+PRIO_SERVERS = 30998
+PRIO_SUPPRESS = 30999
+PRIO_EXIT = 31000
+MAIN = 254
+FIB_RULE_INVERT = 2
+
+
+def _netlink(work: Callable[[Any], None]) -> None:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        from pyroute2 import IPRoute  # heavy: imported when routes change
+
+        try:
+            with IPRoute() as ipr:
+                work(ipr)
+        except BaseException as exc:
+            errors.append(exc)
+
+    th = threading.Thread(target=run, name="ipop-netlink")
+    th.start()
+    th.join()
+    if errors:
+        raise errors[0]
+
+
+class KernelRoutes:
+    """The routes and rules one node installed for its NIC ``interface``."""
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+        self.routes: set[Net] = set()  # main-table routes into the NIC
+        self.exit_families: set[int] = set()  # 4 and/or 6: default route via the exit node
+        self.servers: set[str] = set()  # addresses kept on the main table while exiting
+        self.errors = 0
+
+    def sync(self, wanted: set[Net], exit_nets: set[Net],
+             servers: set[str] | None = None) -> None:
+        """Install ``wanted`` (main table) and a default route per family of ``exit_nets``
+        (policy routed); remove what was installed and is no longer wanted."""
+        if servers is not None and servers != self.servers and self.exit_families:
+            self._set_exit(set())  # the server rules change: redo the exit set-up
+        if servers is not None:
+            self.servers = set(servers)
+        add = wanted - self.routes
+        drop = self.routes - wanted
+        families: set[int] = {n.version for n in exit_nets}
+        if add or drop:
+            self._routes(add, drop)
+        if families != self.exit_families:
+            self._set_exit(families)
+
+    def clear(self) -> None:
+        self.sync(set(), set())
+
+    def _routes(self, add: set[Net], drop: set[Net]) -> None:
+        iface = self.interface
+
+        def work(ipr: Any) -> None:
+            idx = ipr.link_lookup(ifname=iface)
+            for net in drop:
+                try:
+                    ipr.route("del", dst=str(net), oif=idx[0] if idx else None,
+                              family=_family(net))
+                except Exception as exc:  # gone with the device, or removed by hand
+                    log.debug("route %s dev %s: remove: %s", net, iface, exc)
+                self.routes.discard(net)
+            if not idx:
+                return
+            for net in add:
+                try:
+                    ipr.route("replace", dst=str(net), oif=idx[0], family=_family(net))
+                    self.routes.add(net)
+                    log.info("route %s dev %s added", net, iface)
+                except Exception as exc:
+                    self.errors += 1
+                    log.error("route %s dev %s: the kernel refused it: %s", net, iface, exc)
+
+        self._run(work)
+
+    def _set_exit(self, families: set[int]) -> None:
+        iface = self.interface
+        old = set(self.exit_families)
+        servers = sorted(self.servers)
+
+        def work(ipr: Any) -> None:
+            idx = ipr.link_lookup(ifname=iface)
+            for ver in old - families:
+                fam = socket.AF_INET if ver == 4 else socket.AF_INET6
+                for rule in _exit_rules(fam, servers):
+                    try:
+                        ipr.rule("del", family=fam, **rule)
+                    except Exception as exc:
+                        log.debug("exit rule %s: remove: %s", rule, exc)
+                try:
+                    ipr.route("del", dst="0.0.0.0/0" if ver == 4 else "::/0",
+                              table=EXIT_TABLE, family=fam)
+                except Exception as exc:
+                    log.debug("exit route: remove: %s", exc)
+                self.exit_families.discard(ver)
+                log.info("default route (IPv%d) through the exit node removed", ver)
+            if not idx:
+                return
+            for ver in families - old:
+                fam = socket.AF_INET if ver == 4 else socket.AF_INET6
+                try:
+                    ipr.route("replace", dst="0.0.0.0/0" if ver == 4 else "::/0",
+                              oif=idx[0], table=EXIT_TABLE, family=fam)
+                    for rule in _exit_rules(fam, servers):
+                        ipr.rule("add", family=fam, **rule)
+                    self.exit_families.add(ver)
+                    log.info("default route (IPv%d) through the exit node on %s", ver, iface)
+                except Exception as exc:
+                    self.errors += 1
+                    log.error("exit node: IPv%d policy routing refused: %s", ver, exc)
+
+        self._run(work)
+
+    def _run(self, work: Callable[[Any], None]) -> None:
+        try:
+            _netlink(work)
+        except Exception as exc:
+            self.errors += 1
+            log.error("routes on %s: %s", self.interface, exc)
+
+
+def _family(net: Net) -> int:
+    return socket.AF_INET if net.version == 4 else socket.AF_INET6
+
+
+def _exit_rules(family: int, servers: list[str]) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = []
+    for text in servers:
+        ip = ipaddress.ip_address(text)
+        if (ip.version == 4) != (family == socket.AF_INET):
+            continue
+        rules.append({"table": MAIN, "priority": PRIO_SERVERS, "dst": str(ip),
+                      "dst_len": ip.max_prefixlen})
+    rules.append({"table": MAIN, "priority": PRIO_SUPPRESS, "suppress_prefixlen": 0})
+    rules.append({"table": EXIT_TABLE, "priority": PRIO_EXIT, "fwmark": EXIT_MARK,
+                  "fwmask": 0xFFFFFFFF, "flags": FIB_RULE_INVERT})
+    return rules
