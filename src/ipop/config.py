@@ -14,9 +14,18 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ipop.errors import ConfigError
+from ipop.wire.prefixes import MAX_ROUTES, Net, parse_prefix, parse_prefixes
 
 OVERLAY_V4 = ipaddress.ip_network("100.64.0.0/10")
 UNDERLAY_OVERHEAD = 40 + 8  # IPv6 header + UDP header (the worse of IPv4/IPv6)
@@ -38,10 +47,21 @@ class Peer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uid: str = Field(description="40 hex characters: the peer's UID (`ipop id` prints it)")
     ip4: str = Field(description="the peer's overlay IPv4 address")
-    endpoint: str = Field(description="underlay host:port where the peer listens")
+    endpoint: str | None = Field(
+        default=None, description="underlay host:port where the peer listens (a hostname is "
+        "resolved at start and again when the link goes down); none: a road-warrior peer, "
+        "learned from its first authenticated frame (encrypted links only)")
     fingerprint: str | None = Field(default=None, description="the peer's certificate fingerprint")
     mac: str | None = Field(default=None, description="the peer's TAP MAC, learned if absent")
     ip6: str | None = Field(default=None, description="the peer's overlay IPv6 address")
+    allowed_ips: list[str] = Field(
+        default_factory=list, description="prefixes routed to this peer and accepted as "
+        "inner sources from it, besides its ip4/ip6 (WireGuard's AllowedIPs)")
+
+    @field_validator("allowed_ips")
+    @classmethod
+    def _allowed_ips(cls, v: list[str]) -> list[str]:
+        return [str(n) for n in _prefix_list(v)]
 
     @field_validator("ip6")
     @classmethod
@@ -66,8 +86,9 @@ class Peer(BaseModel):
 
     @field_validator("endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
-        parse_endpoint(v)
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_endpoint(v)
         return v
 
     @field_validator("fingerprint")
@@ -139,6 +160,43 @@ class Config(BaseModel):
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64
+    # --- routing: subnet routes and exit nodes
+    advertise_routes: list[str] = Field(
+        default_factory=list, description="prefixes reachable through this node (a LAN behind "
+        "it; 0.0.0.0/0 and ::/0 make it an exit node), sent to peers in con_req/con_resp")
+    accept_routes: StrictBool | list[str] = Field(
+        default=False, description="routes advertised by peers to install: false (none), "
+        "true (all), or a list of prefixes inside which routes are accepted")
+    exit_node: str | None = Field(
+        default=None, description="UID or overlay IP of the peer whose default route "
+        "(0.0.0.0/0, ::/0) this node uses")
+    snat_routes: bool = Field(
+        default=False, description="masquerade traffic this node forwards from the overlay "
+        "to its advertised routes")
+
+    @field_validator("advertise_routes")
+    @classmethod
+    def _advertise(cls, v: list[str]) -> list[str]:
+        return [str(n) for n in _prefix_list(v)]
+
+    @field_validator("accept_routes")
+    @classmethod
+    def _accept(cls, v: bool | list[str]) -> bool | list[str]:
+        if isinstance(v, bool):
+            return v
+        return [str(n) for n in _prefix_list(v)]
+
+    @field_validator("exit_node")
+    @classmethod
+    def _exit_node(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if len(v) == 40 and all(c in "0123456789abcdefABCDEF" for c in v):
+            return v.lower()
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError("must be a peer's UID (40 hex) or overlay IP address") from None
 
     @field_validator("ip4")
     @classmethod
@@ -179,6 +237,25 @@ class Config(BaseModel):
                              "switchmode 0 (TUN)")
         if self.peers and self.listen_port == 0:
             raise ValueError("listen_port: static peers need a fixed listen_port")
+        for i, p in enumerate(self.peers):
+            if p.endpoint is None and not (self.sec or self.require_encryption):
+                raise ValueError(
+                    f"peers: peers[{i}] has no endpoint, and its link would be plain: nothing "
+                    "would authenticate the address it is learned from (set sec or an endpoint)")
+        for i, net in enumerate(self.advertise_routes):
+            if not ipaddress.ip_network(net).prefixlen:
+                continue  # an exit node: 0.0.0.0/0, ::/0
+            for mine in self.overlay_networks:
+                if _overlap(ipaddress.ip_network(net), mine):
+                    raise ValueError(f"advertise_routes: advertise_routes[{i}] {net} overlaps "
+                                     f"the overlay prefix {mine}")
+        for i, p in enumerate(self.peers):
+            for j, net in enumerate(p.allowed_ips):
+                for mine in self.overlay_networks:
+                    n = ipaddress.ip_network(net)
+                    if n.prefixlen and _overlap(n, mine):
+                        raise ValueError(f"peers: peers[{i}].allowed_ips[{j}] {net} overlaps "
+                                         f"the overlay prefix {mine}")
         if self.sec or self.require_encryption:
             for i, p in enumerate(self.peers):
                 if p.fingerprint is None:
@@ -208,6 +285,28 @@ class Config(BaseModel):
     @property
     def ip4_network(self) -> ipaddress.IPv4Network:
         return ipaddress.IPv4Interface(f"{self.ip4}/{self.ip4_mask}").network
+
+    @property
+    def overlay_networks(self) -> list[Net]:
+        nets: list[Net] = [self.ip4_network]
+        if self.ip6:
+            nets.append(ipaddress.IPv6Interface(self.ip6).network)
+        return nets
+
+
+def _prefix_list(items: list[str]) -> tuple[Net, ...]:
+    if len(items) > MAX_ROUTES:
+        raise ValueError(f"holds {len(items)} prefixes; at most {MAX_ROUTES}")
+    for i, item in enumerate(items):
+        try:
+            parse_prefix(item)
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}") from None
+    return parse_prefixes(items)
+
+
+def _overlap(a: Net, b: Net) -> bool:
+    return a.version == b.version and a.overlaps(b)
 
 
 def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:

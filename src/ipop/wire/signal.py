@@ -15,7 +15,9 @@ JSON object, at most ``MAX_BODY`` (16 KiB) of UTF-8:
      "sec": true,                              sender's plain ``sec`` setting      (optional)
      "encrypt": true,                          the verdict, repeated by con_resp   (optional)
      "candidates": ["candidate:…", …],         ICE candidates (SDP) or "host IP:PORT"  (optional)
-     "features": ["trains"]}                   data-plane frames the sender can receive (optional)
+     "features": ["trains"],                   data-plane frames the sender can receive (optional)
+     "ip6": "2001:db8::2",                     sender's overlay IPv6 address       (optional)
+     "routes": ["198.18.200.0/24", …]}         prefixes reachable through the sender (optional)
 
 As in the seed paper's section 5, the group list travels in front of the fingerprint and the
 candidates: the receiver of a con_req intersects the groups, decides, and its con_resp carries its
@@ -26,6 +28,11 @@ own groups, its candidates and (``encrypt``) the verdict.  A missing ``security_
 ignored, a JSON ``null`` counts as missing, everything else is checked for type and size and put
 into canonical form (lower-case UID and MAC, upper-case fingerprint hex).  Building a message that
 breaks these rules raises ``LocalProtocolError``.
+
+``routes`` (at most ``MAX_ROUTES``) are the sender's ``advertise_routes``: each a prefix in
+canonical form (host bits zero, as ``ipaddress`` writes it); anything else refuses the whole
+message.  Whether a receiver installs them is its own choice (``accept_routes``).  A peer that
+does not know ``routes`` or ``ip6`` ignores them, as it ignores every unknown field.
 
 ``features`` names what the sender's data plane understands beyond the frames every version
 knows: ``"trains"`` (``ipop.wire.train``, frame types 0x86/0x87).  A peer that gives no
@@ -52,6 +59,7 @@ __all__ = [
     "MAX_GROUPS",
     "MAX_GROUP_LEN",
     "MAX_OVERLAY_ID_LEN",
+    "MAX_ROUTES",
     "VERSION",
     "MsgType",
     "SignalMessage",
@@ -66,6 +74,7 @@ MAX_CANDIDATE_LEN: Final = 256
 MAX_OVERLAY_ID_LEN: Final = 64
 MAX_FEATURES: Final = 16
 FEATURE_TRAINS: Final = "trains"
+MAX_ROUTES: Final = 64
 
 MsgType = Literal["con_req", "con_resp", "trim"]
 _TYPES: Final[frozenset[str]] = frozenset(get_args(MsgType))
@@ -105,6 +114,34 @@ def _ip4(value: object) -> str:
         return str(ipaddress.IPv4Address(value))
     except ValueError:
         raise _fail("ip4 must be an IPv4 address string") from None
+
+
+def _ip6(value: object) -> str:
+    if not isinstance(value, str) or len(value) > 45:
+        raise _fail("ip6 must be an IPv6 address string")
+    try:
+        return str(ipaddress.IPv6Address(value))
+    except ValueError:
+        raise _fail("ip6 must be an IPv6 address string") from None
+
+
+def _routes(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list | tuple):
+        raise _fail("routes must be a list")
+    if len(value) > MAX_ROUTES:
+        raise _fail(f"routes holds more than {MAX_ROUTES} prefixes")
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not 2 <= len(item) <= 43 or not item.isascii():
+            raise _fail("routes item must be a prefix string")
+        try:
+            net = ipaddress.ip_network(item, strict=True)
+        except ValueError:
+            raise _fail(f"routes item {item!r} is not a prefix (host bits must be zero)") from None
+        text = str(net)
+        if text not in out:
+            out.append(text)
+    return tuple(out)
 
 
 def _mac(value: object) -> str:
@@ -181,6 +218,10 @@ class SignalMessage:
     """The link's verdict, repeated by con_resp so both sides can check they agree."""
     features: tuple[str, ...] | None = None
     """Data-plane features the sender can receive, sorted; None = not given (older peer)."""
+    ip6: str | None = None
+    """Sender's overlay IPv6 address, compressed form."""
+    routes: tuple[str, ...] | None = None
+    """Prefixes the sender advertises (canonical, no duplicates); None = not given."""
     v: int = VERSION
 
     def __post_init__(self) -> None:
@@ -207,6 +248,8 @@ class SignalMessage:
             "encrypt": self.encrypt,
             "candidates": list(self.candidates),
             "features": None if self.features is None else list(self.features),
+            "ip6": self.ip6,
+            "routes": None if self.routes is None else list(self.routes),
         }
 
     def offers(self, feature: str) -> bool:
@@ -274,6 +317,8 @@ def _from_dict(obj: dict[str, Any]) -> SignalMessage:
         sec=None if sec is None else _bool(sec, "sec"),
         encrypt=None if enc is None else _bool(enc, "encrypt"),
         features=None if feats is None else _features(feats),
+        ip6=None if opt("ip6") is None else _ip6(opt("ip6")),
+        routes=None if opt("routes") is None else _routes(opt("routes")),
     )
 
 
