@@ -28,6 +28,7 @@ from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
 from ipop.wire.nat44 import Translator
+from ipop.wire.prefixes import Net
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
@@ -195,15 +196,16 @@ class Node:
     def create_link_on_path(
         self, *, peer_uid: str, ip4: str | None, path: LinkPath, fingerprint: str | None,
         mac: str | None, encrypt: bool, reason: str, real_ip4: str | None = None,
-        early: list[bytes] | None = None, peer_trains: bool = True,
+        early: list[bytes] | None = None, peer_trains: bool = True, ip6: str | None = None,
+        nets: tuple[Net, ...] = (),
     ) -> Link:
         """``create_link`` for a controller, on the path ICE selected; ``peer_trains``: the
         peer said it receives whole trains."""
         assert self.dp is not None
         link = self.dp.add_link(
             peer_uid=bytes.fromhex(peer_uid), path=path,
-            ip4=ip4, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
-            encrypted=encrypt, security_reason=reason,
+            ip4=ip4, ip6=ip6, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
+            encrypted=encrypt, security_reason=reason, nets=nets,
             xlat=None if real_ip4 is None or ip4 is None else Translator(
                 ipaddress.IPv4Address(ip4).packed, ipaddress.IPv4Address(real_ip4).packed),
             peer_trains=peer_trains,

@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 from ipop.controller.icepaths import IcePaths
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
+from ipop.controller.routes import RoutePolicy, decide
 from ipop.crypto import policy
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
+from ipop.wire.prefixes import Net, parse_prefix
 from ipop.wire.signal import FEATURE_TRAINS, SignalMessage
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class GroupVPN(SignalListener):
         self.counters: dict[str, int] = {}
         self.fatal: BaseException | None = None
         self.paths: IcePaths | None = None
+        self._route_policy: RoutePolicy | None = None
 
     # ---- helpers
     @property
@@ -110,7 +113,7 @@ class GroupVPN(SignalListener):
     async def _connect(self) -> None:
         assert self.backend is not None
         try:
-            await self.backend.set_presence(self.my_uid, self.cfg.ip4)
+            await self.backend.set_presence(self.my_uid, self.cfg.ip4, self.announced_ip6())
             await self.backend.connect()
         except ConfigError as exc:
             log.error("%s", exc)
@@ -143,7 +146,7 @@ class GroupVPN(SignalListener):
                                       "error": error})
 
     def on_presence(self, jid: str, uid: str | None, online: bool,
-                    ip4: str | None = None) -> None:
+                    ip4: str | None = None, *, ip6: str | None = None) -> None:
         if uid == self.my_uid:
             return  # another resource of ourselves
         peer = self.peers.get(jid)
@@ -155,6 +158,8 @@ class GroupVPN(SignalListener):
             peer.uid = uid or peer.uid
             if ip4 is not None:
                 self._set_ip(peer, ip4)
+            if ip6 is not None and self.announced_ip6() is not None:
+                self._set_ip6(peer, ip6)
             peer.online = True
             peer.jid = jid
             if not was_online:
@@ -219,7 +224,63 @@ class GroupVPN(SignalListener):
             security_groups=None if groups is None else tuple(groups),
             sec=self.cfg.sec, encrypt=encrypt,
             features=(FEATURE_TRAINS,),  # this data plane receives trains, whatever it sends
+            ip6=self.announced_ip6(), routes=self.advertised_routes(),
         )
+
+    # ---- IPv6 and routes (SocialVPN overrides these: it stays IPv4-only, with no routes)
+    def announced_ip6(self) -> str | None:
+        """This node's overlay IPv6 address as it announces it (presence, con_req)."""
+        ip6 = self.cfg.ip6
+        return None if ip6 is None else str(ipaddress.IPv6Interface(ip6).ip)
+
+    def advertised_routes(self) -> tuple[str, ...] | None:
+        return tuple(self.cfg.advertise_routes) or None
+
+    def route_policy(self) -> RoutePolicy:
+        if self._route_policy is None:
+            cfg = self.cfg
+            accept = cfg.accept_routes
+            own = [parse_prefix(r) for r in cfg.advertise_routes]
+            if self.node.dp is not None and cfg.accept_routes is not False:
+                own += self.node.dp.local_networks()
+            self._route_policy = RoutePolicy(
+                accept=accept if isinstance(accept, bool) else tuple(
+                    parse_prefix(a) for a in accept),
+                overlay=tuple(cfg.overlay_networks), own=tuple(own))
+        return self._route_policy
+
+    def is_exit(self, peer: Peer) -> bool:
+        name = self.cfg.exit_node
+        return name is not None and name in (peer.uid, peer.ip4, peer.ip6)
+
+    def accept_routes(self, peer: Peer, msg: SignalMessage) -> tuple[Net, ...]:
+        """The routes ``peer`` advertised that this node installs; the refused ones and why go
+        to the peer's status (and the log, once per change)."""
+        dp = self.node.dp
+        me = bytes.fromhex(msg.uid)
+
+        def owner(net: Net) -> str | None:
+            if dp is None:
+                return None
+            for link in dp.table.links:
+                if link.peer_uid == me:
+                    continue
+                for mine in link.nets:
+                    clash = mine == net if not net.prefixlen or not mine.prefixlen else (
+                        mine.version == net.version and mine.overlaps(net))
+                    if clash:
+                        return link.peer_uid.hex()[:12]
+            return None
+
+        accepted, refused = decide(msg.routes or (), self.route_policy(),
+                                   is_exit=self.is_exit(peer), owner=owner)
+        entries = [{"prefix": p, "reason": r} for p, r in refused]
+        if entries != peer.routes_refused:
+            for p, r in refused:
+                log.warning("route %s from %s refused: %s", p, peer.jid, r)
+        peer.routes = [str(n) for n in accepted]
+        peer.routes_refused = entries
+        return accepted
 
     def _maybe_request(self, peer: Peer, now: float) -> None:
         if not peer.wanted or not peer.may_request(now) or not self.connected:
@@ -291,7 +352,23 @@ class GroupVPN(SignalListener):
         peer.online = True
         if msg.ip4 is None or not self._set_ip(peer, msg.ip4):
             return None
+        if (msg.ip6 is not None and self.announced_ip6() is not None
+                and not self._set_ip6(peer, msg.ip6)):
+            return None
         return peer
+
+    def _set_ip6(self, peer: Peer, ip6: str) -> bool:
+        conflict = self.peers.address6_conflict(peer, ip6, self.announced_ip6())
+        if conflict is not None:
+            if peer.conflict != conflict:
+                log.error("%s (%s)", conflict, peer.jid)
+                self.node.notify("con_stat", {"peer": peer.jid, "event": "duplicate_address",
+                                              "error": conflict})
+            peer.conflict = conflict
+            self._count("duplicate_address")
+            return False
+        peer.ip6 = ip6
+        return True
 
     def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
@@ -365,15 +442,19 @@ class GroupVPN(SignalListener):
             self._spawn(self._close_path(msg.uid))
             return
         local_ip, real_ip = self.link_addresses(peer, msg)
+        nets = self.accept_routes(peer, msg)
+        ip6 = msg.ip6 if self.announced_ip6() is not None else None
         try:
             self.node.create_link_on_path(
                 peer_uid=msg.uid, ip4=local_ip, path=path, fingerprint=msg.fingerprint,
                 mac=msg.mac, encrypt=verdict.encrypt, reason=verdict.reason, real_ip4=real_ip,
-                early=early, peer_trains=msg.offers(FEATURE_TRAINS),
+                early=early, peer_trains=msg.offers(FEATURE_TRAINS), ip6=ip6, nets=nets,
             )
         except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
             self._attempt_failed(peer, attempt, f"create_link: {exc}")
             return
+        if self.is_exit(peer) and self.node.dp is not None:
+            self.node.dp.apply_routes(exit_via=bytes.fromhex(msg.uid))
         peer.last_activity = self._now()
 
     def _on_stun(self, ev: Event) -> bool:
@@ -413,10 +494,12 @@ class GroupVPN(SignalListener):
     def on_dataplane_event(self, ev: Event) -> bool:
         if ev.kind == "unknown_destination":
             dst: bytes = ev.data["dst"]
-            if len(dst) != 4:
+            if len(dst) == 4:
+                peer = self.peers.find_ip(str(ipaddress.IPv4Address(dst)))
+            elif len(dst) == 16 and self.announced_ip6() is not None:
+                peer = self.peers.find_ip6(str(ipaddress.IPv6Address(dst)))
+            else:
                 return False
-            ip = str(ipaddress.IPv4Address(dst))
-            peer = self.peers.find_ip(ip)
             if peer is not None and peer.online:
                 peer.wanted = True
                 peer.last_activity = self._now()
@@ -473,7 +556,8 @@ class GroupVPN(SignalListener):
             "linked": peer.state is LinkState.UP, "overlay_ip": peer.ip4,
             "state": peer.state.value, "security": peer.security,
             "security_reason": peer.security_reason, "conflict": peer.conflict,
-            "name": bare(peer.jid),
+            "name": bare(peer.jid), "overlay_ip6": peer.ip6, "routes": list(peer.routes),
+            "routes_refused": list(peer.routes_refused),
         }
 
     def peers_status(self) -> list[dict[str, Any]]:

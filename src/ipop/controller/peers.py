@@ -39,6 +39,7 @@ class Peer:
     jid: str
     uid: str | None = None
     ip4: str | None = None  # the peer's overlay address as this node routes it
+    ip6: str | None = None  # the peer's overlay IPv6 address (GroupVPN)
     real_ip4: str | None = None  # SocialVPN: the address the peer gives itself
     online: bool = False
     state: LinkState = LinkState.IDLE
@@ -53,6 +54,8 @@ class Peer:
     attempts: int = 0
     attempt_id: int = 0  # bumped by every new set-up attempt; stale tasks check it
     notes: list[str] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)  # its advertised routes we installed
+    routes_refused: list[dict[str, str]] = field(default_factory=list)  # prefix, reason
 
     def enter(self, state: LinkState, now: float) -> None:
         if state in (LinkState.REQUESTED, LinkState.IDLE) or (
@@ -122,6 +125,12 @@ class PeerTable:
                 return p
         return None
 
+    def find_ip6(self, ip6: str) -> Peer | None:
+        for p in self.by_jid.values():
+            if p.ip6 == ip6:
+                return p
+        return None
+
     def remove(self, jid: str) -> Peer | None:
         return self.by_jid.pop(bare(jid), None)
 
@@ -135,4 +144,13 @@ class PeerTable:
         other = self.find_ip(ip4)
         if other is not None and other is not peer and other.online and other.uid != peer.uid:
             return f"duplicate overlay address {ip4}: {other.jid} holds it"
+        return None
+
+    def address6_conflict(self, peer: Peer, ip6: str, my_ip6: str | None) -> str | None:
+        """Why ``peer`` may not use the IPv6 address ``ip6`` (as ``address_conflict``)."""
+        if ip6 == my_ip6:
+            return f"duplicate overlay address {ip6}: it is this node's own"
+        other = self.find_ip6(ip6)
+        if other is not None and other is not peer and other.online and other.uid != peer.uid:
+            return f"duplicate overlay address {ip6}: {other.jid} holds it"
         return None

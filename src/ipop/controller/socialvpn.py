@@ -101,8 +101,14 @@ class SocialVPN(GroupVPN):
     def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
         return peer.ip4, msg.ip4
 
+    def announced_ip6(self) -> str | None:
+        return None  # SocialVPN is IPv4-only: each friend's address is translated (NAT44)
+
+    def advertised_routes(self) -> tuple[str, ...] | None:
+        return None
+
     def on_presence(self, jid: str, uid: str | None, online: bool,
-                    ip4: str | None = None) -> None:
+                    ip4: str | None = None, *, ip6: str | None = None) -> None:
         if not online and bare(jid) not in self.peers.by_jid:
             return  # an ex-friend's last presence: nothing to tear down
         if online:

@@ -21,7 +21,7 @@ from typing import Any
 
 from ipop.dataplane import tun
 from ipop.dataplane.inbound import Inbound, send_keepalive
-from ipop.dataplane.kroutes import KernelRoutes
+from ipop.dataplane.kroutes import KernelRoutes, local_networks
 from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.table import ForwardingTable
@@ -243,6 +243,11 @@ class DataPlane:
                 if mine.version == net.version and mine.overlaps(net):
                     return link
         return None
+
+    def local_networks(self) -> list[Net]:
+        """The networks on this host's other interfaces (a route from a peer must not cover
+        them)."""
+        return local_networks(self.interface)
 
     def apply_routes(self, exit_via: bytes | None = None) -> None:
         """Make the kernel's routes into the NIC match the links' prefixes: one route per

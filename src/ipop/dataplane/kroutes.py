@@ -177,3 +177,27 @@ def _exit_rules(family: int, servers: list[str]) -> list[dict[str, Any]]:
     rules.append({"table": EXIT_TABLE, "priority": PRIO_EXIT, "fwmark": EXIT_MARK,
                   "fwmask": 0xFFFFFFFF, "flags": FIB_RULE_INVERT})
     return rules
+
+
+def local_networks(exclude: str) -> list[Net]:
+    """The networks on this host's interfaces (but ``exclude``, loopback and link-local): the
+    node's own underlay, which no route from a peer may cover."""
+    found: list[Net] = []
+
+    def work(ipr: Any) -> None:
+        names = {link["index"]: link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
+        for addr in ipr.get_addr():
+            name = names.get(addr["index"])
+            text = addr.get_attr("IFA_ADDRESS")
+            if name in (exclude, "lo") or not text:
+                continue
+            net = ipaddress.ip_interface(f"{text}/{addr['prefixlen']}").network
+            if net.is_loopback or net.is_link_local or net in found:
+                continue
+            found.append(net)
+
+    try:
+        _netlink(work)
+    except Exception as exc:
+        log.warning("cannot list this host's networks: %s", exc)
+    return found

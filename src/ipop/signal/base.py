@@ -47,7 +47,8 @@ class SignalEvents(Protocol):
     def on_state(self, connected: bool, error: str | None) -> None: ...
 
     def on_presence(
-        self, jid: str, uid: str | None, online: bool, ip4: str | None = None
+        self, jid: str, uid: str | None, online: bool, ip4: str | None = None, *,
+        ip6: str | None = None,
     ) -> None: ...
 
     def on_message(self, jid: str, msg: SignalMessage) -> None: ...
@@ -61,8 +62,10 @@ class SignalListener:
     def on_state(self, connected: bool, error: str | None) -> None:
         """The backend connected (error None) or lost/failed its connection (error says why)."""
 
-    def on_presence(self, jid: str, uid: str | None, online: bool, ip4: str | None = None) -> None:
-        """``jid`` (full) came online with ``uid`` (and overlay ``ip4``) or went offline."""
+    def on_presence(self, jid: str, uid: str | None, online: bool, ip4: str | None = None, *,
+                    ip6: str | None = None) -> None:
+        """``jid`` (full) came online with ``uid`` (and overlay ``ip4``, ``ip6``) or went
+        offline.  Backends pass ``ip6`` only when the peer announced one."""
 
     def on_message(self, jid: str, msg: SignalMessage) -> None:
         """``jid`` (full) sent ``msg``."""
@@ -114,9 +117,11 @@ class SignalBackend(abc.ABC):
         """Send ``msg``; False when it was dropped (rate limit, offline: see ``drops``)."""
 
     @abc.abstractmethod
-    async def set_presence(self, uid: str, ip4: str | None = None) -> None:
-        """Announce ourselves as ipop node ``uid`` at overlay address ``ip4`` (now and after
-        every reconnect).  Call it before ``connect()`` so no presence goes out without it."""
+    async def set_presence(self, uid: str, ip4: str | None = None,
+                           ip6: str | None = None) -> None:
+        """Announce ourselves as ipop node ``uid`` at overlay address ``ip4`` (and ``ip6``), now
+        and after every reconnect.  Call it before ``connect()`` so no presence goes out
+        without it."""
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -90,6 +90,7 @@ class LoopbackSignal(SignalBackend):
         self._jid = jid
         self.uid: str | None = None
         self.ip4: str | None = None
+        self.ip6: str | None = None
         self.connected = False
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -104,8 +105,11 @@ class LoopbackSignal(SignalBackend):
     def _present_to(self, other: LoopbackSignal, online: bool) -> None:
         """Tell our listener about ``other``'s presence."""
         loop = self._loop or asyncio.get_running_loop()
-        listener, jid, uid, ip4 = self.listener, other.jid, other.uid, other.ip4
-        loop.call_soon(lambda: listener.on_presence(jid, uid, online, ip4=ip4))
+        listener, jid, uid, ip4, ip6 = self.listener, other.jid, other.uid, other.ip4, other.ip6
+        if ip6 is None:
+            loop.call_soon(lambda: listener.on_presence(jid, uid, online, ip4=ip4))
+        else:
+            loop.call_soon(lambda: listener.on_presence(jid, uid, online, ip4=ip4, ip6=ip6))
 
     async def connect(self) -> None:
         if self.connected:
@@ -122,9 +126,10 @@ class LoopbackSignal(SignalBackend):
             if other.uid is not None and self.hub.visible(self.jid, other.jid):
                 self._present_to(other, True)
 
-    async def set_presence(self, uid: str, ip4: str | None = None) -> None:
+    async def set_presence(self, uid: str, ip4: str | None = None,
+                           ip6: str | None = None) -> None:
         first = self.uid is None
-        self.uid, self.ip4 = uid, ip4
+        self.uid, self.ip4, self.ip6 = uid, ip4, ip6
         if self.connected:
             if first:
                 self._present()

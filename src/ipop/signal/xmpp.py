@@ -6,8 +6,10 @@
                    │ wrong password / untrusted cert / no usable SASL: raise ConfigError, no retry
     session lost (server restart, ping timeout) -> on_state(False, why), log, the same loop again
 
-- Presence: ``<presence><status>ipop UID</status><ipop xmlns="urn:ipop:0" uid=".." ip4=".."/>``;
-  a contact's available/unavailable presence becomes ``on_presence(full_jid, uid, online, ip4=)``.
+- Presence: ``<presence><status>ipop UID</status>
+  <ipop xmlns="urn:ipop:0" uid=".." ip4=".." ip6=".."/>``;
+  a contact's available/unavailable presence becomes ``on_presence(full_jid, uid, online, ip4=)``
+  (and ``ip6=`` when it announced one; ``ip6`` is optional, older peers ignore it).
   After a reconnect, contacts not heard of again within ``presence_settle`` s are reported offline.
 - Who counts: with ``group`` set, roster contacts in that roster group (prosody's mod_groups puts
   every member of a ``groups_file`` group in each member's roster with subscription "both");
@@ -108,6 +110,13 @@ def _describe(exc: object) -> str:
     return str(exc) or type(exc).__name__
 
 
+def _ip6(text: str) -> str | None:
+    try:
+        return str(ipaddress.IPv6Address(text)) if 0 < len(text) <= 45 else None
+    except ValueError:
+        return None
+
+
 def _ip4(text: str) -> str | None:
     try:
         return str(ipaddress.IPv4Address(text)) if 0 < len(text) <= 15 else None
@@ -132,6 +141,7 @@ class XmppSignal(SignalBackend):
         self._client: Any = None
         self._uid: str | None = None
         self._ip4: str | None = None
+        self._ip6: str | None = None
         self._session_up = False
         self._closing = False
         self._attempt: asyncio.Future[str | None] | None = None
@@ -142,7 +152,8 @@ class XmppSignal(SignalBackend):
         self._connecting: asyncio.Task[Any] | None = None
         self._stale_timer: asyncio.TimerHandle | None = None
         self._contacts: dict[str, Contact] = {}
-        self._online: dict[str, tuple[str | None, str | None]] = {}  # full jid: (uid, ip4)
+        # full jid: (uid, ip4, ip6)
+        self._online: dict[str, tuple[str | None, str | None, str | None]] = {}
         self._stale: set[str] = set()
         self._pending_roster: list[tuple[str, bool]] = []
         self._bucket = TokenBucket(settings.send_rate, settings.send_burst)
@@ -181,12 +192,15 @@ class XmppSignal(SignalBackend):
             self._connecting = None
         self._supervisor = asyncio.create_task(self._supervise(), name="xmpp-supervisor")
 
-    async def set_presence(self, uid: str, ip4: str | None = None) -> None:
+    async def set_presence(self, uid: str, ip4: str | None = None,
+                           ip6: str | None = None) -> None:
         if _UID_RE.fullmatch(uid) is None:
             raise ConfigError("uid", f"not 40 lower-case hex digits: {uid!r}")
         if ip4 is not None and _ip4(ip4) is None:
             raise ConfigError("ip4", f"not an IPv4 address: {ip4!r}")
-        self._uid, self._ip4 = uid, ip4
+        if ip6 is not None and _ip6(ip6) is None:
+            raise ConfigError("ip6", f"not an IPv6 address: {ip6!r}")
+        self._uid, self._ip4, self._ip6 = uid, ip4, ip6
         if self._session_up:
             self._send_presence()
 
@@ -461,7 +475,8 @@ class XmppSignal(SignalBackend):
         pres = self._client.make_presence()
         if self._uid is not None:
             pres["status"] = f"ipop {self._uid}"
-            attrs = {"uid": self._uid} | ({"ip4": self._ip4} if self._ip4 else {})
+            attrs = {"uid": self._uid} | ({"ip4": self._ip4} if self._ip4 else {}) | (
+                {"ip6": self._ip6} if self._ip6 else {})
             pres.xml.append(ET.Element(f"{{{IPOP_NS}}}ipop", attrs))
         pres.send()
 
@@ -474,16 +489,17 @@ class XmppSignal(SignalBackend):
         return self.settings.group is None or self.settings.group in contact.groups
 
     @staticmethod
-    def _ipop_of(pres: Any) -> tuple[str | None, str | None]:
-        """(uid, ip4) announced in a presence; None for what is missing or malformed."""
+    def _ipop_of(pres: Any) -> tuple[str | None, str | None, str | None]:
+        """(uid, ip4, ip6) announced in a presence; None for what is missing or malformed."""
         elem = pres.xml.find(f"{{{IPOP_NS}}}ipop")
         uid = elem.get("uid", "") if elem is not None else ""
         ip4 = _ip4(elem.get("ip4", "")) if elem is not None else None
+        ip6 = _ip6(elem.get("ip6", "")) if elem is not None else None
         if not uid:
             status = str(pres["status"] or "")
             uid = status[5:] if status.startswith("ipop ") else ""
         uid = uid.lower()
-        return (uid if _UID_RE.fullmatch(uid) else None), ip4
+        return (uid if _UID_RE.fullmatch(uid) else None), ip4, ip6
 
     def _ev_presence(self, pres: Any) -> None:
         frm = pres["from"]
@@ -508,12 +524,16 @@ class XmppSignal(SignalBackend):
     def _expire_stale(self) -> None:
         self._stale_timer = None
         for full in sorted(self._stale):
-            self._notify_presence(full, self._online.pop(full, (None, None)), False)
+            self._notify_presence(full, self._online.pop(full, (None, None, None)), False)
         self._stale.clear()
 
-    def _notify_presence(self, full: str, seen: tuple[str | None, str | None], on: bool) -> None:
+    def _notify_presence(self, full: str, seen: tuple[str | None, str | None, str | None],
+                         on: bool) -> None:
         try:
-            self.listener.on_presence(full, seen[0], on, ip4=seen[1])
+            if seen[2] is None:
+                self.listener.on_presence(full, seen[0], on, ip4=seen[1])
+            else:
+                self.listener.on_presence(full, seen[0], on, ip4=seen[1], ip6=seen[2])
         except Exception:
             log.exception("xmpp: on_presence(%s) failed", full)
 
