@@ -14,6 +14,7 @@ import ipaddress
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -24,6 +25,7 @@ from ipop.config import Config, parse_endpoint
 from ipop.crypto import identity as ident
 from ipop.dataplane.facade import DataPlane, Event
 from ipop.dataplane.keying import Keying
+from ipop.dataplane.kroutes import Snat, enable_forwarding
 from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
@@ -64,6 +66,7 @@ class Node:
         self.link_hooks: list[Callable[[str, str], None]] = []
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
+        self.snat: Snat | None = None
 
     # ---- life cycle
     def lock_state_dir(self) -> None:
@@ -98,6 +101,7 @@ class Node:
         )
         if cfg.listen_port:
             self.listen_sock = self.dp.open_listen_socket(cfg.listen_port)
+        self.start_routing()
         self.dp.start()
         for i, peer in enumerate(cfg.peers):
             try:
@@ -114,6 +118,8 @@ class Node:
         if self.controller is not None:
             with contextlib.suppress(Exception):
                 await self.controller.stop()
+        if self.snat is not None:
+            self.snat.remove()
         if self.dp is not None:
             self.dp.close()
         if self.api is not None:
@@ -161,6 +167,43 @@ class Node:
             self.keying.tick(now)
             self.keying.watch_plain(self.dp.table.links)
 
+    # ---- routing: subnet routers, exit nodes
+    def start_routing(self) -> None:
+        """Forwarding and SNAT for what this node advertises; the underlay servers an exit
+        route must leave alone.  (Routes to peers' prefixes follow their links:
+        ``DataPlane.apply_routes``.)"""
+        cfg = self.cfg
+        assert self.dp is not None
+        if cfg.advertise_routes:
+            enable_forwarding({ipaddress.ip_network(r).version for r in cfg.advertise_routes})
+            if cfg.snat_routes:
+                self.snat = Snat(cfg.interface, cfg.overlay_networks)
+                self.snat.add()
+        if cfg.exit_node is not None:
+            self.dp.exit_servers = self.underlay_servers()
+
+    def underlay_servers(self) -> set[str]:
+        """The addresses of the XMPP, STUN and TURN servers (names resolved now)."""
+        cfg = self.cfg
+        hosts = [parse_endpoint(s, default_port=3478)[0] for s in cfg.stun]
+        hosts += [parse_endpoint(t.server, default_port=3478)[0] for t in cfg.turn]
+        if cfg.xmpp_host:
+            hosts.append(cfg.xmpp_host)
+        found: set[str] = set()
+        for host in hosts:
+            try:
+                found.add(str(ipaddress.ip_address(host)))
+                continue
+            except ValueError:
+                pass
+            try:
+                for info in socket.getaddrinfo(host, None, proto=socket.IPPROTO_UDP):
+                    found.add(str(info[4][0]))
+            except OSError as exc:
+                log.warning("exit_node: cannot resolve %s (%s); its traffic may take the "
+                            "exit route", host, exc)
+        return found
+
     # ---- static peers
     def add_static_peer(self, index: int) -> Link:
         assert self.dp is not None
@@ -176,7 +219,15 @@ class Node:
             ip4=peer.ip4, ip6=peer.ip6,
             mac=bytes.fromhex(peer.mac.replace(":", "")) if peer.mac else None,
             encrypted=encrypted, security_reason=reason,
+            nets=tuple(ipaddress.ip_network(n) for n in peer.allowed_ips),
         )
+        # as wg-quick: a /0 in allowed_ips (or exit_node naming the peer) routes the default
+        # through it, by policy routing
+        if self.cfg.exit_node in (peer.uid, peer.ip4, peer.ip6) or any(
+                n.endswith("/0") for n in peer.allowed_ips):
+            if not self.dp.exit_servers:
+                self.dp.exit_servers = self.underlay_servers()
+            self.dp.apply_routes(exit_via=link.peer_uid)
         if encrypted:
             self.start_security(link, peer.fingerprint)
         self.notify("peer_state", st.link_entry(link))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import subprocess
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -201,3 +202,67 @@ def local_networks(exclude: str) -> list[Net]:
     except Exception as exc:
         log.warning("cannot list this host's networks: %s", exc)
     return found
+
+
+def enable_forwarding(versions: set[int]) -> None:
+    """Let the kernel forward between the NIC and the LANs this node advertises (a subnet
+    router or exit node needs it); logs what it changed."""
+    for ver in sorted(versions):
+        path = ("/proc/sys/net/ipv4/ip_forward" if ver == 4
+                else "/proc/sys/net/ipv6/conf/all/forwarding")
+        try:
+            with open(path) as f:
+                if f.read().strip() == "1":
+                    continue
+            with open(path, "w") as f:
+                f.write("1")
+            log.info("IPv%d forwarding enabled (advertise_routes)", ver)
+        except OSError as exc:
+            log.error("cannot enable IPv%d forwarding (%s): advertised routes will not "
+                      "forward", ver, exc)
+
+
+class Snat:
+    """``snat_routes``: masquerade what this node forwards from the overlay to other interfaces
+    (an nftables table of its own, removed on ``remove``)."""
+
+    def __init__(self, interface: str, overlay: list[Net]) -> None:
+        self.table = f"ipop_snat_{interface}".replace("-", "_").replace(".", "_")
+        self.interface = interface
+        self.overlay = overlay
+        self.active = False
+
+    def ruleset(self) -> str:
+        lines = [f"table inet {self.table} {{", "  chain postrouting {",
+                 "    type nat hook postrouting priority srcnat; policy accept;"]
+        for net in self.overlay:
+            fam = "ip" if net.version == 4 else "ip6"
+            lines.append(f'    {fam} saddr {net} oifname != "{self.interface}" masquerade')
+        lines += ["  }", "}"]
+        return "\n".join(lines) + "\n"
+
+    def add(self) -> bool:
+        ok = _nft(self.ruleset())
+        self.active = ok
+        if ok:
+            log.info("snat_routes: masquerading overlay traffic forwarded out of %s",
+                     self.interface)
+        return ok
+
+    def remove(self) -> None:
+        if self.active:
+            _nft(f"delete table inet {self.table}\n")
+            self.active = False
+
+
+def _nft(text: str) -> bool:
+    try:
+        done = subprocess.run(["nft", "-f", "-"], input=text, text=True, capture_output=True,
+                              timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.error("nft: %s", exc)
+        return False
+    if done.returncode != 0:
+        log.error("nft refused the ruleset: %s", done.stderr.strip()[:300])
+        return False
+    return True
