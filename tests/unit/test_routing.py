@@ -1,0 +1,228 @@
+"""Routing pieces without a network: the routes/ip6 signaling fields (vectors and refusals),
+the route verdict, a link's allowed sources and the forwarding table's longest-prefix match."""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import json
+import socket
+
+import pytest
+
+from ipop.config import validate
+from ipop.controller.routes import RoutePolicy, decide
+from ipop.dataplane.link import Link, Path
+from ipop.dataplane.table import ForwardingTable
+from ipop.errors import ConfigError, LocalProtocolError, MalformedMessage
+from ipop.wire.prefixes import parse_prefix
+from ipop.wire.signal import MAX_ROUTES, SignalMessage
+
+from .test_signal_msg import CON_REQ, CON_REQ_JSON, base, parse_obj
+
+ROUTED = dataclasses.replace(CON_REQ, ip6="2001:db8::2", routes=("198.18.200.0/24", "::/0"))
+ROUTED_JSON = CON_REQ_JSON[:-1] + ',"ip6":"2001:db8::2","routes":["198.18.200.0/24","::/0"]}'
+
+
+# ---- signaling: the routes and ip6 fields
+def test_routes_vector_round_trip():
+    assert ROUTED.to_json() == ROUTED_JSON
+    assert SignalMessage.parse(ROUTED_JSON) == ROUTED
+
+
+def test_a_message_without_the_fields_is_unchanged():
+    msg = SignalMessage.parse(CON_REQ_JSON)
+    assert msg.routes is None and msg.ip6 is None
+    assert msg.to_json() == CON_REQ_JSON
+
+
+def test_routes_are_canonical_and_deduplicated():
+    msg = parse_obj(base(routes=["198.18.200.0/24", "198.18.200.0/24", "2001:DB8:1::/48"],
+                         ip6="2001:DB8:0::0002"))
+    assert msg.routes == ("198.18.200.0/24", "2001:db8:1::/48")
+    assert msg.ip6 == "2001:db8::2"
+
+
+@pytest.mark.parametrize(("routes", "why"), [
+    ("198.18.200.0/24", "routes must be a list"),
+    ({"a": 1}, "routes must be a list"),
+    ([1], "routes item must be a prefix string"),
+    (["198.18.200.1/24"], "host bits must be zero"),
+    (["198.18.200.0/33"], "is not a prefix"),
+    (["banana"], "is not a prefix"),
+    (["198.18.200.0/24 "], "is not a prefix"),
+    (["١٩٨.18.200.0/24"], "routes item must be a prefix string"),
+    ([f"198.18.{i}.0/24" for i in range(MAX_ROUTES + 1)], "more than 64"),
+])
+def test_bad_routes_refuse_the_message(routes, why):
+    with pytest.raises(MalformedMessage, match=why):
+        parse_obj(base(routes=routes))
+
+
+@pytest.mark.parametrize("ip6", ["100.64.0.2", "2001:db8::/64", 6, "2001:db8::g", "x" * 50])
+def test_bad_ip6_refuses_the_message(ip6):
+    with pytest.raises(MalformedMessage, match="ip6"):
+        parse_obj(base(ip6=ip6))
+
+
+def test_exactly_64_routes_pass_and_build_refuses_non_canonical():
+    routes = [f"198.18.{i}.0/24" for i in range(MAX_ROUTES)]
+    assert len(parse_obj(base(routes=routes)).routes or ()) == MAX_ROUTES
+    with pytest.raises(LocalProtocolError):
+        dataclasses.replace(CON_REQ, routes=("198.18.200.1/24",))
+
+
+def test_null_routes_count_as_missing():
+    assert parse_obj(base(routes=None, ip6=None)).routes is None
+    assert json.loads(CON_REQ.to_json()).get("routes") is None
+
+
+# ---- the route verdict
+POLICY = RoutePolicy(accept=True, overlay=(parse_prefix("100.64.0.0/24"),
+                                           parse_prefix("2001:db8::/64")),
+                     own=(parse_prefix("198.19.1.0/24"),))
+
+
+def verdict(offered, policy=POLICY, *, is_exit=False, owner=lambda net: None):
+    accepted, refused = decide(offered, policy, is_exit=is_exit, owner=owner)
+    return [str(n) for n in accepted], dict(refused)
+
+
+def test_accept_true_takes_a_lan_and_refuses_with_reasons():
+    acc, ref = verdict(["198.18.200.0/24", "100.64.0.0/16", "198.19.0.0/16", "0.0.0.0/0",
+                        "2001:db8::/48"])
+    assert acc == ["198.18.200.0/24"]
+    assert ref["100.64.0.0/16"].startswith("overlaps the overlay prefix")
+    assert ref["198.19.0.0/16"].startswith("overlaps this node's own network")
+    assert "exit_node" in ref["0.0.0.0/0"]
+    assert "overlay" in ref["2001:db8::/48"]
+
+
+def test_accept_false_and_accept_list():
+    none = dataclasses.replace(POLICY, accept=False)
+    assert verdict(["198.18.200.0/24"], none) == ([], {"198.18.200.0/24":
+                                                       "accept_routes is false"})
+    listed = dataclasses.replace(POLICY, accept=(parse_prefix("198.18.200.0/23"),))
+    acc, ref = verdict(["198.18.200.0/24", "198.18.202.0/24", "198.18.0.0/15"], listed)
+    assert acc == ["198.18.200.0/24"]
+    assert ref == {"198.18.202.0/24": "outside accept_routes",
+                   "198.18.0.0/15": "outside accept_routes"}
+
+
+def test_exit_default_routes_and_owned_prefixes():
+    none = dataclasses.replace(POLICY, accept=False)
+    acc, ref = verdict(["0.0.0.0/0", "::/0", "198.18.200.0/24"], none, is_exit=True)
+    assert acc == ["0.0.0.0/0", "::/0"] and ref == {"198.18.200.0/24": "accept_routes is false"}
+    acc, ref = verdict(["198.18.200.0/24"], owner=lambda net: "aabbccddeeff")
+    assert acc == [] and ref == {"198.18.200.0/24": "already routed to peer aabbccddeeff"}
+
+
+# ---- a link's allowed sources and the table
+ME = b"\x01" * 20
+
+
+@pytest.fixture()
+def sock():
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    yield s
+    s.close()
+
+
+def ip4_packet(src: str, dst: str = "100.64.0.1") -> bytes:
+    return (bytes([0x45, 0, 0, 20, 0, 0, 0, 0, 64, 17, 0, 0]) + ipaddress.IPv4Address(src).packed
+            + ipaddress.IPv4Address(dst).packed)
+
+
+def ip6_packet(src: str, dst: str = "2001:db8::1") -> bytes:
+    return (bytes([0x60, 0, 0, 0, 0, 0, 17, 64]) + ipaddress.IPv6Address(src).packed
+            + ipaddress.IPv6Address(dst).packed)
+
+
+def mk(sock, uid: bytes, ip4: str, ip6: str | None = None, port: int = 5000) -> Link:
+    return Link(local_uid=ME, peer_uid=uid, path=Path(sock, ("198.18.0.2", port)),
+                overlay_ip4=ipaddress.IPv4Address(ip4).packed,
+                overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None)
+
+
+def test_source_ok_own_addresses_and_carried_prefixes(sock):
+    link = mk(sock, b"\x02" * 20, "100.64.0.2", "2001:db8::2")
+    assert link.source_ok(ip4_packet("100.64.0.2"))
+    assert link.source_ok(ip6_packet("2001:db8::2"))
+    assert not link.source_ok(ip4_packet("100.64.0.3"))
+    assert not link.source_ok(ip6_packet("2001:db8::3"))
+    assert not link.source_ok(ip4_packet("198.18.200.5"))
+    assert not link.source_ok(b"\x45" + b"\x00" * 10)  # too short
+    assert not link.source_ok(b"\x20" * 40)  # not IP
+    assert not link.source_ok(b"")
+    link.set_nets((parse_prefix("198.18.200.0/24"), parse_prefix("2001:db8:1::/48")))
+    assert link.source_ok(ip4_packet("198.18.200.5"))
+    assert link.source_ok(ip6_packet("2001:db8:1::9"))
+    assert not link.source_ok(ip4_packet("198.18.201.5"))
+
+
+def test_table_routes_longest_prefix_and_ownership(sock):
+    t = ForwardingTable()
+    r = mk(sock, b"\x02" * 20, "100.64.0.2")
+    r.set_nets((parse_prefix("198.18.200.0/24"),))
+    e = mk(sock, b"\x03" * 20, "100.64.0.3", port=5001)
+    e.set_nets((parse_prefix("0.0.0.0/0"), parse_prefix("198.18.200.0/24")))
+    t.add(r)
+    t.add(e)
+    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is r  # older link keeps it
+    assert t.lookup_ip(ipaddress.IPv4Address("198.18.1.1").packed) is e  # the exit
+    assert t.lookup_ip(ipaddress.IPv4Address("100.64.0.3").packed) is e  # its own address
+    # a newcomer claiming an address another link holds does not take it over
+    claim = mk(sock, b"\x04" * 20, "100.64.0.2", port=5002)
+    t.add(claim)
+    assert t.owner_of(ipaddress.IPv4Address("100.64.0.2").packed) is r
+    t.remove(r.peer_uid)
+    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is e
+
+
+def test_learned_mac_stays_with_its_first_live_holder(sock):
+    t = ForwardingTable()
+    a = mk(sock, b"\x02" * 20, "100.64.0.2")
+    b = mk(sock, b"\x03" * 20, "100.64.0.3", port=5001)
+    t.add(a)
+    t.add(b)
+    mac = b"\x02\x00\x00\x00\x00\x02"
+    assert t.learn_mac(mac, a) and t.learn_mac(mac, a)
+    assert not t.learn_mac(mac, b)
+    t.remove(a.peer_uid)
+    assert t.learn_mac(mac, b)
+
+
+# ---- config
+BASE = {"ip4": "100.64.0.1", "ip4_mask": 24, "ip6": "2001:db8::1/64"}
+
+
+@pytest.mark.parametrize(("extra", "key"), [
+    ({"advertise_routes": ["198.18.200.1/24"]}, "advertise_routes"),
+    ({"advertise_routes": ["100.64.0.0/16"]}, "advertise_routes"),
+    ({"advertise_routes": ["2001:db8::/48"]}, "advertise_routes"),
+    ({"advertise_routes": [f"198.18.{i}.0/24" for i in range(65)]}, "advertise_routes"),
+    ({"accept_routes": "yes"}, "accept_routes"),
+    ({"accept_routes": ["nope"]}, "accept_routes"),
+    ({"exit_node": "bob"}, "exit_node"),
+    ({"listen_port": 5000, "sec": False, "peers": [{
+        "uid": "a" * 40, "ip4": "100.64.0.2", "endpoint": "198.18.0.2:5000",
+        "allowed_ips": ["198.18.0.0/33"]}]}, "peers[0].allowed_ips"),
+    ({"listen_port": 5000, "sec": False, "peers": [{
+        "uid": "a" * 40, "ip4": "100.64.0.2", "endpoint": "198.18.0.2:5000",
+        "allowed_ips": ["100.64.0.0/25"]}]}, "peers"),
+])
+def test_bad_routing_config_names_the_key(extra, key):
+    with pytest.raises(ConfigError) as err:
+        validate({**BASE, **extra})
+    assert str(err.value).startswith(f"config: {key}")
+    assert "\n" not in str(err.value)
+
+
+def test_good_routing_config():
+    cfg, warnings = validate({**BASE, "advertise_routes": ["198.18.200.0/24", "0.0.0.0/0"],
+                              "accept_routes": ["198.18.0.0/15"], "exit_node": "100.64.0.9",
+                              "snat_routes": True})
+    assert warnings == []
+    assert cfg.advertise_routes == ["198.18.200.0/24", "0.0.0.0/0"]
+    assert cfg.accept_routes == ["198.18.0.0/15"] and cfg.exit_node == "100.64.0.9"
+    assert validate(BASE)[0].accept_routes is False
