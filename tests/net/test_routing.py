@@ -1,0 +1,332 @@
+"""Routing you can trust: spoofed sources, address claims, subnet routers, exit nodes, IPv6 over
+signaling.  Real TUN devices, real prosody, real ping.
+
+Static mesh (spoofing)::
+
+    +------------------- lan (bridge, 198.19.N.0/24) -------------------+
+         |                         |                          |
+      h1 ipop0 100.64.0.1       h2 ipop0 100.64.0.2        h3 ipop0 100.64.0.3
+             2001:db8::1               2001:db8::2                2001:db8::3
+      (h2 sends, through its own link to h1, packets that claim h3's addresses)
+
+Signaled (``world``: prosody on the inet bridge 198.19.1.0/24)::
+
+    inet ── R ipop0 100.64.20.1 ── veth 198.18.200.0/24 ── L 198.18.200.2   (subnet router)
+    inet ── A (accept_routes true), B (accept_routes false)
+    inet ── nat ── C (default route only, exit_node E)     inet ── E ── veth ── F 198.18.201.2
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ipop.testbed.netns import Testbed
+from ipop.testbed.nodes import static_mesh
+
+from .helpers import ping, ping_until, wait_for
+from .world import World, world_fixture
+
+# ---- spoofing -------------------------------------------------------------------------------
+
+LISTEN = """
+import socket, sys, time
+socks = []
+for fam, addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+    s = socket.socket(fam, socket.SOCK_DGRAM)
+    if fam == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 9999)); s.settimeout(0.05); socks.append(s)
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1]); got = {}
+while time.monotonic() < end:
+    for s in socks:
+        try:
+            data, src = s.recvfrom(2048)
+        except socket.timeout:
+            continue
+        got[data.decode()] = got.get(data.decode(), 0) + 1
+print(sorted(got.items()), flush=True)
+"""
+
+# raw sockets: IPv4 with IP_HDRINCL, IPv6 with IPPROTO_RAW (header included); UDP checksums right
+SPOOF = """
+import ipaddress, socket, struct, sys
+
+def csum(data):
+    if len(data) % 2: data += b"\\0"
+    s = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return (~s) & 0xFFFF or 0xFFFF
+
+def udp(src, dst, payload, pseudo):
+    hdr = struct.pack("!HHHH", 4000, 9999, 8 + len(payload), 0)
+    c = csum(pseudo + hdr + payload)
+    return struct.pack("!HHHH", 4000, 9999, 8 + len(payload), c) + payload
+
+src4, dst4, src6, dst6, count, tag = sys.argv[1:7]
+s4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for i in range(int(count)):
+    payload = f"{tag}4".encode()
+    a, b = ipaddress.IPv4Address(src4).packed, ipaddress.IPv4Address(dst4).packed
+    u = udp(a, b, payload, a + b + struct.pack("!BBH", 0, 17, 8 + len(payload)))
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(u), i, 0, 64, 17, 0, a, b)
+    ip = ip[:10] + struct.pack("!H", csum(ip)) + ip[12:]
+    s4.sendto(ip + u, (dst4, 0))
+    payload = f"{tag}6".encode()
+    a, b = ipaddress.IPv6Address(src6).packed, ipaddress.IPv6Address(dst6).packed
+    u = udp(a, b, payload, a + b + struct.pack("!IxxxB", 8 + len(payload), 17))
+    ip6 = struct.pack("!IHBB16s16s", 6 << 28, len(u), 17, 64, a, b)
+    s6.sendto(ip6 + u, (dst6, 0))
+print("sent", flush=True)
+"""
+
+
+@pytest.mark.parametrize("sec", [False, True], ids=["plain", "encrypted"])
+def test_spoofed_sources_are_dropped_and_counted(testbed: Testbed, tmp_path, sec):
+    hosts = [testbed.add_host(f"h{i + 1}") for i in range(3)]
+    lan = testbed.add_lan("lan", hosts)
+    nodes = static_mesh(hosts, tmp_path, underlay=[lan.members[h.name] for h in hosts],
+                        extra={"sec": sec})
+    for i, node in enumerate(nodes):
+        node.config["ip6"] = f"2001:db8::{i + 1}/64"
+        for j, k in enumerate(k for k in range(3) if k != i):
+            node.config["peers"][j]["ip6"] = f"2001:db8::{k + 1}"
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    n1, n2, n3 = nodes
+    for other in (n2, n3):
+        ping_until(n1.host, other.config["ip4"], timeout=15)
+        ping_until(n1.host, other.config["ip6"].split("/")[0], timeout=15)
+    listener = n1.host.popen([sys.executable, "-c", LISTEN, "6"], stdout=subprocess.PIPE,
+                             text=True)
+    assert listener.stdout is not None and listener.stdout.readline().strip() == "ready"
+    # 25 spoofed packets of each family claim n3's addresses; 25 genuine ones carry n2's own
+    n2.host.run([sys.executable, "-c", SPOOF, "100.64.0.3", "100.64.0.1", "2001:db8::3",
+                 "2001:db8::1", "25", "SPOOF"])
+    n2.host.run([sys.executable, "-c", SPOOF, "100.64.0.2", "100.64.0.1", "2001:db8::2",
+                 "2001:db8::1", "25", "REAL"])
+    got = dict(eval(listener.stdout.readline()))  # noqa: S307 (our own listener's repr)
+    listener.wait(10)
+    counters = n1.status()["node"]["counters"]["drops"]
+    link = n1.link_to(n2)
+    assert link is not None
+    print(f"\nsec={sec}: delivered {got}; node drops {counters}; link drops {link['drops']}")
+    assert "SPOOF4" not in got and "SPOOF6" not in got
+    assert got.get("REAL4", 0) >= 20 and got.get("REAL6", 0) >= 20  # genuine traffic flows
+    assert counters.get("spoofed_source", 0) >= 40
+    assert link["drops"].get("spoofed_source", 0) >= 40
+    assert "not an address or prefix this peer may use" in n1.log()
+    assert n1.log().count("dropped a packet from") <= 15  # rate-limited log lines
+    assert ping(n3.host, "100.64.0.1", count=2) and ping(n2.host, "2001:db8::1", count=2)
+    assert n1.link_to(n3)["drops"].get("spoofed_source", 0) == 0
+
+
+TAP_SPOOF = """
+import socket, struct, sys
+dev, my_mac, victim_mac, victim_ip, dst_ip = sys.argv[1:6]
+mac = lambda t: bytes.fromhex(t.replace(":", ""))
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((dev, 0))
+bcast = b"\\xff" * 6
+ip = socket.inet_aton
+for _ in range(5):
+    # a gratuitous ARP that claims the victim's overlay address for our MAC
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 2, mac(my_mac), ip(victim_ip),
+                      bcast, ip(victim_ip))
+    s.send(bcast + mac(my_mac) + b"\\x08\\x06" + arp)
+    # a frame sent from the victim's MAC
+    arp = struct.pack("!HHBBH6s4s6s4s", 1, 0x0800, 6, 4, 1, mac(victim_mac), ip(victim_ip),
+                      b"\\0" * 6, ip(dst_ip))
+    s.send(bcast + mac(victim_mac) + b"\\x08\\x06" + arp)
+print("sent")
+"""
+
+
+def test_tap_members_cannot_use_another_members_ip_or_mac(testbed: Testbed, tmp_path):
+    hosts = [testbed.add_host(f"t{i + 1}") for i in range(3)]
+    lan = testbed.add_lan("lan", hosts)
+    nodes = static_mesh(hosts, tmp_path, underlay=[lan.members[h.name] for h in hosts],
+                        extra={"sec": False}, switchmode=True)
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.wait_ready()
+    n1, n2, n3 = nodes
+    ping_until(n1.host, "100.64.0.3", timeout=15)
+    ping_until(n1.host, "100.64.0.2", timeout=15)
+
+    def mac_of(node) -> str:
+        out = node.host.run(["cat", "/sys/class/net/ipop0/address"]).stdout
+        return out.strip()
+
+    n3_mac = mac_of(n3)
+    n2.host.run([sys.executable, "-c", TAP_SPOOF, "ipop0", mac_of(n2), n3_mac, "100.64.0.3",
+                 "100.64.0.1"])
+    wait_for(lambda: n1.link_to(n2)["drops"].get("spoofed_source", 0) >= 10, timeout=5,
+             what="spoofed ARP frames counted")
+    neigh = n1.host.run(["ip", "neigh", "show", "100.64.0.3", "dev", "ipop0"]).stdout
+    print(f"\nn1's neighbour entry for 100.64.0.3: {neigh.strip()} (n3 is {n3_mac}); "
+          f"drops {n1.link_to(n2)['drops']}")
+    assert mac_of(n2) not in neigh
+    assert ping(n1.host, "100.64.0.3", count=2) and ping(n1.host, "100.64.0.2", count=2)
+
+
+# ---- signaled ------------------------------------------------------------------------------
+
+GROUPS = {"claim": ["k1", "k2", "k3"], "sub": ["r1", "r2", "r3"], "exit": ["e1", "e2", "e3"],
+          "six": ["s1", "s2"], "six-od": ["o1", "o2"]}
+
+
+@pytest.fixture(scope="module")
+def world():
+    yield from world_fixture(GROUPS)
+
+
+@pytest.fixture(autouse=True)
+def _stop_nodes(request):
+    yield
+    if "world" in request.fixturenames:
+        request.getfixturevalue("world").stop_nodes()
+
+
+def start_all(nodes):
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_ready()
+
+
+def peer_entry(node, other) -> dict:
+    for p in node.status()["peers"]:
+        if p["uid"] == other.uid:
+            return p
+    return {}
+
+
+def test_address_claim_keeps_the_first_holder(world: World):
+    a = world.node("k1", "100.64.21.1", group="claim", ip6="2001:db8:21::1/64")
+    b = world.node("k2", "100.64.21.2", group="claim", ip6="2001:db8:21::2/64")
+    start_all([a, b])
+    ping_until(a.host, "100.64.21.2", timeout=15)
+    ping_until(a.host, "2001:db8:21::2", timeout=15)
+    # the newcomer claims b's IPv6 address (its IPv4 address is its own)
+    c = world.node("k3", "100.64.21.3", group="claim", ip6="2001:db8:21::2/64")
+    c.start()
+    c.wait_ready()
+    entry = wait_for(lambda: peer_entry(a, c).get("conflict"), timeout=15, what="conflict")
+    print(f"\na's status for the claimant: {entry}")
+    assert "duplicate overlay address 2001:db8:21::2" in entry
+    assert a.link_to(c) is None
+    assert ping(a.host, "2001:db8:21::2", count=3) and ping(a.host, "100.64.21.2", count=2)
+    assert b.link_to(a)["rx_packets"] > 0
+
+
+def test_subnet_router(world: World):
+    """A reaches L (a LAN host behind R) through R; B, with accept_routes false, installs
+    nothing; R's status and B's show why."""
+    r_host = world.host("rr")
+    lan_host = world.tb.add_host("rl")
+    world.tb.connect(r_host, lan_host, subnet="198.18.200.0/24")  # R .1, L .2
+    lan_host.run(["ip", "route", "replace", "100.64.0.0/10", "via", "198.18.200.1"])
+    r = world.node("r1", "100.64.22.1", host=r_host, group="sub",
+                   advertise_routes=["198.18.200.0/24"])
+    a = world.node("r2", "100.64.22.2", group="sub", accept_routes=True)
+    b = world.node("r3", "100.64.22.3", group="sub", accept_routes=False)
+    start_all([r, a, b])
+    ping_until(a.host, "100.64.22.1", timeout=15)
+    ping_until(b.host, "100.64.22.1", timeout=15)
+    wait_for(lambda: "198.18.200.0/24 dev ipop0" in a.host.run(["ip", "route"]).stdout,
+             timeout=10, what="kernel route on A")
+    took = ping_until(a.host, "198.18.200.2", timeout=10)
+    assert ping(a.host, "198.18.200.2", count=5)
+    print(f"\nA -> L through R: first reply after {took:.2f} s; A's peer entry for R: "
+          f"{peer_entry(a, r)}")
+    assert peer_entry(a, r)["routes"] == ["198.18.200.0/24"]
+    # the LAN host's replies come back from 198.18.200.2: R's link carries that prefix
+    assert a.link_to(r)["drops"].get("spoofed_source", 0) == 0
+    routes_b = b.host.run(["ip", "route"]).stdout
+    assert "198.18.200.0/24" not in routes_b
+    assert peer_entry(b, r)["routes_refused"] == [
+        {"prefix": "198.18.200.0/24", "reason": "accept_routes is false"}]
+    assert not ping(b.host, "198.18.200.2", count=1, wait=1)
+    # the route goes when the link goes
+    r.stop()
+    wait_for(lambda: "198.18.200.0/24" not in a.host.run(["ip", "route"]).stdout, timeout=15,
+             what="route removed with the link")
+
+
+def test_exit_node(world: World):
+    """C's only underlay route is a default via its NAT; with exit_node E its default goes
+    through the overlay, so it reaches F, which only E can reach, while its links (to E and to
+    D), XMPP and keepalives stay up: underlay sockets carry the fwmark, servers have rules."""
+    e_host = world.host("ee")
+    far = world.tb.add_host("ef")
+    world.tb.connect(e_host, far, subnet="198.18.201.0/24")  # E .1, F .2
+    c_host = world.tb.add_host("ec")
+    nat = world.tb.add_nat("enat", [c_host], world.inet)
+    gw = nat.inside.gateway if hasattr(nat.inside, "gateway") else None
+    route = c_host.run(["ip", "route", "show", "198.18.0.0/15"]).stdout.split()
+    via = route[route.index("via") + 1] if "via" in route else gw
+    c_host.run(["ip", "route", "del", "198.18.0.0/15"])
+    c_host.run(["ip", "route", "add", "default", "via", str(via)])
+    e = world.node("e1", "100.64.23.1", host=e_host, group="exit",
+                   advertise_routes=["0.0.0.0/0"], snat_routes=True)
+    d = world.node("e2", "100.64.23.2", group="exit")
+    c = world.node("e3", "100.64.23.3", host=c_host, group="exit", exit_node="100.64.23.1")
+    start_all([e, d, c])
+    took = ping_until(c.host, "100.64.23.1", timeout=25)
+    ping_until(c.host, "100.64.23.2", timeout=25)
+    wait_for(lambda: "default dev ipop0" in c.host.run(
+        ["ip", "route", "show", "table", "26992"]).stdout, timeout=10, what="exit route")
+    rules = c.host.run(["ip", "rule"]).stdout
+    assert "not from all fwmark 0x6970 lookup 26992" in rules
+    assert "suppress_prefixlength 0" in rules and world.server_ip in rules
+    reach = ping_until(c.host, "198.18.201.2", timeout=10)
+    assert ping(c.host, "198.18.201.2", count=5)
+    time.sleep(4)  # several keepalive rounds (1 s) with the exit route in place
+    state = c.status()
+    links = {lk["peer_uid"]: lk for lk in state["links"]}
+    print(f"\nC: first overlay reply {took:.2f} s; F reachable after {reach:.2f} s more; "
+          f"links {[(lk['overlay_ip'], lk['state'], lk['path']) for lk in links.values()]}; "
+          f"xmpp connected {state['node']['xmpp']['connected']}")
+    assert links[e.uid]["state"] == "up" and links[d.uid]["state"] == "up"
+    assert state["node"]["xmpp"]["connected"]
+    assert ping(c.host, "100.64.23.2", count=2)
+    assert peer_entry(c, e)["routes"] == ["0.0.0.0/0"]
+    # D did not opt in: the exit node's default route is refused there, with the reason
+    assert peer_entry(d, e)["routes_refused"][0]["prefix"] == "0.0.0.0/0"
+    c.stop()
+    assert "26992" not in c.host.run(["ip", "rule"]).stdout  # removed at stop
+
+
+def test_ipv6_over_prosody(world: World):
+    a = world.node("s1", "100.64.24.1", group="six", ip6="2001:db8:24::1/64")
+    b = world.node("s2", "100.64.24.2", group="six", ip6="2001:db8:24::2/64")
+    start_all([a, b])
+    took = ping_until(a.host, "2001:db8:24::2", timeout=15)
+    assert ping(b.host, "2001:db8:24::1", count=3)
+    assert ping(a.host, "2001:db8:24::2", count=3)
+    print(f"\nIPv6 over a signaled link: first reply {took:.2f} s; "
+          f"a's entry for b {peer_entry(a, b)['overlay_ip6']}")
+    assert peer_entry(a, b)["overlay_ip6"] == "2001:db8:24::2"
+
+
+def test_on_demand_opens_on_ipv6_traffic(world: World):
+    a = world.node("o1", "100.64.25.1", group="six-od", ip6="2001:db8:25::1/64",
+                   **{"on-demand_connection": True})
+    b = world.node("o2", "100.64.25.2", group="six-od", ip6="2001:db8:25::2/64",
+                   **{"on-demand_connection": True})
+    start_all([a, b])
+    wait_for(lambda: peer_entry(a, b).get("online") and peer_entry(a, b).get("overlay_ip6"),
+             timeout=15, what="b's presence with ip6")
+    assert a.link_to(b) is None  # on demand: no link yet
+    took = ping_until(a.host, "2001:db8:25::2", timeout=15)
+    print(f"\non-demand link opened by IPv6 traffic: first reply after {took:.2f} s")
+    assert a.link_to(b) is not None
