@@ -67,6 +67,10 @@ class Node:
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
         self.snat: Snat | None = None
+        # static peers whose endpoint is a host name: re-resolved when their link goes down
+        self._static_names: dict[bytes, tuple[str, int]] = {}
+        self._resolving: set[bytes] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle
     def lock_state_dir(self) -> None:
@@ -211,7 +215,9 @@ class Node:
         if self.listen_sock is None:
             raise ConfigError("listen_port", "static peers need a listen_port")
         host, port = parse_endpoint(peer.endpoint)
-        addr = _sockaddr(host, port)
+        addr = resolve_endpoint(host, port)
+        if not _is_ip(host):
+            self._static_names[bytes.fromhex(peer.uid)] = (host, port)
         encrypted = self.cfg.sec or self.cfg.require_encryption
         reason = "static_sec" if encrypted else "static_sec_off"
         link = self.dp.add_link(
@@ -232,6 +238,36 @@ class Node:
             self.start_security(link, peer.fingerprint)
         self.notify("peer_state", st.link_entry(link))
         return link
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _re_resolve(self, peer_uid: bytes) -> None:
+        """A static peer's link went down: look its host name up again, and move the link
+        if the name now points elsewhere."""
+        if peer_uid in self._resolving or self.dp is None:
+            return
+        self._resolving.add(peer_uid)
+        try:
+            host, port = self._static_names[peer_uid]
+            loop = asyncio.get_running_loop()
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            except OSError as exc:
+                log.warning("static peer %s: cannot resolve %s again: %s",
+                            peer_uid.hex()[:12], host, exc)
+                return
+            addr = _pick(infos, host)
+            link = self.dp.link(peer_uid)
+            if link is None or addr == link.path.addr:
+                return
+            log.info("static peer %s: %s now resolves to %s; link moved", peer_uid.hex()[:12],
+                     host, addr[0])
+            self.dp.set_path(peer_uid, LinkPath(link.path.sock, addr, None, "static"))
+        finally:
+            self._resolving.discard(peer_uid)
 
     def start_security(self, link: Link, fingerprint: str | None) -> None:
         """Begin keying an encrypted link (DTLS on the link's own path)."""
@@ -329,6 +365,8 @@ class Node:
                     "size": len(pkt), "head": pkt[:64].hex(),
                 })
             elif ev.kind in ("link_down", "roamed"):
+                if ev.kind == "link_down" and ev.data["peer_uid"] in self._static_names:
+                    self._spawn(self._re_resolve(ev.data["peer_uid"]))
                 link = self.dp.link(ev.data["peer_uid"]) if self.dp else None
                 if link is not None:
                     self.notify("con_stat", {"peer_uid": link.peer_uid.hex(), "event": ev.kind,
@@ -386,7 +424,7 @@ class Node:
                 raise IpopError("create_link needs a listen_port on this node")
             encrypted = bool(params.get("sec", self.cfg.sec)) or self.cfg.require_encryption
             link = dp.add_link(
-                peer_uid=uid, path=LinkPath(sock, _sockaddr(host, port), None, "static"),
+                peer_uid=uid, path=LinkPath(sock, resolve_endpoint(host, port), None, "static"),
                 ip4=params.get("ip4"), encrypted=encrypted,
                 security_reason="api" if encrypted else "api_plain",
             )
@@ -426,6 +464,34 @@ def _uid_param(params: dict[str, Any]) -> bytes:
     if len(uid) != 20:
         raise IpopError("peer_uid must be 40 hex characters")
     return uid
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def resolve_endpoint(host: str, port: int) -> tuple[str, int]:
+    """The socket address of ``host:port``; a host name is looked up (IPv4 first).  Raises
+    IpopError when it cannot be."""
+    if _is_ip(host):
+        return _sockaddr(host, port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        raise IpopError(f"cannot resolve endpoint {host}: {exc}") from None
+    return _pick(infos, host)
+
+
+def _pick(infos: list[Any], host: str) -> tuple[str, int]:
+    if not infos:
+        raise IpopError(f"endpoint {host} resolves to no address")
+    infos = sorted(infos, key=lambda i: i[0] != socket.AF_INET)
+    addr = infos[0][4]
+    return _sockaddr(str(addr[0]), int(addr[1]))
 
 
 def _sockaddr(host: str, port: int) -> tuple[str, int]:

@@ -18,9 +18,11 @@ Signaled (``world``: prosody on the inet bridge 198.19.1.0/24)::
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -176,6 +178,44 @@ def test_tap_members_cannot_use_another_members_ip_or_mac(testbed: Testbed, tmp_
           f"drops {n1.link_to(n2)['drops']}")
     assert mac_of(n2) not in neigh
     assert ping(n1.host, "100.64.0.3", count=2) and ping(n1.host, "100.64.0.2", count=2)
+
+
+def test_hostname_endpoint_is_resolved_and_re_resolved_when_the_link_goes_down(
+        testbed: Testbed, tmp_path):
+    hosts = [testbed.add_host(f"d{i + 1}") for i in range(2)]
+    lan = testbed.add_lan("lan", hosts)
+    underlay = [lan.members[h.name] for h in hosts]
+    n1, n2 = static_mesh(hosts, tmp_path, underlay=underlay,
+                         extra={"sec": False, "keepalive_seconds": 0.5})
+    etc = Path("/etc/netns") / hosts[0].ns
+    etc.mkdir(parents=True, exist_ok=True)
+    try:
+        (etc / "hosts").write_text(f"{underlay[1]} n2.ipop.test\n")
+        n1.config["peers"][0]["endpoint"] = "n2.ipop.test:5800"
+        for node in (n1, n2):
+            node.start()
+        for node in (n1, n2):
+            node.wait_ready()
+        ping_until(n1.host, "100.64.0.2", timeout=10)
+        assert n1.link_to(n2)["endpoint"].endswith(f"{underlay[1]}:5800")
+        # n2 moves to a new underlay address; the name follows it
+        new = underlay[1].rsplit(".", 1)[0] + ".200"
+        dev = hosts[1].run(["ip", "-o", "-4", "addr", "show", "to", underlay[1]]).stdout.split()[1]
+        hosts[1].run(["ip", "addr", "del", f"{underlay[1]}/24", "dev", dev])
+        hosts[1].run(["ip", "addr", "add", f"{new}/24", "dev", dev])
+        with open(etc / "hosts", "w") as f:  # in place: the namespace's bind mount sees it
+            f.write(f"{new} n2.ipop.test\n")
+        t0 = time.monotonic()
+        wait_for(lambda: n1.link_to(n2)["endpoint"].endswith(f"{new}:5800"), timeout=15,
+                 what="link moved to the new address")
+        took = ping_until(n1.host, "100.64.0.2", timeout=10)
+        print(f"\nre-resolved and reachable {time.monotonic() - t0:.1f} s after the move "
+              f"(ping {took:.2f} s)")
+        assert "now resolves to" in n1.log()
+    finally:
+        n1.stop()
+        n2.stop()
+        shutil.rmtree(etc, ignore_errors=True)
 
 
 # ---- signaled ------------------------------------------------------------------------------
