@@ -221,7 +221,7 @@ def test_hostname_endpoint_is_resolved_and_re_resolved_when_the_link_goes_down(
 # ---- signaled ------------------------------------------------------------------------------
 
 GROUPS = {"claim": ["k1", "k2", "k3"], "sub": ["r1", "r2", "r3"], "exit": ["e1", "e2", "e3"],
-          "six": ["s1", "s2"], "six-od": ["o1", "o2"]}
+          "six": ["s1", "s2"], "six-od": ["o1", "o2"], "nat2s": ["w1", "w2"]}
 
 
 @pytest.fixture(scope="module")
@@ -370,3 +370,32 @@ def test_on_demand_opens_on_ipv6_traffic(world: World):
     took = ping_until(a.host, "2001:db8:25::2", timeout=15)
     print(f"\non-demand link opened by IPv6 traffic: first reply after {took:.2f} s")
     assert a.link_to(b) is not None
+
+
+def test_keepalives_hold_a_nat_mapping_with_a_2s_udp_timeout(world: World):
+    """W sits behind an SNAT box whose conntrack UDP timeouts are 2 s; after the link is made
+    both sides stay idle (keepalives only, every second), then ping each other for 10 s, the
+    server first (inbound through the NAT: only a live mapping lets it in)."""
+    w_host = world.tb.add_host("ww")
+    nat = world.tb.add_nat("wnat", [w_host], world.inet)
+    for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+        nat.run(["sysctl", "-q", "-w", f"net.netfilter.{key}=2"])
+    assert nat.run(["sysctl", "-n", "net.netfilter.nf_conntrack_udp_timeout"]).stdout.strip() == "2"
+    s = world.node("w1", "100.64.26.1", group="nat2s")
+    w = world.node("w2", "100.64.26.2", host=w_host, group="nat2s")
+    start_all([s, w])
+    ping_until(w.host, "100.64.26.1", timeout=20)
+    time.sleep(6)  # three timeouts' worth of nothing but keepalives
+    t0 = time.monotonic()
+    results = {}
+    for name, src, dst in (("server->w", s, "100.64.26.2"), ("w->server", w, "100.64.26.1")):
+        r = src.host.run(["ping", "-n", "-c", "10", "-i", "0.5", "-W", "1", dst], check=False,
+                         timeout=30)
+        line = next(x for x in r.stdout.splitlines() if "packets transmitted" in x)
+        results[name] = line
+    print(f"\nbehind a 2 s UDP conntrack timeout, after 6 s idle: {results} "
+          f"({time.monotonic() - t0:.1f} s of pings); link {w.link_to(s)['path']}")
+    for line in results.values():
+        sent, got = int(line.split()[0]), int(line.split()[3])
+        assert got >= sent - 1, line
+    assert w.link_to(s)["state"] == "up" and s.link_to(w)["state"] == "up"
