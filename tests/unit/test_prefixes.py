@@ -75,7 +75,8 @@ def brute(nets, addr):
     ip = ipaddress.ip_address(addr)
     best = None
     for i, n in enumerate(nets):
-        if n.version == ip.version and ip in n and (best is None or n.prefixlen > best[0].prefixlen):
+        longer = best is None or n.prefixlen > best[0].prefixlen
+        if n.version == ip.version and ip in n and longer:
             best = (n, i)
     return None if best is None else best[1]
 
