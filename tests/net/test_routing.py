@@ -221,8 +221,9 @@ def test_hostname_endpoint_is_resolved_and_re_resolved_when_the_link_goes_down(
 
 # ---- signaled ------------------------------------------------------------------------------
 
-GROUPS = {"claim": ["k1", "k2", "k3"], "sub": ["r1", "r2", "r3"], "exit": ["e1", "e2", "e3"],
-          "six": ["s1", "s2"], "six-od": ["o1", "o2"], "nat2s": ["w1", "w2"]}
+GROUPS = {"claim": ["k1", "k2", "k3"], "sub": ["r1", "r2", "r3", "r4"], "badr": ["g1", "gx"],
+          "exit": ["e1", "e2", "e3"], "six": ["s1", "s2"], "six-od": ["o1", "o2"],
+          "nat2s": ["w1", "w2"]}
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +298,16 @@ def test_subnet_router(world: World):
     assert peer_entry(b, r)["routes_refused"] == [
         {"prefix": "198.18.200.0/24", "reason": "accept_routes is false"}]
     assert not ping(b.host, "198.18.200.2", count=1, wait=1)
+    # a second router claims the same prefix: A keeps it with the first
+    r4 = world.node("r4", "100.64.22.4", group="sub", advertise_routes=["198.18.200.0/24"])
+    r4.start()
+    refused = wait_for(lambda: peer_entry(a, r4).get("routes_refused"), timeout=15,
+                       what="the second claim refused")
+    print(f"A refuses R4's copy of the prefix: {refused}")
+    assert refused == [{"prefix": "198.18.200.0/24",
+                        "reason": f"already routed to peer {r.uid[:12]}"}]
+    assert ping(a.host, "198.18.200.2", count=2)
+    r4.stop()
     # the route goes when the link goes
     r.stop()
     wait_for(lambda: "198.18.200.0/24" not in a.host.run(["ip", "route"]).stdout, timeout=15,
@@ -400,3 +411,48 @@ def test_keepalives_hold_a_nat_mapping_with_a_2s_udp_timeout(world: World):
         sent, got = int(line.split()[0]), int(line.split()[3])
         assert got >= sent - 1, line
     assert w.link_to(s)["state"] == "up" and s.link_to(w)["state"] == "up"
+
+
+ROGUE = """
+import asyncio, sys, slixmpp
+class C(slixmpp.ClientXMPP):
+    def __init__(s, jid, pw, to):
+        super().__init__(jid, pw, sasl_mech="SCRAM-SHA-1")
+        s.to = to
+        s.enable_direct_tls = False; s.enable_starttls = False; s.enable_plaintext = True
+        s["feature_mechanisms"].unencrypted_scram = True
+        s.add_event_handler("session_start", s.go)
+    async def go(s, _):
+        s.send_presence()
+        for line in sys.stdin.read().split("\\n<<>>\\n"):
+            s.send_message(mto=s.to, mbody=line, mtype="chat")
+        await asyncio.sleep(1); s.disconnect()
+c = C(*sys.argv[2:5]); c.connect(host=sys.argv[1], port=5222)
+asyncio.get_event_loop().run_until_complete(c.disconnected)
+"""
+
+
+def test_bad_routes_from_signaling_are_refused_with_the_reason(world: World):
+    from .world import DOMAIN, PASSWORD
+
+    g = world.node("g1", "100.64.27.1", group="badr", accept_routes=True)
+    start_all([g])
+    head = ('{"v":1,"type":"con_req","uid":"' + "a" * 40 + '","overlay_id":"badr",'
+            '"ip4":"100.64.27.9","fingerprint":"sha-256 ' + ":".join(["AA"] * 32) + '",')
+    bodies = [head + '"routes":["198.18.200.1/24"]}',
+              head + '"routes":[' + ",".join(f'"198.18.{i}.0/24"' for i in range(65)) + "]}",
+              head + '"routes":"198.18.200.0/24"}',
+              head + '"routes":["banana"]}']
+    sender = world.host("gx")
+    r = sender.run([sys.executable, "-c", ROGUE, world.server_ip, f"gx@{DOMAIN}", PASSWORD,
+                    f"g1@{DOMAIN}"], input="\n<<>>\n".join(bodies), check=False, timeout=30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    xmpp = wait_for(lambda: (x := g.status()["node"]["xmpp"])["drops"] and x, timeout=10,
+                    what="refusals counted")
+    wait_for(lambda: sum(g.status()["node"]["xmpp"]["drops"].values()) >= 4, timeout=10,
+             what="four refusals")
+    xmpp = g.status()["node"]["xmpp"]
+    print(f"\nrefused: drops {xmpp['drops']}, last {xmpp['last_refused']}")
+    assert "routes" in xmpp["last_refused"]["reason"]
+    assert g.proc is not None and g.proc.poll() is None
+    assert g.log().count("routes") >= 1 and "Traceback" not in g.log()

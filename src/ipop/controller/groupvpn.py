@@ -565,7 +565,8 @@ class GroupVPN(SignalListener):
 
     def node_status(self) -> dict[str, Any]:
         drops = dict(self.backend.drops) if self.backend is not None else {}
+        refused = self.backend.last_refused if self.backend is not None else None
         return {"xmpp": {"jid": self.cfg.xmpp_username, "connected": self.connected,
-                         "error": self.signal_error, "drops": drops,
+                         "error": self.signal_error, "drops": drops, "last_refused": refused,
                          "counters": dict(self.counters)},
                 "controller": self.name}

@@ -99,6 +99,8 @@ class SignalBackend(abc.ABC):
         self.listener = listener
         self.drops: dict[str, int] = {}
         """Messages dropped, by reason (sending and receiving)."""
+        self.last_refused: dict[str, str] | None = None
+        """The last message refused as malformed: its sender and why (shown in status)."""
 
     def count_drop(self, reason: str) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + 1

@@ -556,6 +556,7 @@ class XmppSignal(SignalBackend):
             msg = SignalMessage.parse(body)
         except MalformedMessage as exc:
             self.count_drop(exc.reason)
+            self.last_refused = {"from": full, "reason": str(exc)}
             if self._log_limit.allow(full, now):
                 log.warning("xmpp: ignored a malformed message from %s: %s", full, exc)
             return

@@ -137,7 +137,11 @@ def _routes(value: object) -> tuple[str, ...]:
         try:
             net = ipaddress.ip_network(item, strict=True)
         except ValueError:
-            raise _fail(f"routes item {item!r} is not a prefix (host bits must be zero)") from None
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise _fail(f"routes item {item!r} is not a prefix") from None
+            raise _fail(f"routes item {item!r} has host bits set") from None
         text = str(net)
         if text not in out:
             out.append(text)
