@@ -47,7 +47,10 @@ class Peer(BaseModel):
     model_config = ConfigDict(extra="forbid")
     uid: str = Field(description="40 hex characters: the peer's UID (`ipop id` prints it)")
     ip4: str = Field(description="the peer's overlay IPv4 address")
-    endpoint: str = Field(description="underlay host:port where the peer listens")
+    endpoint: str | None = Field(
+        default=None, description="underlay host:port where the peer listens (a host name is "
+        "resolved at start and again when the link goes down); none: a road-warrior peer whose "
+        "address is learned from its first authenticated frame (encrypted links only)")
     fingerprint: str | None = Field(default=None, description="the peer's certificate fingerprint")
     mac: str | None = Field(default=None, description="the peer's TAP MAC, learned if absent")
     ip6: str | None = Field(default=None, description="the peer's overlay IPv6 address")
@@ -83,8 +86,9 @@ class Peer(BaseModel):
 
     @field_validator("endpoint")
     @classmethod
-    def _endpoint(cls, v: str) -> str:
-        parse_endpoint(v)
+    def _endpoint(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_endpoint(v)
         return v
 
     @field_validator("fingerprint")
@@ -233,6 +237,12 @@ class Config(BaseModel):
                              "switchmode 0 (TUN)")
         if self.peers and self.listen_port == 0:
             raise ValueError("listen_port: static peers need a fixed listen_port")
+        for i, p in enumerate(self.peers):
+            if p.endpoint is None and not (self.sec or self.require_encryption):
+                raise ValueError(
+                    f"peers: peers[{i}] has no endpoint and its link would be plain: nothing "
+                    "would authenticate the address it is learned from (give an endpoint, or "
+                    "set sec)")
         for i, net in enumerate(self.advertise_routes):
             if not ipaddress.ip_network(net).prefixlen:
                 continue  # an exit node: 0.0.0.0/0, ::/0

@@ -29,11 +29,13 @@ from ipop.dataplane.kroutes import Snat, enable_forwarding
 from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
+from ipop.wire import hello
 from ipop.wire.nat44 import Translator
 from ipop.wire.prefixes import Net
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
+HELLO_INTERVAL = 1.0  # seconds between hellos on a static link that waits for keys
 
 
 class Controller(Protocol):
@@ -70,6 +72,7 @@ class Node:
         # static peers whose endpoint is a host name: re-resolved when their link goes down
         self._static_names: dict[bytes, tuple[str, int]] = {}
         self._resolving: set[bytes] = set()
+        self._static_fpr: dict[bytes, str | None] = {}  # static peers' fingerprints
         self._tasks: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle
@@ -166,10 +169,49 @@ class Node:
                 log.exception("tick failed")
 
     def _tick_sessions(self, now: float) -> None:
-        """Drive handshake retransmits and rekeys; report frames that show a sec mismatch."""
+        """Drive handshake retransmits and rekeys; report frames that show a sec mismatch;
+        say hello on static links that wait for keys (a road-warrior peer learns where we are)."""
         if self.keying is not None and self.dp is not None:
             self.keying.tick(now)
             self.keying.watch_plain(self.dp.table.links)
+            for link in self.dp.table.links:
+                session = link.session
+                if (link.encrypted and link.path.kind == "static" and link.path.addr[1]
+                        and (session is None or not session.ready or link.down)
+                        and now - link.hello_at >= HELLO_INTERVAL):
+                    link.hello_at = now
+                    link.send_frame([hello.pack(self.dp.uid, link.peer_uid)])
+
+    def _on_hello(self, ev: Event) -> bool:
+        """A hello (``ipop.wire.hello``) on the static port: if it names a road-warrior peer
+        whose address is unknown (or whose link went down), try that address: move the link
+        there and start its handshake over.  Nothing is trusted until the handshake checks the
+        certificate; roaming after that follows authenticated frames only."""
+        if self.dp is None or ev.data["sock"] is not self.listen_sock:
+            return False
+        uid = hello.parse(ev.data["data"], self.dp.uid)
+        if uid is None:
+            return False
+        link = self.dp.link(uid)
+        if link is None or uid not in self._static_fpr:
+            return True
+        session = link.session
+        keyed = session is not None and session.ready
+        if not link.awaiting_endpoint or (keyed and not link.down):
+            return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
+        addr: tuple[str, int] = ev.data["addr"]
+        now = time.monotonic()
+        if addr == link.path.addr and not link.down:
+            return True  # the handshake there is under way
+        if now - link.hello_at < HELLO_INTERVAL / 2:
+            return True  # at most two tries a second
+        link.hello_at = now
+        log.info("road-warrior peer %s: trying %s:%d for its handshake", uid.hex()[:12],
+                 addr[0], addr[1])
+        self.dp.set_path(uid, LinkPath(ev.data["sock"], addr, None, "static"))
+        if link.encrypted:
+            self.start_security(link, self._static_fpr[uid])
+        return True
 
     # ---- routing: subnet routers, exit nodes
     def start_routing(self) -> None:
@@ -214,10 +256,13 @@ class Node:
         peer = self.cfg.peers[index]
         if self.listen_sock is None:
             raise ConfigError("listen_port", "static peers need a listen_port")
-        host, port = parse_endpoint(peer.endpoint)
-        addr = resolve_endpoint(host, port)
-        if not _is_ip(host):
-            self._static_names[bytes.fromhex(peer.uid)] = (host, port)
+        if peer.endpoint is None:  # a road warrior: learned from its first authenticated frame
+            addr = ("::", 0)
+        else:
+            host, port = parse_endpoint(peer.endpoint)
+            addr = resolve_endpoint(host, port)
+            if not _is_ip(host):
+                self._static_names[bytes.fromhex(peer.uid)] = (host, port)
         encrypted = self.cfg.sec or self.cfg.require_encryption
         reason = "static_sec" if encrypted else "static_sec_off"
         link = self.dp.add_link(
@@ -227,6 +272,8 @@ class Node:
             encrypted=encrypted, security_reason=reason,
             nets=tuple(ipaddress.ip_network(n) for n in peer.allowed_ips),
         )
+        link.awaiting_endpoint = peer.endpoint is None
+        self._static_fpr[link.peer_uid] = peer.fingerprint
         # as wg-quick: a /0 in allowed_ips (or exit_node naming the peer) routes the default
         # through it, by policy routing
         if self.cfg.exit_node in (peer.uid, peer.ip4, peer.ip6) or any(
@@ -350,6 +397,8 @@ class Node:
                 return
             if ev.kind == "control_datagram":
                 data: bytes = ev.data["data"]
+                if data and data[0] <= 3 and self._on_hello(ev):
+                    return
                 if (20 <= data[0] <= 63 and self.keying is not None
                         and self.keying.on_dtls(ev.data["peer_uid"], data)):
                     return

@@ -219,6 +219,57 @@ def test_hostname_endpoint_is_resolved_and_re_resolved_when_the_link_goes_down(
         shutil.rmtree(etc, ignore_errors=True)
 
 
+@pytest.mark.parametrize("rw_client", [True, False], ids=["rw-dtls-client", "rw-dtls-server"])
+def test_road_warrior_behind_snat_with_2s_udp_timeout(testbed: Testbed, tmp_path, rw_client):
+    """S lists W without an endpoint; W, behind an SNAT box whose conntrack UDP timeouts are
+    2 s, knows S's.  W's hello makes S try W's mapped address for the handshake; the link is
+    keyed, and both sides ping each other for 10 s (keepalives every 0.5 s hold the mapping).
+    Both DTLS roles: W as the client (lower UID) and as the server."""
+    from ipop.crypto.identity import load_or_create
+    from ipop.testbed.nodes import NodeProc
+
+    s_host, w_host = testbed.add_host("rs"), testbed.add_host("rw")
+    lan = testbed.add_lan("inet", [s_host])
+    nat = testbed.add_nat("rnat", [w_host], lan)
+    for key in ("nf_conntrack_udp_timeout", "nf_conntrack_udp_timeout_stream"):
+        nat.run(["sysctl", "-q", "-w", f"net.netfilter.{key}=2"])
+    common = {"ip4_mask": 24, "listen_port": 5800, "sec": True, "keepalive_seconds": 0.5}
+    s = NodeProc(s_host, tmp_path, "s", {"ip4": "100.64.28.1", **common})
+    w = NodeProc(w_host, tmp_path, "w", {"ip4": "100.64.28.2", **common})
+    while (w.uid < s.uid) != rw_client:
+        shutil.rmtree(w.state_dir)
+        w.identity = load_or_create(w.state_dir)
+    s.config["peers"] = [{"uid": w.uid, "ip4": "100.64.28.2", "fingerprint": w.fingerprint}]
+    w.config["peers"] = [{"uid": s.uid, "ip4": "100.64.28.1", "fingerprint": s.fingerprint,
+                          "endpoint": f"{lan.members['rs']}:5800"}]
+    try:
+        t0 = time.monotonic()
+        for node in (s, w):
+            node.start()
+        for node in (s, w):
+            node.wait_ready()
+        took = ping_until(w.host, "100.64.28.1", timeout=20)
+        ping_until(s.host, "100.64.28.2", timeout=10)
+        learned = s.link_to(w)
+        results = {}
+        for name, src, dst in (("s->w", s, "100.64.28.2"), ("w->s", w, "100.64.28.1")):
+            r = src.host.run(["ping", "-n", "-c", "10", "-i", "1", "-W", "1", dst],
+                             check=False, timeout=30)
+            results[name] = next(x for x in r.stdout.splitlines() if "transmitted" in x)
+        print(f"\nrw_client={rw_client}: linked {took:.2f} s after start "
+              f"({time.monotonic() - t0:.1f}); S learned {learned['endpoint']} "
+              f"(security {learned['security']}); {results}")
+        assert learned["security"] == "dtls" and learned["state"] == "up"
+        assert nat.addr in learned["endpoint"]  # W's address as its NAT maps it
+        for line in results.values():
+            sent, got = int(line.split()[0]), int(line.split()[3])
+            assert got >= sent - 1, line
+        assert "trying" in s.log()
+    finally:
+        s.stop()
+        w.stop()
+
+
 # ---- signaled ------------------------------------------------------------------------------
 
 GROUPS = {"claim": ["k1", "k2", "k3"], "sub": ["r1", "r2", "r3", "r4"], "badr": ["g1", "gx"],

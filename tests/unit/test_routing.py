@@ -210,6 +210,8 @@ BASE = {"ip4": "100.64.0.1", "ip4_mask": 24, "ip6": "2001:db8::1/64"}
     ({"listen_port": 5000, "sec": False, "peers": [{
         "uid": "a" * 40, "ip4": "100.64.0.2", "endpoint": "198.18.0.2:5000",
         "allowed_ips": ["100.64.0.0/25"]}]}, "peers"),
+    ({"listen_port": 5000, "sec": False, "peers": [{"uid": "a" * 40, "ip4": "100.64.0.2"}]},
+     "peers"),
 ])
 def test_bad_routing_config_names_the_key(extra, key):
     with pytest.raises(ConfigError) as err:
@@ -226,3 +228,23 @@ def test_good_routing_config():
     assert cfg.advertise_routes == ["198.18.200.0/24", "0.0.0.0/0"]
     assert cfg.accept_routes == ["198.18.0.0/15"] and cfg.exit_node == "100.64.0.9"
     assert validate(BASE)[0].accept_routes is False
+
+
+def test_road_warrior_peer_needs_encryption():
+    peer = {"uid": "a" * 40, "ip4": "100.64.0.2", "fingerprint": "sha-256 " + ":".join(["AB"] * 32)}
+    cfg, _ = validate({**BASE, "listen_port": 5000, "sec": True, "peers": [peer]})
+    assert cfg.peers[0].endpoint is None
+    with pytest.raises(ConfigError, match="no endpoint and its link would be plain"):
+        validate({**BASE, "listen_port": 5000, "sec": False, "peers": [peer]})
+
+
+def test_hello_vectors():
+    from ipop.wire import hello
+
+    a, b = bytes(range(20)), bytes(range(20, 40))
+    msg = hello.pack(a, b)
+    assert msg[:2] == b"\x00\x01" and msg[4:8] == bytes.fromhex("2112a442") and len(msg) == 76
+    assert hello.parse(msg, b) == a
+    assert hello.parse(msg, a) is None  # meant for someone else
+    for bad in (b"", msg[:30], msg + b"x", b"\x01" + msg[1:], msg[:8] + b"x" * 12 + msg[20:]):
+        assert hello.parse(bad, b) is None

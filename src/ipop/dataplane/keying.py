@@ -114,5 +114,7 @@ class Keying:
 
     @staticmethod
     def _send(link: Link, datagrams: list[bytes]) -> None:
+        if not link.path.addr[1]:
+            return  # a road-warrior peer whose address is not known yet: nowhere to send
         for d in datagrams:
             link.send_frame([d])

@@ -162,6 +162,10 @@ class Link:
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
         self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+        # a road-warrior peer (static, no endpoint): its address is not known yet; set on the
+        # control thread, cleared when the link is keyed
+        self.awaiting_endpoint = False
+        self.hello_at = 0.0  # control thread: when the last hello hint went out or came in
 
     def set_nets(self, nets: tuple[Net, ...]) -> None:
         """The prefixes this link carries besides the peer's own addresses (control thread;
