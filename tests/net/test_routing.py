@@ -265,6 +265,19 @@ def test_road_warrior_behind_snat_with_2s_udp_timeout(testbed: Testbed, tmp_path
             sent, got = int(line.split()[0]), int(line.split()[3])
             assert got >= sent - 1, line
         assert "trying" in s.log()
+        # W roams: its NAT now maps it to another port; S follows the first frame from there
+        # that authenticates (a sealed keepalive)
+        nat.run(["nft", "-f", "-"], input=(
+            "table ip roam {\n  chain post {\n"
+            "    type nat hook postrouting priority 99; policy accept;\n"
+            f'    oifname "{nat.out_dev}" meta l4proto udp masquerade to :20000-20100\n'
+            "  }\n}\n"))
+        nat.flush_conntrack()
+        t1 = time.monotonic()
+        moved = wait_for(lambda: ":200" in (e := s.link_to(w)["endpoint"]) and e, timeout=10,
+                         what="S follows W to its new mapping")
+        assert ping(s.host, "100.64.28.2", count=3) and ping(w.host, "100.64.28.1", count=3)
+        print(f"roamed to {moved} {time.monotonic() - t1:.1f} s after the NAT changed")
     finally:
         s.stop()
         w.stop()
