@@ -248,3 +248,72 @@ def test_hello_vectors():
     assert hello.parse(msg, a) is None  # meant for someone else
     for bad in (b"", msg[:30], msg + b"x", b"\x01" + msg[1:], msg[:8] + b"x" * 12 + msg[20:]):
         assert hello.parse(bad, b) is None
+
+
+# ---- the inbound checks, driven in memory (the fuzz harness's Inbound, links and sessions)
+def _harness():
+    import importlib.util
+    import sys
+    from pathlib import Path as FsPath
+
+    root = FsPath(__file__).resolve().parents[2]
+    path = root / "fuzz" / "fuzz_frames.py"
+    spec = importlib.util.spec_from_file_location("fuzz_frames_rt", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module, module.Harness()
+
+
+def _super(src: str) -> bytes:
+    """A vnet header and an IPv4/TCP packet from ``src`` (what a train carries)."""
+    ip = bytearray(ip4_packet(src, "100.64.0.1"))
+    ip[3] = 40  # total length: IP + TCP header
+    ip[9] = 6  # TCP
+    tcp = bytes([0x10, 0x00, 0x00, 0x50]) + bytes(8) + b"\x50\x10" + bytes(6)
+    return bytes(10) + bytes(ip) + tcp
+
+
+@pytest.mark.parametrize(("src", "delivered"), [("100.64.0.3", True), ("100.64.0.2", False),
+                                                ("198.18.200.9", False)])
+def test_a_sealed_train_is_source_checked_once(src, delivered):
+    from ipop.wire import header as wh
+    from ipop.wire import train as wt
+
+    fz, h = _harness()
+    hdr = wh.pack(wh.T_TRAIN_SEALED, fz.SEALED_PEER, fz.LOCAL)
+    sealed = h.peer_session.seal(hdr, _super(src))
+    dgram = hdr + wt.TRAIN.pack(7, 0, 1) + sealed
+    out: list = []
+    h.inbound._demux(h.sock, memoryview(dgram), fz.SEALED_ADDR, None, out, [], None)
+    assert bool(out) is delivered
+    spoofed = h.sealed.stats.drops.get("spoofed_source", 0)
+    assert spoofed == (0 if delivered else 1)
+    assert h.inbound.drops.get("spoofed_source", 0) == spoofed
+
+
+def test_a_carried_prefix_lets_a_train_through():
+    from ipop.wire import header as wh
+    from ipop.wire import train as wt
+
+    fz, h = _harness()
+    h.sealed.set_nets((parse_prefix("198.18.200.0/24"),))
+    hdr = wh.pack(wh.T_TRAIN_SEALED, fz.SEALED_PEER, fz.LOCAL)
+    dgram = hdr + wt.TRAIN.pack(8, 0, 1) + h.peer_session.seal(hdr, _super("198.18.200.9"))
+    out: list = []
+    h.inbound._demux(h.sock, memoryview(dgram), fz.SEALED_ADDR, None, out, [], None)
+    assert out and not h.sealed.stats.drops.get("spoofed_source")
+
+
+def test_a_plain_datagram_is_source_checked():
+    fz, h = _harness()
+    from ipop.wire import header as wh
+
+    hdr = wh.pack(wh.T_DATA, fz.PLAIN_PEER, fz.LOCAL)
+    for src, ok in (("100.64.0.2", True), ("100.64.0.3", False), ("2001:db8::9", False)):
+        pkt = ip6_packet(src) if ":" in src else ip4_packet(src)
+        out: list = []
+        h.inbound._demux(h.sock, memoryview(hdr + pkt), fz.PLAIN_ADDR, None, out, [], None)
+        assert bool(out) is ok, src
+    assert h.plain.stats.drops["spoofed_source"] == 2
