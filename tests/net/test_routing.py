@@ -99,11 +99,15 @@ def test_spoofed_sources_are_dropped_and_counted(testbed: Testbed, tmp_path, sec
         node.config["ip6"] = f"2001:db8::{i + 1}/64"
         for j, k in enumerate(k for k in range(3) if k != i):
             node.config["peers"][j]["ip6"] = f"2001:db8::{k + 1}"
+    # n1 lets n2 carry a LAN (WireGuard's AllowedIPs): its sources pass, kernel routes appear
+    nodes[0].config["peers"][0]["allowed_ips"] = ["198.18.210.0/24", "2001:db8:210::/48"]
     for node in nodes:
         node.start()
     for node in nodes:
         node.wait_ready()
     n1, n2, n3 = nodes
+    routes = n1.host.run(["ip", "route"]).stdout + n1.host.run(["ip", "-6", "route"]).stdout
+    assert "198.18.210.0/24 dev ipop0" in routes and "2001:db8:210::/48 dev ipop0" in routes
     for other in (n2, n3):
         ping_until(n1.host, other.config["ip4"], timeout=15)
         ping_until(n1.host, other.config["ip6"].split("/")[0], timeout=15)
@@ -115,6 +119,8 @@ def test_spoofed_sources_are_dropped_and_counted(testbed: Testbed, tmp_path, sec
                  "2001:db8::1", "25", "SPOOF"])
     n2.host.run([sys.executable, "-c", SPOOF, "100.64.0.2", "100.64.0.1", "2001:db8::2",
                  "2001:db8::1", "25", "REAL"])
+    n2.host.run([sys.executable, "-c", SPOOF, "198.18.210.5", "100.64.0.1", "2001:db8:210::5",
+                 "2001:db8::1", "5", "LAN"])
     got = json.loads(listener.stdout.readline())
     listener.wait(10)
     counters = n1.status()["node"]["counters"]["drops"]
@@ -123,6 +129,7 @@ def test_spoofed_sources_are_dropped_and_counted(testbed: Testbed, tmp_path, sec
     print(f"\nsec={sec}: delivered {got}; node drops {counters}; link drops {link['drops']}")
     assert "SPOOF4" not in got and "SPOOF6" not in got
     assert got.get("REAL4", 0) >= 20 and got.get("REAL6", 0) >= 20  # genuine traffic flows
+    assert got.get("LAN4", 0) >= 4 and got.get("LAN6", 0) >= 4  # n2's allowed_ips
     assert counters.get("spoofed_source", 0) >= 40
     assert link["drops"].get("spoofed_source", 0) >= 40
     assert "not an address or prefix this peer may use" in n1.log()
