@@ -392,6 +392,12 @@ def test_exit_node(world: World):
     e_host = world.host("ee")
     far = world.tb.add_host("ef")
     world.tb.connect(e_host, far, subnet="198.18.201.0/24")  # E .1, F .2
+    dev_e = e_host.run(["ip", "-o", "-4", "addr", "show", "to", "198.18.201.1"]).stdout.split()[1]
+    dev_f = far.run(["ip", "-o", "-4", "addr", "show", "to", "198.18.201.2"]).stdout.split()[1]
+    # the test bed's underlay is IPv4 only: this one veth also carries 2001:db8:201::/64
+    for host, dev, addr in ((e_host, dev_e, "2001:db8:201::1"), (far, dev_f, "2001:db8:201::2")):
+        host.run(["sysctl", "-q", "-w", f"net.ipv6.conf.{dev}.disable_ipv6=0"])
+        host.run(["ip", "addr", "add", f"{addr}/64", "dev", dev, "nodad"])
     c_host = world.tb.add_host("ec")
     nat = world.tb.add_nat("enat", [c_host], world.inet)
     gw = nat.inside.gateway if hasattr(nat.inside, "gateway") else None
@@ -399,10 +405,11 @@ def test_exit_node(world: World):
     via = route[route.index("via") + 1] if "via" in route else gw
     c_host.run(["ip", "route", "del", "198.18.0.0/15"])
     c_host.run(["ip", "route", "add", "default", "via", str(via)])
-    e = world.node("e1", "100.64.23.1", host=e_host, group="exit",
-                   advertise_routes=["0.0.0.0/0"], snat_routes=True)
-    d = world.node("e2", "100.64.23.2", group="exit")
-    c = world.node("e3", "100.64.23.3", host=c_host, group="exit", exit_node="100.64.23.1")
+    e = world.node("e1", "100.64.23.1", host=e_host, group="exit", ip6="2001:db8:23::1/64",
+                   advertise_routes=["0.0.0.0/0", "::/0"], snat_routes=True)
+    d = world.node("e2", "100.64.23.2", group="exit", ip6="2001:db8:23::2/64")
+    c = world.node("e3", "100.64.23.3", host=c_host, group="exit", exit_node="100.64.23.1",
+                   ip6="2001:db8:23::3/64")
     start_all([e, d, c])
     took = ping_until(c.host, "100.64.23.1", timeout=25)
     ping_until(c.host, "100.64.23.2", timeout=25)
@@ -413,16 +420,20 @@ def test_exit_node(world: World):
     assert "suppress_prefixlength 0" in rules and world.server_ip in rules
     reach = ping_until(c.host, "198.18.201.2", timeout=10)
     assert ping(c.host, "198.18.201.2", count=5)
+    assert "default dev ipop0" in c.host.run(["ip", "-6", "route", "show", "table",
+                                              "26992"]).stdout
+    reach6 = ping_until(c.host, "2001:db8:201::2", timeout=10)
     time.sleep(4)  # several keepalive rounds (1 s) with the exit route in place
     state = c.status()
     links = {lk["peer_uid"]: lk for lk in state["links"]}
     print(f"\nC: first overlay reply {took:.2f} s; F reachable after {reach:.2f} s more; "
+          f"IPv6 after {reach6:.2f} s; "
           f"links {[(lk['overlay_ip'], lk['state'], lk['path']) for lk in links.values()]}; "
           f"xmpp connected {state['node']['xmpp']['connected']}")
     assert links[e.uid]["state"] == "up" and links[d.uid]["state"] == "up"
     assert state["node"]["xmpp"]["connected"]
     assert ping(c.host, "100.64.23.2", count=2)
-    assert peer_entry(c, e)["routes"] == ["0.0.0.0/0"]
+    assert peer_entry(c, e)["routes"] == ["0.0.0.0/0", "::/0"]
     # D did not opt in: the exit node's default route is refused there, with the reason
     assert peer_entry(d, e)["routes_refused"][0]["prefix"] == "0.0.0.0/0"
     c.stop()
