@@ -479,7 +479,18 @@ def test_keepalives_hold_a_nat_mapping_with_a_2s_udp_timeout(world: World):
     w = world.node("w2", "100.64.26.2", host=w_host, group="nat2s")
     start_all([s, w])
     ping_until(w.host, "100.64.26.1", timeout=20)
-    time.sleep(6)  # three timeouts' worth of nothing but keepalives
+    # three timeouts' worth of nothing but keepalives: the mapping must never lapse
+    w_in, s_addr = w_host.addr, s.host.addr
+    samples, held = 0, 0
+    end = time.monotonic() + 6
+    while time.monotonic() < end:
+        table = nat.run(["conntrack", "-L", "-p", "udp", "-s", w_in, "-d", s_addr],
+                        check=False).stdout
+        samples += 1
+        held += "ASSURED" in table or "udp" in table
+        time.sleep(0.2)
+    print(f"\nthe mapping was there in {held} of {samples} samples over 6 s")
+    assert held == samples
     t0 = time.monotonic()
     results = {}
     for name, src, dst in (("server->w", s, "100.64.26.2"), ("w->server", w, "100.64.26.1")):
