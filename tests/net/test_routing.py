@@ -258,6 +258,15 @@ def test_road_warrior_behind_snat_with_2s_udp_timeout(testbed: Testbed, tmp_path
         took = ping_until(w.host, "100.64.28.1", timeout=20)
         ping_until(s.host, "100.64.28.2", timeout=10)
         learned = s.link_to(w)
+        held = samples = 0
+        end = time.monotonic() + 5  # idle but for keepalives: the mapping holds
+        while time.monotonic() < end:
+            table = nat.run(["conntrack", "-L", "-p", "udp", "-s", w_host.addr, "-d",
+                             lan.members["rs"]], check=False).stdout
+            samples += 1
+            held += "udp" in table
+            time.sleep(0.2)
+        assert held == samples, f"mapping lapsed in {samples - held} of {samples} samples"
         results = {}
         for name, src, dst in (("s->w", s, "100.64.28.2"), ("w->s", w, "100.64.28.1")):
             r = src.host.run(["ping", "-n", "-c", "10", "-i", "1", "-W", "1", dst],
