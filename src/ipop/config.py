@@ -243,6 +243,13 @@ class Config(BaseModel):
                     f"peers: peers[{i}] has no endpoint and its link would be plain: nothing "
                     "would authenticate the address it is learned from (give an endpoint, or "
                     "set sec)")
+        if self.switchmode:
+            for key, value in (("advertise_routes", self.advertise_routes),
+                               ("accept_routes", self.accept_routes),
+                               ("exit_node", self.exit_node)):
+                if value:
+                    raise ValueError(f"{key}: subnet routes and exit nodes need switchmode 0 "
+                                     "(TUN)")
         for i, net in enumerate(self.advertise_routes):
             if not ipaddress.ip_network(net).prefixlen:
                 continue  # an exit node: 0.0.0.0/0, ::/0

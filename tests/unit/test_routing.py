@@ -204,6 +204,8 @@ BASE = {"ip4": "100.64.0.1", "ip4_mask": 24, "ip6": "2001:db8::1/64"}
     ({"accept_routes": "yes"}, "accept_routes"),
     ({"accept_routes": ["nope"]}, "accept_routes"),
     ({"exit_node": "bob"}, "exit_node"),
+    ({"switchmode": 1, "accept_routes": True}, "accept_routes"),
+    ({"switchmode": 1, "advertise_routes": ["198.18.200.0/24"]}, "advertise_routes"),
     ({"listen_port": 5000, "sec": False, "peers": [{
         "uid": "a" * 40, "ip4": "100.64.0.2", "endpoint": "198.18.0.2:5000",
         "allowed_ips": ["198.18.0.0/33"]}]}, "peers[0].allowed_ips"),

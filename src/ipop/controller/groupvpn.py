@@ -485,6 +485,7 @@ class GroupVPN(SignalListener):
             self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
                                                overlay_id=self.overlay_id))
         log.info("link to %s removed: %s", peer.jid, why)
+        peer.routes = []  # its routes went with its link
         peer.enter(LinkState.IDLE, self._now())
         peer.retry_at = self._now() + (0.5 if peer.online else 0)
         self.node.notify("con_stat", {"peer": peer.jid, "uid": peer.uid, "event": "removed",
