@@ -108,7 +108,7 @@ class DataPlane:
         if ip6:
             overlay.append(ipaddress.IPv6Interface(ip6).network)
         self.overlay = tuple(overlay)
-        self.inbound.overlay = PrefixSet(overlay)
+        self.inbound.sources.overlay = PrefixSet(overlay)
         self.kroutes = KernelRoutes(interface)
         self.sockets: list[socket.socket] = []
         self.exit_via: bytes | None = None  # the peer UID our default route goes through

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import ipaddress
 import logging
 import os
 import queue
@@ -48,16 +47,14 @@ from typing import Any
 
 from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
 from ipop.dataplane.link import CryptoSession, Link, standalone
+from ipop.dataplane.sources import SourceCheck
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.dataplane.udpio import RECV_BUFFER, enable_gro, recv_batch, split_gro
 from ipop.errors import RemoteProtocolError
-from ipop.ratelimit import TokenBucket
 from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
-from ipop.wire import packet as wp
 from ipop.wire import train as wt
-from ipop.wire.prefixes import PrefixSet
 from ipop.wire.vnet import F_NEEDS_CSUM, VNET_HDR_LEN
 from ipop.wire.vnet import PLAIN as PLAIN_VNET
 from ipop.wire.vnet import parse as vnet_parse
@@ -71,8 +68,6 @@ SLABS = 32
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
 LOSS_REPORT_GAP = 0.05  # seconds between two reports of lost trains to one peer
-SPOOF_LOG_RATE = 1.0  # log lines a second, at most, about packets from sources not allowed
-SPOOF_LOG_BURST = 5
 
 log = logging.getLogger("ipop.dataplane")
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
@@ -128,8 +123,7 @@ class Inbound:
         self.queued = 0  # batches handed to the writer (written by the rx thread only)
         self.done = 0  # batches the writer finished (written by the writer thread only)
         self.gro_missing = False
-        self.overlay = PrefixSet()  # the overlay prefixes (TAP source checks); set by the facade
-        self._spoof_log = TokenBucket(SPOOF_LOG_RATE, SPOOF_LOG_BURST)
+        self.sources = SourceCheck(dev, table, self.drops)  # cryptokey routing
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
 
@@ -367,7 +361,7 @@ class Inbound:
         # one source check per merged run: a run's headers are all equal but for seq and id
         for iov in iovs:
             if not link.source_ok(iov[1]):
-                return self._spoofed_iovs(link, iovs)
+                return self.sources.filter(link, iovs)
         return iovs
 
     def _demux(
@@ -469,10 +463,10 @@ class Inbound:
                 link.xlat.rx(writable, is_partial)
                 payload = writable
             if self.dev.tap:
-                if not self._tap_ok(link, payload):
+                if not self.sources.tap_ok(link, payload):
                     return
             elif not link.source_ok(payload):
-                self._spoofed(link, payload)
+                self.sources.spoofed(link, payload)
                 return
             out.append(payload)
             partial.append(is_partial)
@@ -598,64 +592,9 @@ class Inbound:
         else:
             iov = [vnet, memoryview(blob)[VNET_HDR_LEN:]]
         if not link.source_ok(iov[1]):
-            self._spoofed(link, iov[1])
+            self.sources.spoofed(link, iov[1])
             return None
         return iov
-
-    # ---- sources (cryptokey routing)
-    def _spoofed(self, link: Link, pkt: Any, why: str = "") -> None:
-        """Count (node-wide and per link) and log, at a bounded rate, an inner packet whose
-        source the sending peer may not use.  IPv6 link-local sources (what a kernel sends
-        on its own, e.g. MLD reports) are dropped too, but counted apart and not logged."""
-        if not self.dev.tap and len(pkt) >= 40 and pkt[0] >> 4 == 6 and pkt[8] == 0xFE and (
-                pkt[9] & 0xC0) == 0x80:
-            self.drops["link_local_source"] += 1
-            return
-        self.drops["spoofed_source"] += 1
-        link.stats.drops["spoofed_source"] += 1
-        if self._spoof_log.take(time.monotonic()):
-            log.warning("link %s: dropped a packet from %s: %s", link.peer_uid.hex()[:12],
-                        _source_text(pkt, self.dev.tap),
-                        why or "not an address or prefix this peer may use")
-
-    def _spoofed_iovs(self, link: Link, iovs: list[list[Any]]) -> list[list[Any]]:
-        kept = []
-        for iov in iovs:
-            if link.source_ok(iov[1]):
-                kept.append(iov)
-            else:
-                self._spoofed(link, iov[1])
-        return kept
-
-    def _tap_ok(self, link: Link, frame: Any) -> bool:
-        """TAP: a member sends only from MACs no other member (nor this node) holds, and an ARP
-        or IP sender inside the overlay prefix must be one of its own addresses; learns the
-        source MAC."""
-        if len(frame) < wp.ETH_HLEN:
-            return True  # the device drops a runt; nothing to claim
-        src_mac = bytes(frame[6:12])
-        if src_mac[0] & 1 or src_mac == self.dev.mac or not self.table.learn_mac(src_mac, link):
-            self._spoofed(link, frame, "source MAC of this node or another member")
-            return False
-        ethertype = (frame[12] << 8) | frame[13]
-        sender: bytes | None = None
-        if ethertype == wp.ETH_P_ARP:
-            arp = wp.arp_parse(frame[wp.ETH_HLEN:])
-            if arp is not None:
-                sha, sender = arp[1], arp[2]
-                held = self.table.by_mac.get(sha)
-                if sha == self.dev.mac or (held is not None and held is not link):
-                    self._spoofed(link, frame, "ARP sender MAC of another member")
-                    return False
-        elif ethertype == wp.ETH_P_IP and len(frame) >= wp.ETH_HLEN + 20:
-            sender = bytes(frame[26:30])
-        elif ethertype == wp.ETH_P_IPV6 and len(frame) >= wp.ETH_HLEN + 40:
-            sender = bytes(frame[22:38])
-        if sender is not None and sender in self.overlay and sender not in link.src_exact and (
-                link.src_nets is None or sender not in link.src_nets):
-            self._spoofed(link, frame, "sender inside the overlay prefix that is not its own")
-            return False
-        return True
 
     def _count_loss(self, link: Link, now: float) -> None:
         """Count trains that never completed, and tell the sender (it falls back to segments)."""
@@ -701,20 +640,6 @@ class Inbound:
         pkts.clear()
         self.free.put(slab)
         return alive
-
-
-def _source_text(pkt: Any, tap: bool) -> str:
-    try:
-        if tap:
-            return ":".join(f"{b:02x}" for b in bytes(pkt[6:12]))
-        ver = pkt[0] >> 4
-        if ver == 4:
-            return str(ipaddress.IPv4Address(bytes(pkt[12:16])))
-        if ver == 6:
-            return str(ipaddress.IPv6Address(bytes(pkt[8:24])))
-    except (IndexError, ValueError):
-        pass
-    return "a packet that is not IP"
 
 
 def _always(_timeout: int) -> list[tuple[int, int]]:
