@@ -9,6 +9,8 @@ import json
 import socket
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipop.config import validate
 from ipop.controller.routes import RoutePolicy, decide
@@ -319,3 +321,21 @@ def test_a_plain_datagram_is_source_checked():
         h.inbound._demux(h.sock, memoryview(hdr + pkt), fz.PLAIN_ADDR, None, out, [], None)
         assert bool(out) is ok, src
     assert h.plain.stats.drops["spoofed_source"] == 2
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=140))
+def test_hello_parse_never_raises(data):
+    from ipop.wire import hello
+
+    assert hello.parse(data, bytes(20)) is None or len(data) == 76
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60) | st.integers() | st.none())
+def test_prefix_parse_raises_only_value_error(value):
+    try:
+        net = parse_prefix(value)
+    except ValueError:
+        return
+    assert str(net) == value or str(net) == str(ipaddress.ip_network(value))
