@@ -139,6 +139,8 @@ class Config(BaseModel):
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64
+    log_format: Literal["text", "json"] = "text"
+    metrics_listen: str | None = None
 
     @field_validator("ip4")
     @classmethod
@@ -159,6 +161,14 @@ class Config(BaseModel):
     def _stun(cls, v: list[str]) -> list[str]:
         for item in v:
             parse_endpoint(item, default_port=3478)
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _port = parse_endpoint(v)
+            ipaddress.ip_address(host)
         return v
 
     @field_validator("xmpp_username")

@@ -28,11 +28,14 @@ from ipop.crypto import policy
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
+from ipop.logs import link_extra
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
 from ipop.wire.signal import FEATURE_TRAINS, SignalMessage
 
 if TYPE_CHECKING:
+    from ipop.config import Config
     from ipop.node import Node
+    from ipop.reload import Plan
 
 log = logging.getLogger("ipop.controller")
 
@@ -59,6 +62,9 @@ class GroupVPN(SignalListener):
         self.counters: dict[str, int] = {}
         self.fatal: BaseException | None = None
         self.paths: IcePaths | None = None
+        # each peer's security view from its last con_req/con_resp (by UID): a reload that
+        # changes our own view re-decides the link against it
+        self._views: dict[str, policy.SecurityView] = {}
 
     # ---- helpers
     @property
@@ -245,6 +251,7 @@ class GroupVPN(SignalListener):
             return
         msg = self._message("con_req", True if self.cfg.require_encryption else None,
                             candidates)
+        self._count("con_req_sent")
         self._send(peer.jid, msg)
 
     def _attempt_failed(self, peer: Peer, attempt: int, why: str) -> None:
@@ -295,8 +302,10 @@ class GroupVPN(SignalListener):
 
     def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
+        self._count("con_req_received")
         peer = self._check_peer_msg(jid, msg)
         if peer is None:
+            self._count("con_req_refused")
             return
         if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
             self._count("collision_won")
@@ -305,7 +314,8 @@ class GroupVPN(SignalListener):
                 self.paths is not None and msg.uid in self.paths.connected):
             # the peer starts over (it restarted, or lost the link): so do we
             self._drop_link(peer, "peer asked for a new link")
-        verdict = policy.decide(self._my_view(), self._their_view(msg, is_request=True))
+        view = self._views[msg.uid] = self._their_view(msg, is_request=True)
+        verdict = policy.decide(self._my_view(), view)
         self._begin_linking(peer, verdict, now)
         self._spawn(self._answer(peer, msg, verdict, peer.attempt_id))
 
@@ -332,7 +342,8 @@ class GroupVPN(SignalListener):
         if peer.state is not LinkState.REQUESTED:
             self._count("unexpected_con_resp")
             return
-        mine = policy.decide(self._my_view(), self._their_view(msg, is_request=False))
+        view = self._views[msg.uid] = self._their_view(msg, is_request=False)
+        mine = policy.decide(self._my_view(), view)
         verdict = policy.reconcile(mine, msg.encrypt)
         if verdict is not mine:
             log.warning("security verdict disagreement with %s: mine %s, theirs %s -> encrypt",
@@ -403,7 +414,7 @@ class GroupVPN(SignalListener):
         if tell and peer.uid is not None and peer.online:
             self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
                                                overlay_id=self.overlay_id))
-        log.info("link to %s removed: %s", peer.jid, why)
+        log.info("link to %s removed: %s", peer.jid, why, extra=link_extra(peer.uid))
         peer.enter(LinkState.IDLE, self._now())
         peer.retry_at = self._now() + (0.5 if peer.online else 0)
         self.node.notify("con_stat", {"peer": peer.jid, "uid": peer.uid, "event": "removed",
@@ -443,6 +454,41 @@ class GroupVPN(SignalListener):
         elif event == "failed":
             self._drop_link(peer, "handshake failed")
             peer.failed(now)
+
+    # ---- live reload
+    def reload(self, old: Config, new: Config, plan: Plan) -> list[str]:
+        """Take the new config (node.reload checked it may change live); re-decide every link
+        when our security view changed.  A link whose verdict flips is rebuilt: dropped, the
+        peer told (``trim``), and a new con_req carries our new groups, so both ends decide
+        again; a link whose verdict holds only takes the new reason.  Returns what it did."""
+        self.cfg = new
+        if self.paths is not None:
+            self.paths.reconfigure(new)
+        if not plan.security:
+            return []
+        mine = self._my_view()
+        done: list[str] = []
+        for peer in self.peers:
+            if peer.uid is None or peer.state is LinkState.IDLE:
+                continue
+            theirs = self._views.get(peer.uid)
+            if theirs is None:
+                continue
+            verdict = policy.decide(mine, theirs)
+            encrypt_now = peer.security == "dtls"
+            if verdict.encrypt != encrypt_now:
+                self._drop_link(peer, f"security changed by reload: now {verdict.reason}",
+                                tell=True)
+                peer.retry_at = self._now()
+                done.append(f"{peer.uid[:12]} rebuilt ({verdict.reason})")
+            elif verdict.reason != peer.security_reason:
+                peer.security_reason = verdict.reason
+                link = self.node.dp.link(bytes.fromhex(peer.uid)) if self.node.dp else None
+                if link is not None:
+                    link.security_reason = verdict.reason
+                    self.node.link_event(link.peer_uid, "re-decided")
+                done.append(f"{peer.uid[:12]} re-decided ({verdict.reason})")
+        return done
 
     # ---- periodic work
     def tick(self, now: float) -> None:

@@ -93,6 +93,7 @@ class DataPlane:
         self.mss = mtu - 40  # IPv4 + TCP headers; IPv6 packets get 20 bytes less
         self.held: dict[bytes, collections.deque[tuple[float, bytes]]] = {}
         self.held_limit = ondemand_queue
+        self.held_dropped = 0  # held packets lost: a full queue, a full table, or too old
         self._held_lock = threading.Lock()
         self._miss_bucket = TokenBucket(MISS_RATE, MISS_BURST)
         self._miss_seen: dict[bytes, float] = {}
@@ -226,7 +227,11 @@ class DataPlane:
                         self._expire_held(now)
                     if len(self.held) < 1024:
                         q = self.held[dst] = collections.deque(maxlen=self.held_limit)
-                if q is not None:
+                if q is None:
+                    self.held_dropped += 1
+                else:
+                    if len(q) == q.maxlen:
+                        self.held_dropped += 1  # the oldest one makes room
                     q.append((now, pkt))
         last = self._miss_seen.get(dst)
         if last is not None and now - last < 1.0:
@@ -241,7 +246,7 @@ class DataPlane:
 
     def _expire_held(self, now: float) -> None:
         for key in [k for k, q in self.held.items() if not q or now - q[-1][0] > MISS_HOLD]:
-            del self.held[key]
+            self.held_dropped += len(self.held.pop(key))
 
     def _release_held(self, addr: bytes, link: Link) -> None:
         with self._held_lock:
@@ -249,6 +254,10 @@ class DataPlane:
         if not q:
             return
         now = time.monotonic()
+        expired = sum(1 for stamp, _ in q if now - stamp > MISS_HOLD)
+        if expired:
+            with self._held_lock:
+                self.held_dropped += expired
         for stamp, pkt in q:
             if now - stamp <= MISS_HOLD:
                 if link.xlat is not None:  # held before the link (and its view) existed
