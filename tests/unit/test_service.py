@@ -35,7 +35,8 @@ def test_systemd_unit_verifies(tmp_path):
     assert "ExecStart=/opt/ipop/bin/ipop up -c /etc/ipop/%i.json" in text
     unit = tmp_path / "ipop@.service"
     unit.write_text(text.replace("/opt/ipop/bin/ipop", str(ipop)))
-    r = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "ipop@lab.service")],
+    r = subprocess.run(["systemd-analyze", "verify", "--man=no",
+                        str(tmp_path / "ipop@lab.service")],
                        capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "ipop@" not in r.stderr, r.stderr  # no warning about our unit either
