@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -189,3 +190,17 @@ def test_configure_replaces_its_handler_on_reload():
         root.setLevel(level)
         for name in ("ipop", "ipop.dataplane", "slixmpp"):
             logging.getLogger(name).setLevel(logging.NOTSET)
+
+
+def test_runtime_install_declares_runtime_dependencies_only():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower(): d for d in project["dependencies"]}
+    assert {"pyroute2", "pydantic", "rich", "cryptography", "pyopenssl", "slixmpp", "aioice",
+            "ifaddr", "prometheus_client"} <= deps.keys()
+    assert not {"pytest", "mypy", "ruff", "hypothesis", "matplotlib"} & deps.keys()
+    # nat/ reaches into aioice's internals: pinned to the minor version it was written for
+    import aioice
+
+    assert "<0.14" in deps["aioice"] and aioice.__version__.startswith("0.13.")
