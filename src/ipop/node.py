@@ -191,8 +191,19 @@ class Node:
 
     # ---- live reload (SIGHUP, the API's ``reload``)
     def _on_sighup(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
+        if self.dp is None:
+            log.warning("SIGHUP while the node starts: ignored (send it again once it is up)")
+            return
+        task = asyncio.get_running_loop().create_task(self._sighup_reload())
         self._reload_task = task  # keep a reference until it is done
+
+    async def _sighup_reload(self) -> None:
+        try:
+            await self.reload()
+        except IpopError:
+            pass  # refused: reload() logged it, naming the key
+        except Exception:
+            log.exception("reload failed")
 
     async def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply what may change live; returns what changed.
