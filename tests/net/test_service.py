@@ -386,3 +386,22 @@ def test_json_logs_parse_and_carry_the_peer_uid(testbed, tmp_path):
     assert any("up" in o["message"] and o.get("link") for o in link_events), link_events
     assert any(o["message"].startswith("static link") for o in link_events), link_events
     print(f"{len(objs)} JSON lines, {len(link_events)} about the link to n2")
+
+
+def test_reload_sec_rebuilds_static_links_encrypted(testbed, tmp_path):
+    """``sec`` false -> true on both ends of a static link: each end rebuilds it encrypted."""
+    n1, n2 = mesh(testbed, tmp_path, 2, sec=False)
+    for node in (n1, n2):
+        node.start()
+    for node in (n1, n2):
+        node.wait_ready()
+    assert wait_up(n1, n2)["security"] == "none"
+    for node in (n1, n2):
+        node.reload({**node.config, "sec": True})
+    for a, b in ((n1, n2), (n2, n1)):
+        wait_for(lambda a=a, b=b: (a.link_to(b) or {}).get("security") == "dtls"
+                 and a.link_to(b)["state"] == "up", timeout=15,
+                 what=f"{a.name}->{b.name} rebuilt encrypted\n{a.log()[-1500:]}")
+    assert n1.link_to(n2)["security_reason"] == "static_sec"
+    assert ping(n1.host, n2.config["ip4"], count=3)
+    assert f"{n2.uid[:12]} rebuilt (dtls)" in n1.log()
