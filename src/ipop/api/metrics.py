@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 from ipop.api import status as st
 from ipop.config import parse_endpoint
 from ipop.dataplane.table import ForwardingTable
+from ipop.errors import IpopError
 
 if TYPE_CHECKING:
     from ipop.node import Node
@@ -153,7 +154,10 @@ def serve(node: Node, listen: str) -> Any:
     host, port = parse_endpoint(listen)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(NodeCollector(node))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise IpopError(f"metrics_listen {listen}: {exc.strerror}") from None
     log.info("metrics on http://%s/metrics", listen)
     return server
 
