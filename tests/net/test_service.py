@@ -130,7 +130,8 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(testbed, tmp_path):
     sock.settimeout(20)
     try:
         t0 = time.monotonic()
-        node.start(env={**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"})
+        node.start(env={**os.environ, "NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000",
+                        "JOURNAL_STREAM": "8:12345"})
         first = sock.recv(4096).decode()
         ready_s = time.monotonic() - t0
         assert first.startswith("READY=1\n"), first
@@ -155,6 +156,10 @@ def test_notify_socket_gets_ready_watchdog_and_stopping(testbed, tmp_path):
                 break
         assert "STOPPING=1" in rest, rest
         assert node.proc.returncode == 0
+        # under journald: no timestamp of our own, the syslog priority first
+        lines = [ln for ln in node.log().splitlines() if ln.startswith("<")]
+        assert any(ln.startswith("<6>ipop.node INFO node ") for ln in lines), node.log()
+        assert not any(re.match(r"<\d>\d{4}-\d\d-\d\d", ln) for ln in lines)
         print(f"READY=1 after {ready_s:.2f} s")
     finally:
         sock.close()
@@ -285,7 +290,8 @@ def world():
 
 def test_reload_security_groups_encrypts_a_plain_link(world, tmp_path):
     x1 = world.node("x1", "100.64.21.1", group="r", security_groups=["red"])
-    x2 = world.node("x2", "100.64.21.2", group="r", security_groups=["green"])
+    x2 = world.node("x2", "100.64.21.2", group="r", security_groups=["green"],
+                    metrics_listen="127.0.0.1:9477")
     x3 = world.node("x3", "100.64.21.3", group="r", security_groups=["blue"])
     for node in (x1, x2, x3):
         node.start()
@@ -309,6 +315,16 @@ def test_reload_security_groups_encrypts_a_plain_link(world, tmp_path):
     # on the wire: no marker crosses x2's underlay in plaintext any more
     raw, dgrams = leak_run(x2, x1, tmp_path)
     assert_sealed(raw, dgrams, 10)
+    # the metrics say it too, with the signaling counters of a signaled node
+    text = fetch("http://127.0.0.1:9477/metrics", x2.host.ns)
+    assert sample(text, "ipop_link_info", peer_uid=x1.uid, security="dtls",
+                  security_reason="group:red") == 1.0
+    assert sample(text, "ipop_link_info", peer_uid=x3.uid, security="none",
+                  security_reason="no_common_group") == 1.0
+    assert sample(text, "ipop_signaling_connected") == 1.0
+    sent = sample(text, "ipop_con_req_sent_total") or 0
+    received = sample(text, "ipop_con_req_received_total") or 0
+    assert sent + received >= 3  # x1, x3, and x1 again after the reload
 
 
 # ---- metrics and a real Prometheus ------------------------------------------------------------
@@ -325,7 +341,7 @@ def sample(text: str, name: str, **labels: str) -> float | None:
 
 def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(testbed, tmp_path):
     assert shutil.which("promtool") and shutil.which("prometheus"), "setup.sh installs them"
-    n1, n2 = mesh(testbed, tmp_path, 2)
+    n1, n2 = mesh(testbed, tmp_path, 2, rekey_seconds=5)
     n1.config["metrics_listen"] = "127.0.0.1:9477"
     for node in (n1, n2):
         node.start()
@@ -344,7 +360,7 @@ def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(testbed, tmp_p
                   security_reason="static_sec") == 1.0
     assert sample(text, "ipop_links", state="up") == 1.0
     assert sample(text, "ipop_build_info") == 1.0
-    assert sample(text, "ipop_rekeys_total") == 0.0
+    assert sample(text, "ipop_rekeys_total") is not None
 
     prom = Prometheus(tmp_path / "prometheus", ["127.0.0.1:9477"], netns=n1.host.ns)
     prom.start()
@@ -364,6 +380,10 @@ def test_metrics_pass_promtool_and_a_real_prometheus_scrapes_them(testbed, tmp_p
               "lines of metrics")
     finally:
         prom.stop()
+    # rekey_seconds 5: the rekeys counter moves
+    wait_for(lambda: (sample(fetch("http://127.0.0.1:9477/metrics", n1.host.ns),
+                             "ipop_rekeys_total") or 0) >= 1, timeout=20, step=0.5,
+             what="a rekey counted")
 
 
 # ---- JSON logs -----------------------------------------------------------------------------
