@@ -207,7 +207,9 @@ def test_up_without_root_holding_only_cap_net_admin(testbed, open_dir):
     assert ping(b.host, a.config["ip4"], count=5)
     assert (a.state_dir / "lock").stat().st_uid == NOBODY
     assert a.control.stat().st_uid == NOBODY
-    print(f"nobody node: CapEff {ids['CapEff'][0]}, link {link['security']} {link['path']}")
+    mbits = Stream(a, b, seconds=2).finish()
+    print(f"nobody node: CapEff {ids['CapEff'][0]}, link {link['security']} {link['path']}, "
+          f"{mbits:.0f} Mbit/s")
 
 
 # ---- live reload: static peers, refusals ------------------------------------------------------
