@@ -181,6 +181,21 @@ class XmppSignal(SignalBackend):
             self._connecting = None
         self._supervisor = asyncio.create_task(self._supervise(), name="xmpp-supervisor")
 
+    async def login_once(self) -> str | None:
+        """One login attempt, then log out (``ipop netcheck``): None when a session came up,
+        else why not (unreachable, timeout).  A wrong password, an untrusted certificate or no
+        usable login raise ConfigError naming the key, as ``connect`` does."""
+        self._closing = False
+        self._client = self._make_client()
+        try:
+            why = await self._attempt_once()
+        except BaseException:
+            self._abort_client()
+            raise
+        if why is None:
+            await self.close()
+        return why
+
     async def set_presence(self, uid: str, ip4: str | None = None) -> None:
         if _UID_RE.fullmatch(uid) is None:
             raise ConfigError("uid", f"not 40 lower-case hex digits: {uid!r}")
