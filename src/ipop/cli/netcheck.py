@@ -170,12 +170,15 @@ async def _check_login(cfg: Config, wait: float) -> Check:
                             ca_cert=None if cfg.xmpp_ca_cert is None else Path(cfg.xmpp_ca_cert),
                             connect_timeout=wait, resource=f"netcheck-{os.getpid()}")
     t0 = time.monotonic()
+    signal = XmppSignal(settings, SignalListener())
     try:
-        why = await XmppSignal(settings, SignalListener()).login_once()
+        why = await signal.login_once()
     except ConfigError as exc:
+        await _end_other_tasks()
         cause = {"xmpp_password": "bad_credentials", "xmpp_ca_cert": "tls_mismatch",
                  "xmpp_tls": "tls_required"}.get(exc.key, "config")
         return Check("xmpp_login", cfg.xmpp_username, False, str(exc), cause)
+    await _end_other_tasks()
     if why is not None:
         cause = "timeout" if "within" in why or "timed out" in why else (
             "refused" if "refused" in why.lower() else "failed")
@@ -183,6 +186,15 @@ async def _check_login(cfg: Config, wait: float) -> Check:
     ms = (time.monotonic() - t0) * 1000
     return Check("xmpp_login", cfg.xmpp_username, True, f"logged in and out in {ms:.0f} ms",
                  data={"login_ms": round(ms)})
+
+
+async def _end_other_tasks() -> None:
+    """slixmpp leaves its outgoing-stanza task waiting after a logout: end it (only netcheck's
+    own tasks run in this loop, and no other is running now)."""
+    others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
 
 
 # ---- STUN and the NAT kind
