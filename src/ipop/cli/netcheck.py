@@ -362,7 +362,7 @@ def check_mtu(cfg: Config) -> Check:
     if found is None:
         return Check("mtu", "-", None, "no underlay route found")
     fits = overlay_mtu(found.mtu, cfg.switchmode)
-    mtu, why = default_mtu(cfg)
+    mtu, _why = default_mtu(cfg)
     data = {"underlay_dev": found.dev, "underlay_mtu": found.mtu, "overlay_mtu": mtu,
             "overlay_fits": fits}
     where = f"{found.dev} (route to {found.dest})" if found.dest else f"{found.dev} (default)"
@@ -370,7 +370,8 @@ def check_mtu(cfg: Config) -> Check:
         return Check("mtu", where, False, f"underlay mtu {found.mtu}: an overlay mtu of {mtu} "
                      f"does not fit (at most {fits}); lower mtu or leave it unset",
                      "mtu_too_large", data)
-    return Check("mtu", where, True, f"underlay mtu {found.mtu} -> overlay mtu {mtu} ({why})",
+    how = "set by mtu" if cfg.mtu is not None else "the default from this route"
+    return Check("mtu", where, True, f"underlay mtu {found.mtu} -> overlay mtu {mtu} ({how})",
                  data=data)
 
 
