@@ -151,6 +151,33 @@ def test_ping_offline_and_unknown_peers(world):
     assert rc == 1 and out["probes"][0]["reason"] == "unknown_peer", out
 
 
+def test_ping_refused_duplicate_address_and_no_signaling(world):
+    a = node(world, None)
+    a.start()
+    a.wait_ready()
+    twin = world.node(USERS[9], a.config["ip4"], host=world.host("twin"), group="diag",
+                      **servers_cfg(world))
+    twin.start()
+    rc, out = wait_for(lambda: (r := ping_json(a, f"{USERS[9]}@{DOMAIN}"))[1]["probes"][0][
+        "reason"] == "refused" and r, timeout=15, what="refused")
+    assert rc == 1 and "duplicate overlay address" in out["probes"][0]["detail"], out
+    twin.stop()
+    b = node(world, None)
+    b.start()
+    ping_until(a.host, b.config["ip4"], timeout=25)
+    world.prosody.stop()
+    try:
+        wait_for(lambda: not a.status()["node"]["xmpp"]["connected"], timeout=15,
+                 what="a notices the XMPP server is gone")
+        rc, out = ping_json(a, f"{USERS[11]}@{DOMAIN}")
+        assert rc == 1 and out["probes"][0]["reason"] == "no_signaling", out
+        rc, out = ping_json(a, b.uid, "--count", "2")
+        print(f"\nlink to b while XMPP is down: {out['summary']['answered']}/2 answered, "
+              f"{[(p.get('reason'), p.get('detail')) for p in out['probes']]}")
+    finally:
+        world.prosody.start()
+
+
 def test_ping_on_demand_needs_connect(world):
     a = node(world, None, **{"on-demand_connection": True})
     b = node(world, None, **{"on-demand_connection": True})

@@ -115,6 +115,10 @@ def _why(node: Node, target: Target) -> tuple[str, str]:
         code, detail = ctl.why_no_link(target.peer)
         return str(code), str(detail)
     if target.uid is None:
+        if ctl is not None and not getattr(ctl, "connected", True):
+            error = getattr(ctl, "signal_error", None) or "connecting"
+            return "no_signaling", (f"not connected to the XMPP server ({error}): peers are "
+                                    "known only through it")
         if target.jid is not None and ctl is not None:
             group = node.cfg.group
             where = f"group {group!r}" if group else "the roster (not a mutual friend)"
