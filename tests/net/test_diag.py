@@ -325,6 +325,17 @@ def test_cli_link_add_del(world):
     assert r.returncode == 1 and "no such link" in r.stderr and "ipop peers" in r.stderr
     r = show("link", "add", "abc", "198.19.1.1:1", "--control", str(a.control))
     assert r.returncode == 1 and "40 hex characters" in r.stderr
+    # an encrypted link whose peer certificate does not match: ping says it is not keyed
+    show("link", "del", a.uid, "--control", str(b.control))
+    wrong = "sha-256 " + ":".join(["AB"] * 32)
+    for x, y, fp in ((a, b, wrong), (b, a, a.fingerprint)):
+        r = ipop("link", "add", y.uid, f"{y.host.addr}:5900", "--ip4", y.config["ip4"],
+                 "--fingerprint", fp, "--encrypted", "--control", str(x.control))
+        assert r.returncode == 0, r.stderr
+    time.sleep(1.0)
+    rc, out = ping_json(a, b.uid, "--count", "1")
+    assert rc == 1 and out["probes"][0]["reason"] == "keying", out
+    assert "DTLS" in out["probes"][0]["detail"]
 
 
 def test_cli_friend_add_remove(world):

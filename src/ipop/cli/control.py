@@ -179,8 +179,8 @@ def cmd_link(args: argparse.Namespace) -> int:
             params["ip4"] = args.ip4
         if args.fingerprint:
             params["fingerprint"] = args.fingerprint
-        if args.plain:
-            params["sec"] = False
+        if args.plain or args.encrypted:
+            params["sec"] = bool(args.encrypted)
         result = call(args, "create_link", params)
         text = (f"link to {result['peer_uid'][:12]} via {result['endpoint']}: "
                 f"{result['state']}, {result['security']}")
@@ -241,7 +241,10 @@ def add_parsers(sub: Any) -> None:
     ladd.add_argument("endpoint", help="host:port where the peer listens")
     ladd.add_argument("--ip4", help="the peer's overlay address")
     ladd.add_argument("--fingerprint", help="the peer's certificate fingerprint (`ipop id`)")
-    ladd.add_argument("--plain", action="store_true", help="an unencrypted link")
+    how = ladd.add_mutually_exclusive_group()
+    how.add_argument("--plain", action="store_true", help="an unencrypted link")
+    how.add_argument("--encrypted", action="store_true",
+                     help="an encrypted link (default: the node's sec)")
     common(ladd)
     ldel = lsub.add_parser("del", help="remove a link")
     ldel.add_argument("uid")

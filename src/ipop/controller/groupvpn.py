@@ -480,14 +480,16 @@ class GroupVPN(SignalListener):
             return "refused", f"refused: {peer.conflict}"
         if not peer.online:
             return "peer_offline", f"{name} is offline (no presence from it)"
-        if peer.state in (LinkState.REQUESTED, LinkState.LINKING):
-            return "linking", (f"link to {name} being set up ({peer.state.value} for "
-                               f"{self._now() - peer.since:.1f} s)")
         last = peer.last_error or ""
+        retry = "" if peer.state is LinkState.IDLE else f"; retrying ({peer.state.value})"
         if "handshake" in last or "keying" in last:
-            return "keying_failed", f"keying failed: {last}"
+            return "keying_failed", f"keying failed: {last}{retry}"
         if "refus" in last or "policy" in last:
-            return "refused", f"refused by policy: {last}"
+            return "refused", f"refused by policy: {last}{retry}"
+        if peer.state in (LinkState.REQUESTED, LinkState.LINKING):
+            tail = f"; the last attempt failed: {last}" if last else ""
+            return "linking", (f"link to {name} being set up ({peer.state.value} for "
+                               f"{self._now() - peer.since:.1f} s){tail}")
         if not peer.wanted and self.cfg.on_demand_connection:
             return "on_demand", (f"on-demand link to {name} not made yet: no traffic has needed "
                                  "it (--connect asks for one)")
