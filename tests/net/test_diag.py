@@ -360,6 +360,18 @@ def test_cli_errors_say_what_to_do(world, tmp_path):
     a.wait_ready()
     r = show("friend", "add", f"x@{DOMAIN}", "--control", str(a.control))
     assert r.returncode == 1 and "SocialVPN" in r.stderr
+    # bad ping requests get an error answer and leave the node running
+    from ipop.errors import IpopError
+
+    for params, text in (({"peer": ""}, "name a peer"), ({"peer": "1", "timeout": "x"},
+                                                         "bad params"),
+                         ({"peer": "0"}, "")):
+        try:
+            a.call("ping", params)
+        except IpopError as exc:
+            assert text in str(exc)
+    assert a.call("ping", {"peer": "f" * 5000})["reason"] == "unknown_peer"
+    assert a.status()["node"]["uid"] == a.uid
 
 
 # ---- the default MTU from the underlay route
