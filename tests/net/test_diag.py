@@ -29,14 +29,16 @@ from ipop.testbed.servers import Coturn
 from .helpers import ping_until, wait_for
 from .world import DOMAIN, TURN_PASS, TURN_USER, World
 
-USERS = [f"d{i}" for i in range(1, 15)]
+USERS = [f"d{i}" for i in range(1, 25)]  # members of the group "diag"
+OTHERS = [f"x{i}" for i in range(1, 5)]  # accounts in no group
+TWIN = USERS[-1]  # claims another node's overlay address
 DIRECT = {"host", "srflx", "prflx"}
 STUN2 = 3479
 
 
 @pytest.fixture(scope="module")
 def world():
-    w = World({"diag": USERS[:10]}, turn=True, users=USERS[10:])
+    w = World({"diag": USERS}, turn=True, users=OTHERS)
     stun2 = Coturn(w.dir / "coturn2", listen_ip=w.server_ip, relay_ip=w.server_ip,
                    users={TURN_USER: TURN_PASS}, port=STUN2, netns=w.servers.ns)
     try:
@@ -145,7 +147,7 @@ def test_ping_offline_and_unknown_peers(world):
     r = show("ping", b.uid[:12], "--control", str(a.control))
     assert r.returncode == 1 and "peer_offline" in r.stdout and "is offline" in r.stdout
     # an account that is not in the group
-    rc, out = ping_json(a, f"{USERS[12]}@{DOMAIN}")
+    rc, out = ping_json(a, f"{OTHERS[0]}@{DOMAIN}")
     assert rc == 1 and out["probes"][0]["reason"] == "not_in_group", out
     rc, out = ping_json(a, "100.64.250.250")
     assert rc == 1 and out["probes"][0]["reason"] == "unknown_peer", out
@@ -155,10 +157,10 @@ def test_ping_refused_duplicate_address_and_no_signaling(world):
     a = node(world, None)
     a.start()
     a.wait_ready()
-    twin = world.node(USERS[9], a.config["ip4"], host=world.host("twin"), group="diag",
+    twin = world.node(TWIN, a.config["ip4"], host=world.host("twin"), group="diag",
                       **servers_cfg(world))
     twin.start()
-    rc, out = wait_for(lambda: (r := ping_json(a, f"{USERS[9]}@{DOMAIN}"))[1]["probes"][0][
+    rc, out = wait_for(lambda: (r := ping_json(a, f"{TWIN}@{DOMAIN}"))[1]["probes"][0][
         "reason"] == "refused" and r, timeout=15, what="refused")
     assert rc == 1 and "duplicate overlay address" in out["probes"][0]["detail"], out
     twin.stop()
@@ -169,7 +171,7 @@ def test_ping_refused_duplicate_address_and_no_signaling(world):
     try:
         wait_for(lambda: not a.status()["node"]["xmpp"]["connected"], timeout=15,
                  what="a notices the XMPP server is gone")
-        rc, out = ping_json(a, f"{USERS[11]}@{DOMAIN}")
+        rc, out = ping_json(a, f"{OTHERS[0]}@{DOMAIN}")
         assert rc == 1 and out["probes"][0]["reason"] == "no_signaling", out
         rc, out = ping_json(a, b.uid, "--count", "2")
         print(f"\nlink to b while XMPP is down: {out['summary']['answered']}/2 answered, "
@@ -303,8 +305,8 @@ def test_cli_peers_json_and_table(world):
 def test_cli_link_add_del(world):
     """Two nodes without signaling, linked by hand with ``ipop link add``, then unlinked."""
     ha, hb = world.host("lka"), world.host("lkb")
-    a = world.node(USERS[11], "100.64.8.1", host=ha, group=None, listen_port=5900, sec=False)
-    b = world.node(USERS[12], "100.64.8.2", host=hb, group=None, listen_port=5900, sec=False)
+    a = world.node(OTHERS[1], "100.64.8.1", host=ha, group=None, listen_port=5900, sec=False)
+    b = world.node(OTHERS[2], "100.64.8.2", host=hb, group=None, listen_port=5900, sec=False)
     for n in (a, b):
         for k in ("xmpp_username", "xmpp_password", "xmpp_host"):
             n.config.pop(k)
@@ -340,13 +342,13 @@ def test_cli_link_add_del(world):
 
 def test_cli_friend_add_remove(world):
     ha = world.host("fra")
-    a = world.node(USERS[13], "100.64.6.1", host=ha, group=None, controller="socialvpn")
+    a = world.node(OTHERS[3], "100.64.6.1", host=ha, group=None, controller="socialvpn")
     a.start()
     a.wait_ready()
-    r = ipop("friend", "add", f"{USERS[12]}@{DOMAIN}", "--control", str(a.control), "--json")
+    r = ipop("friend", "add", f"{OTHERS[2]}@{DOMAIN}", "--control", str(a.control), "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["friend"] == f"{USERS[12]}@{DOMAIN}"
-    r = show("friend", "remove", f"{USERS[12]}@{DOMAIN}", "--control", str(a.control))
+    assert json.loads(r.stdout)["friend"] == f"{OTHERS[2]}@{DOMAIN}"
+    r = show("friend", "remove", f"{OTHERS[2]}@{DOMAIN}", "--control", str(a.control))
     assert r.returncode == 0 and "removed" in r.stdout
     r = show("friend", "add", "not-a-jid", "--control", str(a.control))
     assert r.returncode == 1 and "bare JID" in r.stderr
