@@ -220,6 +220,30 @@ class Config(BaseModel):
         return ipaddress.IPv4Interface(f"{self.ip4}/{self.ip4_mask}").network
 
 
+def risks(cfg: Config) -> list[str]:
+    """Settings that work but weaken the node (``ipop check`` prints them as warnings)."""
+    out: list[str] = []
+    if cfg.xmpp_username and cfg.xmpp_tls == "none":
+        out.append('xmpp_tls: "none" sends the XMPP password and every con_req/con_resp '
+                   '(fingerprints, candidates) in plaintext; use "starttls" or "direct" with '
+                   "xmpp_ca_cert")
+    if cfg.xmpp_username and cfg.xmpp_tls != "none" and not cfg.xmpp_ca_cert:
+        out.append("xmpp_ca_cert: not set; the XMPP server's certificate must chain to the "
+                   "system's CAs (pin a self-signed one with xmpp_ca_cert)")
+    if not cfg.sec and not cfg.security_groups and not cfg.require_encryption:
+        out.append("sec: false with no security_groups: links to peers that send no groups, "
+                   "and static links, are plain (unencrypted)")
+    if cfg.xmpp_ca_cert:
+        try:
+            text = Path(cfg.xmpp_ca_cert).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("xmpp_ca_cert", f"cannot read {cfg.xmpp_ca_cert}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ConfigError("xmpp_ca_cert", f"{cfg.xmpp_ca_cert} holds no PEM certificate")
+    return out
+
+
 def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` into (host, port); raises ValueError with a clear message."""
     host, sep, port_s = text.rpartition(":")

@@ -67,6 +67,7 @@ class Node:
         self._stop = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
+        self.mtu = cfg.effective_mtu  # set from the underlay route at start (``ipop.netinfo``)
         # hooks later layers set: a STUN/DTLS datagram router, and link up/failed listeners
         self.control_datagram_hooks: list[Callable[[Event], bool]] = []
         self.link_hooks: list[Callable[[str, str], None]] = []
@@ -104,9 +105,13 @@ class Node:
                              on_event=self.link_event)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
+        from ipop.netinfo import default_mtu
+
+        self.mtu, why = default_mtu(cfg)
+        log.info("overlay mtu %d: %s", self.mtu, why)
         self.dp = DataPlane(
             uid=self.identity.uid, interface=cfg.interface, ip4=cfg.ip4,
-            prefixlen=cfg.ip4_mask, mtu=cfg.effective_mtu, tap=cfg.switchmode, ip6=cfg.ip6,
+            prefixlen=cfg.ip4_mask, mtu=self.mtu, tap=cfg.switchmode, ip6=cfg.ip6,
             ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
             offload=cfg.offload, whole_trains=cfg.whole_trains,
             on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
@@ -128,7 +133,7 @@ class Node:
             self.metrics = serve(self, cfg.metrics_listen)
         self.notify("local_state", self.node_status())
         log.info("node %s up on %s (%s/%d, mtu %d, %s)", self.identity.uid_hex, cfg.interface,
-                 cfg.ip4, cfg.ip4_mask, cfg.effective_mtu, "tap" if cfg.switchmode else "tun")
+                 cfg.ip4, cfg.ip4_mask, self.mtu, "tap" if cfg.switchmode else "tun")
         self.notifier.ready(f"{cfg.interface} {cfg.ip4}/{cfg.ip4_mask} up")
 
     async def stop(self) -> None:
@@ -436,7 +441,7 @@ class Node:
             "fingerprint": self.identity.fingerprint if self.identity else None,
             "ip4": cfg.ip4, "ip4_mask": cfg.ip4_mask, "ip6": cfg.ip6,
             "interface": cfg.interface, "mode": "tap" if cfg.switchmode else "tun",
-            "mtu": cfg.effective_mtu, "listen_port": cfg.listen_port or None,
+            "mtu": self.mtu, "listen_port": cfg.listen_port or None,
             "controller": cfg.controller if self.controller else None,
             "uptime_s": round(time.time() - self.started, 1),
             "xmpp": None, "counters": self.dp.counters() if self.dp else None,
@@ -501,6 +506,10 @@ class Node:
                 return await self.reload()
             except ConfigError as exc:
                 return {"changed": [], "links": [], "refused": exc.key, "error": str(exc)}
+        if method == "ping":
+            from ipop.api.ping import ping
+
+            return await ping(self, params)
         if method == "set_local_ip":
             raise IpopError("set_local_ip: the address comes from the config; restart to change")
         extra = getattr(self.controller, "handle_api", None)

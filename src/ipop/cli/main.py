@@ -112,8 +112,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ipop import __version__
+    from ipop.cli import control, netcheck
+
     p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
+    p.add_argument("--version", action="version", version=f"ipop {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    control.add_parsers(sub)
+    netcheck.add_parser(sub)
     up = sub.add_parser("up", help="run a node in the foreground")
     up.add_argument("-c", "--config", required=True)
     up.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -258,6 +258,7 @@ class GroupVPN(SignalListener):
         if peer.attempt_id != attempt:
             return
         log.warning("link set-up with %s failed: %s", peer.jid, why)
+        peer.last_error = why
         self._count("setup_failed")
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
@@ -415,6 +416,7 @@ class GroupVPN(SignalListener):
             self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
                                                overlay_id=self.overlay_id))
         log.info("link to %s removed: %s", peer.jid, why, extra=link_extra(peer.uid))
+        peer.last_error = why
         peer.enter(LinkState.IDLE, self._now())
         peer.retry_at = self._now() + (0.5 if peer.online else 0)
         self.node.notify("con_stat", {"peer": peer.jid, "uid": peer.uid, "event": "removed",
@@ -496,6 +498,7 @@ class GroupVPN(SignalListener):
         for peer in self.peers:
             if peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
+                peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                 peer.failed(now)
@@ -511,6 +514,43 @@ class GroupVPN(SignalListener):
                     self._drop_link(peer, f"idle for {idle_limit:g} s (on-demand)", tell=True)
                     self.node.notify("con_stat", {"peer": peer.jid, "event": "trimmed"})
             self._maybe_request(peer, now)
+
+    # ---- diagnostics (``ipop ping``: ``ipop.api.ping``)
+    def why_no_link(self, peer: Peer) -> tuple[str, str]:
+        """Why ``peer`` has no usable link: a reason code and a sentence for people."""
+        name = bare(peer.jid)
+        if not self.connected:
+            return "no_signaling", ("not connected to the XMPP server"
+                                    f" ({self.signal_error or 'connecting'})")
+        if peer.conflict is not None:
+            return "refused", f"refused: {peer.conflict}"
+        if not peer.online:
+            return "peer_offline", f"{name} is offline (no presence from it)"
+        last = peer.last_error or ""
+        retry = "" if peer.state is LinkState.IDLE else f"; retrying ({peer.state.value})"
+        if "handshake" in last or "keying" in last:
+            return "keying_failed", f"keying failed: {last}{retry}"
+        if "refus" in last or "policy" in last:
+            return "refused", f"refused by policy: {last}{retry}"
+        if peer.state in (LinkState.REQUESTED, LinkState.LINKING):
+            tail = f"; the last attempt failed: {last}" if last else ""
+            return "linking", (f"link to {name} being set up ({peer.state.value} for "
+                               f"{self._now() - peer.since:.1f} s){tail}")
+        if not peer.wanted and self.cfg.on_demand_connection:
+            return "on_demand", (f"on-demand link to {name} not made yet: no traffic has needed "
+                                 "it (--connect asks for one)")
+        if last:
+            return "failed", f"last set-up failed: {last}; retrying"
+        return "no_link", f"no link to {name} yet"
+
+    def want_link(self, peer: Peer) -> None:
+        """Ask for a link to ``peer`` now (``ipop ping --connect``), as traffic would."""
+        now = self._now()
+        peer.wanted = True
+        peer.last_activity = now
+        if peer.state is LinkState.IDLE:
+            peer.retry_at = min(peer.retry_at, now)
+        self._maybe_request(peer, now)
 
     # ---- status
     def peer_entry(self, peer: Peer) -> dict[str, Any]:

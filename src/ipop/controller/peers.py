@@ -53,6 +53,7 @@ class Peer:
     attempts: int = 0
     attempt_id: int = 0  # bumped by every new set-up attempt; stale tasks check it
     notes: list[str] = field(default_factory=list)
+    last_error: str | None = None  # why the last set-up failed or the link went (``ipop ping``)
 
     def enter(self, state: LinkState, now: float) -> None:
         if state in (LinkState.REQUESTED, LinkState.IDLE) or (

@@ -214,6 +214,26 @@ class DataPlane:
     def link(self, peer_uid: bytes) -> Link | None:
         return self.table.by_uid.get(peer_uid)
 
+    def probe(self, peer_uid: bytes, on_echo: Callable[[float], None]) -> str | None:
+        """Send one keepalive probe on the link to ``peer_uid`` (``ipop ping``): the peer's
+        data plane echoes it, and ``on_echo(rtt_ms)`` runs on the control thread when the echo
+        is back.  Returns None when the probe left, else why it could not: ``no_link``,
+        ``keying`` (an encrypted link sends nothing before its keys).  Unanswered probes are
+        forgotten once 64 wait on one link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return "no_link"
+        if link.encrypted and (link.session is None or not link.session.ready):
+            return "keying"
+        stamp = time.monotonic_ns()
+        while stamp in link.pings:
+            stamp += 1
+        if len(link.pings) >= 64:  # nobody answers: keep the table small
+            link.pings.clear()
+        link.pings[stamp] = lambda rtt: self.call_soon(on_echo, rtt)
+        send_keepalive(link, wk.OP_PROBE, stamp)
+        return None
+
     # ---- held packets for unknown destinations (on-demand links)
     def _on_miss(self, dst: bytes, pkt: bytes) -> None:
         """Data-plane thread (device reads): hold the packet briefly and tell the controller

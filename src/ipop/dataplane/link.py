@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -155,6 +156,9 @@ class Link:
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
         self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+        # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the RX thread)
+        # with the RTT in ms; the control thread adds, the RX thread pops
+        self.pings: dict[int, Callable[[float], None]] = {}
 
     # ---- sending (TX thread, and the control thread for keepalives and flushes)
     def send_frame(self, parts: list[bytes | bytearray | memoryview]) -> bool:
