@@ -20,6 +20,7 @@ APT_PACKAGES=(
   iproute2 iputils-ping nftables conntrack tcpdump iperf3 ethtool procps
   prosody coturn ejabberd
   wireguard-go wireguard-tools tinc
+  systemd prometheus util-linux
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -160,6 +160,8 @@ class Config(BaseModel):
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64
+    log_format: Literal["text", "json"] = "text"
+    metrics_listen: str | None = None
     # --- routing: subnet routes and exit nodes
     advertise_routes: list[str] = Field(
         default_factory=list, description="prefixes reachable through this node (a LAN behind "
@@ -217,6 +219,14 @@ class Config(BaseModel):
     def _stun(cls, v: list[str]) -> list[str]:
         for item in v:
             parse_endpoint(item, default_port=3478)
+        return v
+
+    @field_validator("metrics_listen")
+    @classmethod
+    def _metrics_listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            host, _port = parse_endpoint(v)
+            ipaddress.ip_address(host)
         return v
 
     @field_validator("xmpp_username")
@@ -315,6 +325,30 @@ def _prefix_list(items: list[str]) -> tuple[Net, ...]:
 
 def _overlap(a: Net, b: Net) -> bool:
     return a.version == b.version and a.overlaps(b)
+
+
+def risks(cfg: Config) -> list[str]:
+    """Settings that work but weaken the node (``ipop check`` prints them as warnings)."""
+    out: list[str] = []
+    if cfg.xmpp_username and cfg.xmpp_tls == "none":
+        out.append('xmpp_tls: "none" sends the XMPP password and every con_req/con_resp '
+                   '(fingerprints, candidates) in plaintext; use "starttls" or "direct" with '
+                   "xmpp_ca_cert")
+    if cfg.xmpp_username and cfg.xmpp_tls != "none" and not cfg.xmpp_ca_cert:
+        out.append("xmpp_ca_cert: not set; the XMPP server's certificate must chain to the "
+                   "system's CAs (pin a self-signed one with xmpp_ca_cert)")
+    if not cfg.sec and not cfg.security_groups and not cfg.require_encryption:
+        out.append("sec: false with no security_groups: links to peers that send no groups, "
+                   "and static links, are plain (unencrypted)")
+    if cfg.xmpp_ca_cert:
+        try:
+            text = Path(cfg.xmpp_ca_cert).read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("xmpp_ca_cert", f"cannot read {cfg.xmpp_ca_cert}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if "-----BEGIN CERTIFICATE-----" not in text:
+            raise ConfigError("xmpp_ca_cert", f"{cfg.xmpp_ca_cert} holds no PEM certificate")
+    return out
 
 
 def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int]:

@@ -1,8 +1,11 @@
 """A running node: identity, lock, data plane, control API, static peers, and the controller.
 
 ``Node.run()`` is the whole life of ``ipop up``: it returns when SIGINT/SIGTERM arrives, after
-removing the interface and the control socket.  All control work happens on one asyncio loop;
-the data plane's threads reach it only through ``loop.call_soon_threadsafe``.
+removing the interface and the control socket.  SIGHUP (and the API's ``reload``) re-reads the
+config file and applies what may change live (``Node.reload``; the rules are in reload.py).
+Under systemd it reports READY/RELOADING/STOPPING and pings the watchdog (service.py).
+All control work happens on one asyncio loop; the data plane's threads reach it only through
+``loop.call_soon_threadsafe``.
 """
 
 from __future__ import annotations
@@ -19,9 +22,11 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from ipop import logs
+from ipop import reload as rl
 from ipop.api import status as st
 from ipop.api.server import ControlServer
-from ipop.config import Config, parse_endpoint
+from ipop.config import Config, Peer, parse_endpoint
 from ipop.crypto import identity as ident
 from ipop.dataplane.facade import DataPlane, Event
 from ipop.dataplane.keying import Keying
@@ -29,6 +34,7 @@ from ipop.dataplane.kroutes import Snat, enable_forwarding
 from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
+from ipop.service import Notifier
 from ipop.wire import hello
 from ipop.wire.nat44 import Translator
 from ipop.wire.prefixes import Net
@@ -50,8 +56,11 @@ class Controller(Protocol):
 
 
 class Node:
-    def __init__(self, cfg: Config) -> None:
+    def __init__(self, cfg: Config, config_path: str | None = None,
+                 log_override: str | None = None) -> None:
         self.cfg = cfg
+        self.config_path = config_path  # re-read on reload; None: reload is refused
+        self.log_override = log_override  # ``--log-level``: wins over controller_logging
         self.state_dir = cfg.state_path
         self.identity: ident.Identity | None = None
         self.keying: Keying | None = None
@@ -63,6 +72,7 @@ class Node:
         self._stop = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.started = time.time()
+        self.mtu = cfg.effective_mtu  # set from the underlay route at start (``ipop.netinfo``)
         # hooks later layers set: a STUN/DTLS datagram router, and link up/failed listeners
         self.control_datagram_hooks: list[Callable[[Event], bool]] = []
         self.link_hooks: list[Callable[[str, str], None]] = []
@@ -74,6 +84,13 @@ class Node:
         self._resolving: set[bytes] = set()
         self._static_fpr: dict[bytes, str | None] = {}  # static peers' fingerprints
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.notifier = Notifier()
+        # called after a reload was applied, with (old, new) configs: later layers (routes)
+        # re-apply what they derive from the config here
+        self.reload_hooks: list[Callable[[Config, Config], None]] = []
+        self._reload_lock = asyncio.Lock()
+        self.metrics: Any = None  # the metrics HTTP server (api/metrics.py) when enabled
+        self._reload_task: asyncio.Task[Any] | None = None
 
     # ---- life cycle
     def lock_state_dir(self) -> None:
@@ -99,9 +116,13 @@ class Node:
                              on_event=self.link_event)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
+        from ipop.netinfo import default_mtu
+
+        self.mtu, why = default_mtu(cfg)
+        log.info("overlay mtu %d: %s", self.mtu, why)
         self.dp = DataPlane(
             uid=self.identity.uid, interface=cfg.interface, ip4=cfg.ip4,
-            prefixlen=cfg.ip4_mask, mtu=cfg.effective_mtu, tap=cfg.switchmode, ip6=cfg.ip6,
+            prefixlen=cfg.ip4_mask, mtu=self.mtu, tap=cfg.switchmode, ip6=cfg.ip6,
             ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
             offload=cfg.offload, whole_trains=cfg.whole_trains,
             on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
@@ -112,16 +133,27 @@ class Node:
         self.dp.start()
         for i, peer in enumerate(cfg.peers):
             try:
-                self.add_static_peer(i)
+                self.add_static_peer(peer)
             except IpopError as exc:
-                log.error("static peer %d (%s): %s", i, peer.uid[:12], exc)
+                log.error("static peer %d (%s): %s", i, peer.uid[:12], exc,
+                          extra=logs.link_extra(peer.uid))
         if self.controller is not None:
             await self.controller.start()
+        if cfg.metrics_listen:
+            from ipop.api.metrics import serve
+
+            self.metrics = serve(self, cfg.metrics_listen)
         self.notify("local_state", self.node_status())
         log.info("node %s up on %s (%s/%d, mtu %d, %s)", self.identity.uid_hex, cfg.interface,
-                 cfg.ip4, cfg.ip4_mask, cfg.effective_mtu, "tap" if cfg.switchmode else "tun")
+                 cfg.ip4, cfg.ip4_mask, self.mtu, "tap" if cfg.switchmode else "tun")
+        self.notifier.ready(f"{cfg.interface} {cfg.ip4}/{cfg.ip4_mask} up")
 
     async def stop(self) -> None:
+        self.notifier.stopping()
+        if self.metrics is not None:
+            self.metrics.shutdown()
+            self.metrics.server_close()
+            self.metrics = None
         if self.controller is not None:
             with contextlib.suppress(Exception):
                 await self.controller.stop()
@@ -139,6 +171,7 @@ class Node:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         try:
             await self.start()
             ticker = asyncio.create_task(self._ticker())
@@ -159,6 +192,7 @@ class Node:
         while True:
             await asyncio.sleep(TICK)
             now = time.monotonic()
+            self.notifier.watchdog(now)
             try:
                 if self.dp is not None:
                     self.dp.tick(now)
@@ -250,10 +284,116 @@ class Node:
                             "exit route", host, exc)
         return found
 
+    # ---- live reload (SIGHUP, the API's ``reload``)
+    def _on_sighup(self) -> None:
+        if self.dp is None:
+            log.warning("SIGHUP while the node starts: ignored (send it again once it is up)")
+            return
+        task = asyncio.get_running_loop().create_task(self._sighup_reload())
+        self._reload_task = task  # keep a reference until it is done
+
+    async def _sighup_reload(self) -> None:
+        try:
+            await self.reload()
+        except IpopError:
+            pass  # refused: reload() logged it, naming the key
+        except Exception:
+            log.exception("reload failed")
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply what may change live; returns what changed.
+
+        Refused as a whole (``ConfigError`` naming the key; the node keeps its config) when
+        the file does not validate or a key that needs a restart changed."""
+        async with self._reload_lock:
+            self.notifier.reloading()
+            try:
+                result = self._reload()
+            except ConfigError as exc:
+                log.error("reload refused: %s", exc)
+                raise
+            finally:
+                self.notifier.ready(f"{self.cfg.interface} {self.cfg.ip4}/{self.cfg.ip4_mask} up")
+            return result
+
+    def _reload(self) -> dict[str, Any]:
+        from ipop import config
+
+        if self.config_path is None:
+            raise ConfigError("config", "this node was not started from a config file")
+        new, warnings = config.load(self.config_path)
+        for w in warnings:
+            log.warning("reload: %s", w)
+        old = self.cfg
+        p = rl.plan(old, new)
+        if p.refused is not None:
+            raise ConfigError(p.refused, "cannot change while the node runs; restart it "
+                                         "(nothing was changed)")
+        if not p.changed:
+            log.info("reload: nothing changed")
+            return {"changed": [], "links": []}
+        self.cfg = new
+        rebuilt: list[str] = []
+        if p.logging:
+            logs.configure(log_format=new.log_format, controller_logging=new.controller_logging,
+                           tincan_logging=new.tincan_logging, override=self.log_override)
+        if self.dp is not None:
+            self.dp.held_limit = new.ondemand_queue
+            self.dp.keepalive_seconds = new.keepalive_seconds
+        if self.keying is not None and new.rekey_seconds != old.rekey_seconds:
+            self.keying.rekey_seconds = new.rekey_seconds
+            from ipop.crypto.session import CryptoSession
+
+            for link in self.keying.links.values():
+                if isinstance(link.session, CryptoSession):
+                    link.session.rekey_seconds = new.rekey_seconds
+        rebuilt += self._reload_static_peers(old, new)
+        apply = getattr(self.controller, "reload", None)
+        if apply is not None:
+            rebuilt += apply(old, new, p)
+        for hook in self.reload_hooks:
+            try:
+                hook(old, new)
+            except Exception:
+                log.exception("reload hook %s failed", hook)
+        log.info("reload: changed %s; links rebuilt or re-decided: %s", ", ".join(p.changed),
+                 ", ".join(rebuilt) or "none")
+        self.notify("local_state", self.node_status())
+        return {"changed": p.changed, "links": rebuilt}
+
+    def _reload_static_peers(self, old: Config, new: Config) -> list[str]:
+        """Static links: removed, added, rebuilt when their entry or their security changed."""
+        if self.dp is None:
+            return []
+        changes = rl.peer_changes(old, new)
+        encrypt = new.sec or new.require_encryption
+        touched: list[str] = []
+        for uid in (*changes.removed, *changes.changed):
+            self.remove_link(uid)
+            touched.append(f"{uid[:12]} removed" if uid in changes.removed else
+                           f"{uid[:12]} rebuilt")
+        for peer in new.peers:
+            link = self.dp.link(bytes.fromhex(peer.uid))
+            if peer.uid in changes.added or peer.uid in changes.changed:
+                pass
+            elif link is not None and link.encrypted != encrypt:
+                self.remove_link(peer.uid)
+                touched.append(f"{peer.uid[:12]} rebuilt ({'dtls' if encrypt else 'none'})")
+            else:
+                continue
+            try:
+                self.add_static_peer(peer)
+            except IpopError as exc:
+                log.error("static peer %s: %s", peer.uid[:12], exc,
+                          extra=logs.link_extra(peer.uid))
+                continue
+            if peer.uid in changes.added:
+                touched.append(f"{peer.uid[:12]} added")
+        return touched
+
     # ---- static peers
-    def add_static_peer(self, index: int) -> Link:
+    def add_static_peer(self, peer: Peer) -> Link:
         assert self.dp is not None
-        peer = self.cfg.peers[index]
         if self.listen_sock is None:
             raise ConfigError("listen_port", "static peers need a listen_port")
         if peer.endpoint is None:  # a road warrior: learned from its first authenticated frame
@@ -284,6 +424,9 @@ class Node:
         if encrypted:
             self.start_security(link, peer.fingerprint)
         self.notify("peer_state", st.link_entry(link))
+        where = peer.endpoint or "(road warrior: learned from its handshake)"
+        log.info("static link %s to %s (%s: %s)", peer.uid[:12], where, link.security,
+                 reason, extra=logs.link_extra(peer.uid, f"static {where}"))
         return link
 
     def _spawn(self, coro: Any) -> None:
@@ -361,6 +504,8 @@ class Node:
             if link is not None:
                 self._activity.pop(link.peer_uid, None)
                 self.stop_security(link)
+                log.info("link %s removed", peer_uid[:12],
+                         extra=logs.link_extra(peer_uid, _link_text(link)))
 
     def stop_security(self, link: Link) -> None:
         """Forget a removed link's keys."""
@@ -387,6 +532,8 @@ class Node:
         link = self.dp.link(peer_uid) if self.dp else None
         if link is not None:
             self.notify("peer_state", st.link_entry(link))
+            log.info("link %s %s (%s, %s)", peer_uid.hex()[:12], event, link.security,
+                     link.path.kind, extra=logs.link_extra(peer_uid, _link_text(link)))
         for hook in self.link_hooks:
             hook(peer_uid.hex(), event)
 
@@ -435,7 +582,7 @@ class Node:
             "fingerprint": self.identity.fingerprint if self.identity else None,
             "ip4": cfg.ip4, "ip4_mask": cfg.ip4_mask, "ip6": cfg.ip6,
             "interface": cfg.interface, "mode": "tap" if cfg.switchmode else "tun",
-            "mtu": cfg.effective_mtu, "listen_port": cfg.listen_port or None,
+            "mtu": self.mtu, "listen_port": cfg.listen_port or None,
             "controller": cfg.controller if self.controller else None,
             "uptime_s": round(time.time() - self.started, 1),
             "xmpp": None, "counters": self.dp.counters() if self.dp else None,
@@ -496,12 +643,27 @@ class Node:
             found.set_nets(found.nets)  # its allowed sources follow its address
             dp.table.reindex()
             return st.link_entry(found)
+        if method == "reload":
+            try:
+                return await self.reload()
+            except ConfigError as exc:
+                return {"changed": [], "links": [], "refused": exc.key, "error": str(exc)}
+        if method == "ping":
+            from ipop.api.ping import ping
+
+            return await ping(self, params)
         if method == "set_local_ip":
             raise IpopError("set_local_ip: the address comes from the config; restart to change")
         extra = getattr(self.controller, "handle_api", None)
         if extra is not None:
             return await extra(method, params)
         raise IpopError(f"unknown method {method!r}")
+
+
+def _link_text(link: Link) -> str:
+    """A link in a few words for logs: its path kind and the peer's underlay address."""
+    host, port = link.path.addr[0].removeprefix("::ffff:"), link.path.addr[1]
+    return f"{link.path.kind} {host}:{port}"
 
 
 def _uid_param(params: dict[str, Any]) -> bytes:

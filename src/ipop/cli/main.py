@@ -8,13 +8,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from pathlib import Path
 
 from ipop.errors import ConfigError, IpopError
-
-LEVELS = {0: "ERROR", 1: "WARNING", 2: "INFO", 3: "DEBUG"}
 
 
 def _load_config(path: str):  # type: ignore[no-untyped-def]
@@ -27,15 +24,13 @@ def _load_config(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from ipop import logs
     from ipop.node import Node
 
     cfg = _load_config(args.config)
-    level = args.log_level or cfg.controller_logging
-    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-    logging.getLogger("ipop.dataplane").setLevel(LEVELS.get(cfg.tincan_logging, "INFO"))
-    node = Node(cfg)
+    logs.configure(log_format=cfg.log_format, controller_logging=cfg.controller_logging,
+                   tincan_logging=cfg.tincan_logging, override=args.log_level)
+    node = Node(cfg, config_path=args.config, log_override=args.log_level)
     if cfg.xmpp_username:
         from ipop.controller import make_controller
 
@@ -81,6 +76,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running node to re-read its config; prints what changed, or why nothing did."""
+    from ipop.api import server
+
+    result = server.call(_control_path(args), "reload", timeout=30.0)
+    if args.json:
+        print(json.dumps(result))
+    if result.get("refused"):
+        # one line naming the key; exit 2 as a bad config does at start
+        print(f"ipop reload: refused: {result.get('error')}", file=sys.stderr)
+        return 2
+    if args.json:
+        return 0
+    changed = result.get("changed") or []
+    if not changed:
+        print("ipop reload: nothing changed")
+        return 0
+    print(f"ipop reload: changed {', '.join(changed)}")
+    for item in result.get("links") or []:
+        print(f"  link {item}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from ipop.cli.demo import run_demo
 
@@ -94,8 +112,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ipop import __version__
+    from ipop.cli import control, netcheck
+
     p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
+    p.add_argument("--version", action="version", version=f"ipop {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True)
+    control.add_parsers(sub)
+    netcheck.add_parser(sub)
     up = sub.add_parser("up", help="run a node in the foreground")
     up.add_argument("-c", "--config", required=True)
     up.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -109,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     stp.add_argument("--control", help="path of the control socket")
     stp.add_argument("--json", action="store_true")
     stp.set_defaults(func=cmd_status)
+    rlp = sub.add_parser("reload", help="re-read a running node's config and apply what can "
+                                        "change live (as SIGHUP does)")
+    rlp.add_argument("-c", "--config")
+    rlp.add_argument("--control", help="path of the control socket")
+    rlp.add_argument("--json", action="store_true")
+    rlp.set_defaults(func=cmd_reload)
     demo = sub.add_parser("demo", help="run a demo overlay in network namespaces")
     demo.add_argument("--nodes", type=int, default=3)
     demo.add_argument("--controller", choices=["groupvpn", "socialvpn", "static"],

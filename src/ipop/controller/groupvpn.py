@@ -29,12 +29,15 @@ from ipop.crypto import policy
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
+from ipop.logs import link_extra
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
 from ipop.wire.prefixes import Net, parse_prefix
 from ipop.wire.signal import FEATURE_TRAINS, SignalMessage
 
 if TYPE_CHECKING:
+    from ipop.config import Config
     from ipop.node import Node
+    from ipop.reload import Plan
 
 log = logging.getLogger("ipop.controller")
 
@@ -62,6 +65,9 @@ class GroupVPN(SignalListener):
         self.fatal: BaseException | None = None
         self.paths: IcePaths | None = None
         self._route_policy: RoutePolicy | None = None
+        # each peer's security view from its last con_req/con_resp (by UID): a reload that
+        # changes our own view re-decides the link against it
+        self._views: dict[str, policy.SecurityView] = {}
 
     # ---- helpers
     @property
@@ -306,12 +312,14 @@ class GroupVPN(SignalListener):
             return
         msg = self._message("con_req", True if self.cfg.require_encryption else None,
                             candidates)
+        self._count("con_req_sent")
         self._send(peer.jid, msg)
 
     def _attempt_failed(self, peer: Peer, attempt: int, why: str) -> None:
         if peer.attempt_id != attempt:
             return
         log.warning("link set-up with %s failed: %s", peer.jid, why)
+        peer.last_error = why
         self._count("setup_failed")
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
@@ -372,8 +380,10 @@ class GroupVPN(SignalListener):
 
     def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
+        self._count("con_req_received")
         peer = self._check_peer_msg(jid, msg)
         if peer is None:
+            self._count("con_req_refused")
             return
         if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
             self._count("collision_won")
@@ -382,7 +392,8 @@ class GroupVPN(SignalListener):
                 self.paths is not None and msg.uid in self.paths.connected):
             # the peer starts over (it restarted, or lost the link): so do we
             self._drop_link(peer, "peer asked for a new link")
-        verdict = policy.decide(self._my_view(), self._their_view(msg, is_request=True))
+        view = self._views[msg.uid] = self._their_view(msg, is_request=True)
+        verdict = policy.decide(self._my_view(), view)
         self._begin_linking(peer, verdict, now)
         self._spawn(self._answer(peer, msg, verdict, peer.attempt_id))
 
@@ -409,7 +420,8 @@ class GroupVPN(SignalListener):
         if peer.state is not LinkState.REQUESTED:
             self._count("unexpected_con_resp")
             return
-        mine = policy.decide(self._my_view(), self._their_view(msg, is_request=False))
+        view = self._views[msg.uid] = self._their_view(msg, is_request=False)
+        mine = policy.decide(self._my_view(), view)
         verdict = policy.reconcile(mine, msg.encrypt)
         if verdict is not mine:
             log.warning("security verdict disagreement with %s: mine %s, theirs %s -> encrypt",
@@ -484,7 +496,8 @@ class GroupVPN(SignalListener):
         if tell and peer.uid is not None and peer.online:
             self._send(peer.jid, SignalMessage(type="trim", uid=self.my_uid,
                                                overlay_id=self.overlay_id))
-        log.info("link to %s removed: %s", peer.jid, why)
+        log.info("link to %s removed: %s", peer.jid, why, extra=link_extra(peer.uid))
+        peer.last_error = why
         peer.routes = []  # its routes went with its link
         peer.enter(LinkState.IDLE, self._now())
         peer.retry_at = self._now() + (0.5 if peer.online else 0)
@@ -528,12 +541,48 @@ class GroupVPN(SignalListener):
             self._drop_link(peer, "handshake failed")
             peer.failed(now)
 
+    # ---- live reload
+    def reload(self, old: Config, new: Config, plan: Plan) -> list[str]:
+        """Take the new config (node.reload checked it may change live); re-decide every link
+        when our security view changed.  A link whose verdict flips is rebuilt: dropped, the
+        peer told (``trim``), and a new con_req carries our new groups, so both ends decide
+        again; a link whose verdict holds only takes the new reason.  Returns what it did."""
+        self.cfg = new
+        if self.paths is not None:
+            self.paths.reconfigure(new)
+        if not plan.security:
+            return []
+        mine = self._my_view()
+        done: list[str] = []
+        for peer in self.peers:
+            if peer.uid is None or peer.state is LinkState.IDLE:
+                continue
+            theirs = self._views.get(peer.uid)
+            if theirs is None:
+                continue
+            verdict = policy.decide(mine, theirs)
+            encrypt_now = peer.security == "dtls"
+            if verdict.encrypt != encrypt_now:
+                self._drop_link(peer, f"security changed by reload: now {verdict.reason}",
+                                tell=True)
+                peer.retry_at = self._now()
+                done.append(f"{peer.uid[:12]} rebuilt ({verdict.reason})")
+            elif verdict.reason != peer.security_reason:
+                peer.security_reason = verdict.reason
+                link = self.node.dp.link(bytes.fromhex(peer.uid)) if self.node.dp else None
+                if link is not None:
+                    link.security_reason = verdict.reason
+                    self.node.link_event(link.peer_uid, "re-decided")
+                done.append(f"{peer.uid[:12]} re-decided ({verdict.reason})")
+        return done
+
     # ---- periodic work
     def tick(self, now: float) -> None:
         idle_limit = self.cfg.on_demand_inactive_timeout
         for peer in self.peers:
             if peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
+                peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                 peer.failed(now)
@@ -549,6 +598,43 @@ class GroupVPN(SignalListener):
                     self._drop_link(peer, f"idle for {idle_limit:g} s (on-demand)", tell=True)
                     self.node.notify("con_stat", {"peer": peer.jid, "event": "trimmed"})
             self._maybe_request(peer, now)
+
+    # ---- diagnostics (``ipop ping``: ``ipop.api.ping``)
+    def why_no_link(self, peer: Peer) -> tuple[str, str]:
+        """Why ``peer`` has no usable link: a reason code and a sentence for people."""
+        name = bare(peer.jid)
+        if not self.connected:
+            return "no_signaling", ("not connected to the XMPP server"
+                                    f" ({self.signal_error or 'connecting'})")
+        if peer.conflict is not None:
+            return "refused", f"refused: {peer.conflict}"
+        if not peer.online:
+            return "peer_offline", f"{name} is offline (no presence from it)"
+        last = peer.last_error or ""
+        retry = "" if peer.state is LinkState.IDLE else f"; retrying ({peer.state.value})"
+        if "handshake" in last or "keying" in last:
+            return "keying_failed", f"keying failed: {last}{retry}"
+        if "refus" in last or "policy" in last:
+            return "refused", f"refused by policy: {last}{retry}"
+        if peer.state in (LinkState.REQUESTED, LinkState.LINKING):
+            tail = f"; the last attempt failed: {last}" if last else ""
+            return "linking", (f"link to {name} being set up ({peer.state.value} for "
+                               f"{self._now() - peer.since:.1f} s){tail}")
+        if not peer.wanted and self.cfg.on_demand_connection:
+            return "on_demand", (f"on-demand link to {name} not made yet: no traffic has needed "
+                                 "it (--connect asks for one)")
+        if last:
+            return "failed", f"last set-up failed: {last}; retrying"
+        return "no_link", f"no link to {name} yet"
+
+    def want_link(self, peer: Peer) -> None:
+        """Ask for a link to ``peer`` now (``ipop ping --connect``), as traffic would."""
+        now = self._now()
+        peer.wanted = True
+        peer.last_activity = now
+        if peer.state is LinkState.IDLE:
+            peer.retry_at = min(peer.retry_at, now)
+        self._maybe_request(peer, now)
 
     # ---- status
     def peer_entry(self, peer: Peer) -> dict[str, Any]:

@@ -51,6 +51,13 @@ class IcePaths:
                      for t in cfg.turn]
         self._dispatcher: IceDispatcher | None = None
 
+    def reconfigure(self, cfg: Config) -> None:
+        """A reloaded config: STUN and TURN servers for the ICE sessions made from now on."""
+        self.cfg = cfg
+        self.stun = [parse_endpoint(s, default_port=3478) for s in cfg.stun]
+        self.turn = [TurnConf(parse_endpoint(t.server, default_port=3478), t.user, t.password)
+                     for t in cfg.turn]
+
     @property
     def dispatcher(self) -> IceDispatcher:
         if self._dispatcher is None:

@@ -56,6 +56,7 @@ class Peer:
     notes: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)  # its advertised routes we installed
     routes_refused: list[dict[str, str]] = field(default_factory=list)  # prefix, reason
+    last_error: str | None = None  # why the last set-up failed or the link went (``ipop ping``)
 
     def enter(self, state: LinkState, now: float) -> None:
         if state in (LinkState.REQUESTED, LinkState.IDLE) or (

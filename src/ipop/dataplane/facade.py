@@ -96,6 +96,7 @@ class DataPlane:
         self.mss = mtu - 40  # IPv4 + TCP headers; IPv6 packets get 20 bytes less
         self.held: dict[bytes, collections.deque[tuple[float, bytes]]] = {}
         self.held_limit = ondemand_queue
+        self.held_dropped = 0  # held packets lost: a full queue, a full table, or too old
         self._held_lock = threading.Lock()
         self._miss_bucket = TokenBucket(MISS_RATE, MISS_BURST)
         self._miss_seen: dict[bytes, float] = {}
@@ -278,6 +279,26 @@ class DataPlane:
     def link(self, peer_uid: bytes) -> Link | None:
         return self.table.by_uid.get(peer_uid)
 
+    def probe(self, peer_uid: bytes, on_echo: Callable[[float], None]) -> str | None:
+        """Send one keepalive probe on the link to ``peer_uid`` (``ipop ping``): the peer's
+        data plane echoes it, and ``on_echo(rtt_ms)`` runs on the control thread when the echo
+        is back.  Returns None when the probe left, else why it could not: ``no_link``,
+        ``keying`` (an encrypted link sends nothing before its keys).  Unanswered probes are
+        forgotten once 64 wait on one link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return "no_link"
+        if link.encrypted and (link.session is None or not link.session.ready):
+            return "keying"
+        stamp = time.monotonic_ns()
+        while stamp in link.pings:
+            stamp += 1
+        if len(link.pings) >= 64:  # nobody answers: keep the table small
+            link.pings.clear()
+        link.pings[stamp] = lambda rtt: self.call_soon(on_echo, rtt)
+        send_keepalive(link, wk.OP_PROBE, stamp)
+        return None
+
     # ---- held packets for unknown destinations (on-demand links)
     def _on_miss(self, dst: bytes, pkt: bytes) -> None:
         """Data-plane thread (device reads): hold the packet briefly and tell the controller
@@ -291,7 +312,11 @@ class DataPlane:
                         self._expire_held(now)
                     if len(self.held) < 1024:
                         q = self.held[dst] = collections.deque(maxlen=self.held_limit)
-                if q is not None:
+                if q is None:
+                    self.held_dropped += 1
+                else:
+                    if len(q) == q.maxlen:
+                        self.held_dropped += 1  # the oldest one makes room
                     q.append((now, pkt))
         last = self._miss_seen.get(dst)
         if last is not None and now - last < 1.0:
@@ -306,7 +331,7 @@ class DataPlane:
 
     def _expire_held(self, now: float) -> None:
         for key in [k for k, q in self.held.items() if not q or now - q[-1][0] > MISS_HOLD]:
-            del self.held[key]
+            self.held_dropped += len(self.held.pop(key))
 
     def _release_held(self, addr: bytes, link: Link) -> None:
         with self._held_lock:
@@ -314,6 +339,10 @@ class DataPlane:
         if not q:
             return
         now = time.monotonic()
+        expired = sum(1 for stamp, _ in q if now - stamp > MISS_HOLD)
+        if expired:
+            with self._held_lock:
+                self.held_dropped += expired
         for stamp, pkt in q:
             if now - stamp <= MISS_HOLD:
                 if link.xlat is not None:  # held before the link (and its view) existed

@@ -486,6 +486,10 @@ class Inbound:
             rtt = (time.monotonic_ns() - stamp) / 1e6
             if 0 <= rtt < 60_000:
                 stats.rtt_ms = rtt
+            if link.pings:  # ``ipop ping`` waits for this echo (rare: not on the data path)
+                waiter = link.pings.pop(stamp, None)
+                if waiter is not None:
+                    waiter(rtt)
 
     # ---- whole trains (``ipop.wire.train``)
     def _train_read(self, sock: socket.socket, area: memoryview, n: int, gso: int,

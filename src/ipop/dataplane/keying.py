@@ -34,6 +34,8 @@ class Keying:
         self._ready: dict[bytes, bool] = {}
         self._failures_seen: dict[bytes, int] = {}
         self._mismatch_logged: set[bytes] = set()
+        self.rekeys = 0  # handshakes completed after a link's first, over the node's life
+        self._handshakes: dict[bytes, int] = {}
 
     def start(self, link: Link, fingerprint: str | None, now: float | None = None) -> None:
         """Give ``link`` a session and start keying it."""
@@ -50,6 +52,7 @@ class Keying:
         self.links[link.peer_uid] = link
         self._ready[link.peer_uid] = False
         self._failures_seen[link.peer_uid] = 0
+        self._handshakes[link.peer_uid] = 0
         self._send(link, session.start(now))
 
     def stop(self, link: Link) -> None:
@@ -57,6 +60,7 @@ class Keying:
             del self.links[link.peer_uid]
             self._ready.pop(link.peer_uid, None)
             self._failures_seen.pop(link.peer_uid, None)
+            self._handshakes.pop(link.peer_uid, None)
 
     def on_dtls(self, peer_uid: bytes | None, data: bytes, now: float | None = None) -> bool:
         """A DTLS datagram from the path of ``peer_uid``'s link; True when it was handled."""
@@ -97,6 +101,10 @@ class Keying:
         session = link.session
         assert isinstance(session, CryptoSession)
         uid = link.peer_uid
+        seen = self._handshakes.get(uid, 0)
+        if session.handshakes > seen:
+            self.rekeys += session.handshakes - max(seen, 1)
+            self._handshakes[uid] = session.handshakes
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
             sent = link.flush_pending()

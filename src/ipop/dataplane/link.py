@@ -14,6 +14,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -162,6 +163,9 @@ class Link:
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
         self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+        # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the RX thread)
+        # with the RTT in ms; the control thread adds, the RX thread pops
+        self.pings: dict[int, Callable[[float], None]] = {}
         # a road-warrior peer (static, no endpoint): its address is not known yet; set on the
         # control thread, cleared when the link is keyed
         self.awaiting_endpoint = False

@@ -144,6 +144,7 @@ class XmppSignal(SignalBackend):
         self._ip6: str | None = None
         self._session_up = False
         self._closing = False
+        self._silent = False  # login_once: log in without presence
         self._attempt: asyncio.Future[str | None] | None = None
         self._lost = asyncio.Event()
         self._last_error: str | None = None
@@ -191,6 +192,22 @@ class XmppSignal(SignalBackend):
         finally:
             self._connecting = None
         self._supervisor = asyncio.create_task(self._supervise(), name="xmpp-supervisor")
+
+    async def login_once(self) -> str | None:
+        """One login attempt, then log out (``ipop netcheck``): None when a session came up,
+        else why not (unreachable, timeout).  A wrong password, an untrusted certificate or no
+        usable login raise ConfigError naming the key, as ``connect`` does."""
+        self._closing = False
+        self._silent = True  # no presence: group members never see this login
+        self._client = self._make_client()
+        try:
+            why = await self._attempt_once()
+        except BaseException:
+            self._abort_client()
+            raise
+        if why is None:
+            await self.close()
+        return why
 
     async def set_presence(self, uid: str, ip4: str | None = None,
                            ip6: str | None = None) -> None:
@@ -365,7 +382,8 @@ class XmppSignal(SignalBackend):
         if self._stale_timer is not None:
             self._stale_timer.cancel()
         self._stale_timer = loop.call_later(self.settings.presence_settle, self._expire_stale)
-        self._send_presence()
+        if not self._silent:
+            self._send_presence()
         pending, self._pending_roster = self._pending_roster, []
         for jid, add in pending:
             await self._roster_op(jid, add)

@@ -62,13 +62,17 @@ class NodeProc:
         path.chmod(0o600)
         return path
 
-    def start(self, log_level: str = "INFO") -> None:
+    def start(self, log_level: str | None = "INFO", *, env: dict[str, str] | None = None,
+              prefix: list[str] | None = None) -> None:
+        """Start ``ipop up``; ``env``: the whole environment (default: ours); ``prefix``: a
+        command that runs it (``setpriv ...``); ``log_level`` None: the config's levels."""
         self.write_config()
         log = self.log_path.open("ab")
+        level = [] if log_level is None else ["--log-level", log_level]
         self.proc = self.host.popen(
-            [sys.executable, "-m", "ipop", "up", "-c", str(self.config_path),
-             "--log-level", log_level],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            [*(prefix or []), sys.executable, "-m", "ipop", "up", "-c", str(self.config_path),
+             *level],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()
 
@@ -113,6 +117,13 @@ class NodeProc:
                 self.proc.kill()
                 self.proc.wait(5)
         return self.proc.returncode
+
+    def reload(self, config: dict[str, Any]) -> None:
+        """Write ``config`` as the node's config and send SIGHUP (the reload is asynchronous)."""
+        self.config = config
+        self.write_config()
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def kill(self) -> None:
         self.stop(signal.SIGKILL)

@@ -1,8 +1,12 @@
 """Real servers (prosody, coturn) as foreground child processes for tests and the demo.
 
-Each launcher writes its own minimal config into a work directory, starts the server in the
-foreground (optionally inside a network namespace via ``ip netns exec``), keeps its PID, waits until
-its port is bound, and stops it by that PID.  Nothing here touches a system-wide config or service.
+Each launcher renders its config from the deployment examples (``examples/prosody.cfg.lua``,
+``examples/turnserver.conf``: the files docs/deploy.md tells operators to install), substituting
+only addresses, ports, the domain/realm, accounts and paths, so the examples cannot rot: every
+test and the demo run on them.  It writes the result into a work directory, starts the server
+in the foreground (optionally inside a network namespace via ``ip netns exec``), keeps its PID,
+waits until its port is bound, and stops it by that PID.  Nothing here touches a system-wide
+config or service.
 
     with Prosody(tmp / "xmpp", port=free_port) as xmpp:       # started on __enter__
         xmpp.register("alice", "pw")
@@ -35,6 +39,31 @@ START_TIMEOUT = 5.0
 STOP_TIMEOUT = 5.0
 _POLL = 0.02
 _TAIL = 4000
+
+
+def examples_dir() -> Path:
+    """The repository's ``examples/`` (or ``$IPOP_EXAMPLES``)."""
+    env = os.environ.get("IPOP_EXAMPLES")
+    path = Path(env) if env else Path(__file__).resolve().parents[3] / "examples"
+    if not path.is_dir():
+        raise EnvironmentFault(f"no examples directory at {path} (set IPOP_EXAMPLES)")
+    return path
+
+
+def render(name: str, substitutions: Sequence[tuple[str, str]]) -> str:
+    """``examples/NAME`` with each literal replaced; a literal the example lacks is an error (the
+    example changed in a way the test bed no longer matches)."""
+    path = examples_dir() / name
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise EnvironmentFault(f"cannot read {path}: {exc.strerror}") from None
+    for old, new in substitutions:
+        if old not in text:
+            raise EnvironmentFault(f"{path} no longer contains {old!r}: update "
+                                   "ipop.testbed.servers to match the example")
+        text = text.replace(old, new)
+    return text
 
 
 def _netns_prefix(netns: str | None) -> list[str]:
@@ -300,42 +329,32 @@ class Prosody(ServerProcess):
         self.config_path.write_text(self._config())
 
     def _config(self) -> str:
+        """``examples/prosody.cfg.lua`` with this server's address, ports, domain and paths."""
         q = _lua_str
-        ssl = ""
-        if self.cert_path is not None and self.key_path is not None:
-            cert, key = q(str(self.cert_path)), q(str(self.key_path))
-            ssl = f"ssl = {{ certificate = {cert}, key = {key} }}"
         direct = f"{{ {self.direct_tls_port} }}" if self.direct_tls_port else "{ }"
-        lines = [
-            "-- written by ipop.testbed.servers; every run writes it anew",
-            "run_as_root = true",
-            f"pidfile = {q(str(self.pid_path))}",
-            f"data_path = {q(str(self.data_path))}",
-            f"certificates = {q(str(self.workdir))}",
-            f"interfaces = {{ {q(self.bind)} }}",
-            f"c2s_ports = {{ {self.port} }}",
-            f"c2s_direct_tls_ports = {direct}",
-            "s2s_ports = { }",
-            "component_ports = { }",
-            'log = { { levels = { min = "info" }, to = "console" } }',
-            # without tls, mod_tls would offer STARTTLS with no certificate: every handshake fails
-            "modules_enabled = {",
-            '  "roster", "saslauth", "disco", "ping", "posix", "groups",',
-            '  "tls",' if self.tls else "",
-            "}",
-            # offline storage would replay stale con_req/con_resp at the next login
-            'modules_disabled = { "offline", "s2s" }',
-            f"groups_file = {q(str(self.groups_path))}",
-            'authentication = "internal_hashed"',
-            'storage = "internal"',
-            "allow_registration = false",
-            f"c2s_require_encryption = {'true' if self.tls else 'false'}",
-            ssl,
-            f"VirtualHost {q(self.domain)}",
-            f"  {ssl}" if ssl else "",
-            "",
+        subs = [
+            ('"/run/prosody/prosody.pid"', q(str(self.pid_path))),
+            ('"/var/lib/prosody"', q(str(self.data_path))),
+            ('"203.0.113.10"', q(self.bind)),
+            ("c2s_ports = { 5222 }", f"c2s_ports = {{ {self.port} }}"),
+            ("c2s_direct_tls_ports = { 5223 }", f"c2s_direct_tls_ports = {direct}"),
+            ('"/etc/prosody/ipop-groups.txt"', q(str(self.groups_path))),
+            ('"/etc/prosody/certs/vpn.example.org.crt"', q(str(self.cert_path or ""))),
+            ('"/etc/prosody/certs/vpn.example.org.key"', q(str(self.key_path or ""))),
+            ('"/etc/prosody/certs"', q(str(self.workdir))),
+            ('VirtualHost "vpn.example.org"', f"VirtualHost {q(self.domain)}"),
         ]
-        return "\n".join(lines)
+        lines = ["-- rendered by ipop.testbed.servers from examples/prosody.cfg.lua",
+                 "run_as_root = true  -- the test bed runs prosody as root"]
+        for line in render("prosody.cfg.lua", subs).splitlines():
+            if line.rstrip().endswith("-- tls") and not self.tls:
+                # without tls, mod_tls would offer STARTTLS with no certificate: every
+                # handshake fails; clients log in in plaintext instead
+                if line.startswith("c2s_require_encryption"):
+                    lines.append("c2s_require_encryption = false")
+                continue
+            lines.append(line)
+        return "\n".join(lines) + "\n"
 
     def argv(self) -> list[str]:
         return ["prosody", "--config", str(self.config_path), "-F"]
@@ -445,31 +464,31 @@ class Coturn(ServerProcess):
         self.config_path.write_text(self._config())
 
     def _config(self) -> str:
-        lines = [
-            "# written by ipop.testbed.servers; every run writes it anew",
-            f"listening-port={self.port}",
-            f"listening-ip={self.listen_ip}",
-            f"relay-ip={self.relay_ip}",
-            f"realm={self.realm}",
-            "lt-cred-mech",
-            "fingerprint",
-            *(f"user={u}:{p}" for u, p in self.users.items()),
-            f"userdb={self.db_path}",
-            f"pidfile={self.pid_path}",
-            "no-tls",
-            "no-dtls",
-            "no-cli",
-            "no-tcp-relay",
-            "no-multicast-peers",
-            # relay to nothing but the test range (allowed-peer-ip overrides denied-peer-ip)
-            "denied-peer-ip=0.0.0.0-255.255.255.255",
-            "denied-peer-ip=::-ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff",
-            *(f"allowed-peer-ip={r}" for r in self.allowed),
-            "log-file=stdout",
-            "simple-log",
-            "",
-        ]
-        return "\n".join(lines)
+        """``examples/turnserver.conf`` with this server's addresses, port, realm, users and
+        paths; it relays to nothing but ``allowed_peer_range``."""
+        text = render("turnserver.conf", [
+            ("listening-port=3478", f"listening-port={self.port}"),
+            ("listening-ip=10.0.0.5", f"listening-ip={self.listen_ip}"),
+            ("relay-ip=10.0.0.5", f"relay-ip={self.relay_ip}"),
+            ("external-ip=203.0.113.10/10.0.0.5", f"external-ip={self.relay_ip}/{self.relay_ip}"),
+            ("realm=vpn.example.org", f"realm={self.realm}"),
+            ("user=ipop:CHANGE-THIS-TURN-PASSWORD",
+             "\n".join(f"user={u}:{p}" for u, p in self.users.items())),
+            ("/var/lib/turn/turndb", str(self.db_path)),
+            ("/run/turnserver/turnserver.pid", str(self.pid_path)),
+        ])
+        lines = ["# rendered by ipop.testbed.servers from examples/turnserver.conf"]
+        allowed_done = False
+        for line in text.splitlines():
+            if line.startswith("allowed-peer-ip="):
+                if not allowed_done:
+                    lines.extend(f"allowed-peer-ip={r}" for r in self.allowed)
+                    allowed_done = True
+                continue
+            lines.append(line)
+        if not allowed_done:
+            raise EnvironmentFault("examples/turnserver.conf has no allowed-peer-ip line")
+        return "\n".join(lines) + "\n"
 
     def argv(self) -> list[str]:
         return ["turnserver", "-c", str(self.config_path)]
