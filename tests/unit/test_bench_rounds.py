@@ -97,3 +97,16 @@ def test_report_shows_medians_and_spread() -> None:
 
 def test_bench_refuses_a_bad_round_count() -> None:
     assert main(["bench", "--rounds", "0"]) == 2
+
+
+def test_bench_metrics_adds_the_scraped_system() -> None:
+    from ipop.bench.peers import SYSTEMS
+    from ipop.cli.bench import make_plan
+    from ipop.cli.main import build_parser
+
+    args = build_parser().parse_args(["bench", "--quick", "--metrics"])
+    plan, _ = make_plan(args)
+    assert plan.systems[-1] == "ipop-enc-metrics"
+    assert SYSTEMS["ipop-enc-metrics"].extra == {"metrics_listen": "127.0.0.1:9477"}
+    plain, _ = make_plan(build_parser().parse_args(["bench", "--quick"]))
+    assert "ipop-enc-metrics" not in plain.systems

@@ -4,6 +4,9 @@
 * ``direct``: the underlay veth itself (198.18.1.0/24).
 * ``ipop-enc`` / ``ipop-plain``: two ipop nodes with static peers, ``sec`` true / false,
   overlay 100.64.0.0/24 (``ipop.testbed.nodes.static_mesh``).
+* ``ipop-enc-metrics`` (``--metrics``): ``ipop-enc`` with ``metrics_listen`` on both nodes and
+  each endpoint scraped once a second through the run, so serving metrics is measured beside
+  the same build without them.
 * ``wireguard-go``: Debian's userspace WireGuard, keys from ``wg genkey``/``wg pubkey``,
   ``WG_PROCESS_FOREGROUND=1 wireguard-go IFACE`` per host, configured with ``wg set``;
   overlay 100.65.0.0/24, its default MTU (1420).
@@ -22,6 +25,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -122,6 +126,7 @@ class Ipop(System):
     """Two ipop nodes with static peers; ``sec`` decides whether the link is encrypted."""
 
     sec = True
+    extra: dict[str, Any] = {}
 
     def __init__(self, link: Link, work: Path) -> None:
         super().__init__(link, work)
@@ -130,7 +135,7 @@ class Ipop(System):
     def start(self) -> None:
         hosts = [self.link.a, self.link.b]
         self.nodes = static_mesh(hosts, self.work, underlay=[self.link.a_addr, self.link.b_addr],
-                                 extra={"sec": self.sec})
+                                 extra={"sec": self.sec, **self.extra})
         for node in self.nodes:
             node.start(log_level="WARNING")
         for node in self.nodes:
@@ -190,6 +195,41 @@ class IpopPlain(Ipop):
     name = "ipop-plain"
     label = "ipop plain"
     sec = False
+
+
+_SCRAPER = """
+import sys, time, urllib.request
+while True:
+    try:
+        urllib.request.urlopen(sys.argv[1], timeout=1).read()
+    except OSError:
+        pass
+    time.sleep(1)
+"""
+
+
+class IpopEncMetrics(IpopEnc):
+    """``ipop-enc`` serving Prometheus metrics, each node scraped once a second."""
+
+    name = "ipop-enc-metrics"
+    label = "ipop encrypted, metrics scraped 1/s"
+    extra = {"metrics_listen": "127.0.0.1:9477"}
+
+    def __init__(self, link: Link, work: Path) -> None:
+        super().__init__(link, work)
+        self.scrapers: list[subprocess.Popen[Any]] = []
+
+    def start(self) -> None:
+        super().start()
+        for node in self.nodes:
+            self.scrapers.append(node.host.popen(
+                [sys.executable, "-c", _SCRAPER, "http://127.0.0.1:9477/metrics"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+
+    def stop(self) -> None:
+        _stop_procs(self.scrapers)
+        self.scrapers = []
+        super().stop()
 
 
 class WireguardGo(System):
@@ -331,7 +371,7 @@ class Tinc(System):
 
 
 SYSTEMS: dict[str, type[System]] = {
-    cls.name: cls for cls in (Direct, IpopEnc, IpopPlain, WireguardGo, Tinc)
+    cls.name: cls for cls in (Direct, IpopEnc, IpopPlain, IpopEncMetrics, WireguardGo, Tinc)
 }
 PEERS = ("wireguard-go", "tinc")
 

@@ -42,6 +42,8 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[str]]:
     if not 1 <= rounds <= 9:
         raise ConfigError("rounds", f"{rounds}: must be 1 to 9")
     systems = list(BASE_SYSTEMS)
+    if getattr(args, "metrics", False):
+        systems.append("ipop-enc-metrics")
     skipped: dict[str, str] = {}
     if args.peers:
         for name in PEERS:

@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="testbed: Testbed.set_loss, nftables drop per skb at egress; "
                             "datagram: per wire datagram, offloads off on the veth during the "
                             "loss cases, so the receiver loses GRO too (diagnostic)")
+    bench.add_argument("--metrics", action="store_true",
+                       help="also measure ipop encrypted with metrics_listen on, scraped once "
+                            "a second (the cost of serving metrics, same run)")
     bench.add_argument("--rounds", type=int, default=1,
                        help="measure every system this many times, interleaved, and report "
                             "medians with the spread (a shared machine drifts; default 1)")
