@@ -15,10 +15,9 @@ A refused update is counted (``route_update_refused``) and logged at a bounded r
 stays as it was.
 
 Re-deciding (``redecide``: ``accept_routes``, ``exit_node`` or ``advertise_routes`` changed).
-Two passes over the linked peers: first each keeps only the prefixes the new policy still
-accepts of its offer (so a prefix that moves, e.g. the default route to another exit node, is
-free); then each takes, in turn, what the policy accepts, so a prefix another peer kept stays
-with it ("the first keeps it", ``ipop.controller.routes``).
+The policy runs again over every linked peer (``ipop.controller.routes.redecide``: a prefix
+another peer kept stays with it, one that moved is free); the prefixes that leave a link leave
+first, then each link gets its new set, and each peer's status its refusals.
 """
 
 from __future__ import annotations
@@ -29,7 +28,7 @@ import time
 from typing import TYPE_CHECKING
 
 from ipop.controller.peers import LinkState, Peer, bare
-from ipop.controller.routes import decide
+from ipop.controller.routes import Offer, redecide
 from ipop.ratelimit import TokenBucket
 from ipop.reload import route_delta
 from ipop.signal.base import LogLimiter
@@ -149,10 +148,10 @@ class LiveRoutes:
             return ""
         nets = self.gv.accept_routes(peer)
         uid = bytes.fromhex(peer.uid)
-        if self.gv.is_exit(peer) and dp.exit_via != uid:
-            dp.exit_via = uid  # the default route it may carry now goes through it
         if set(nets) != set(before):
             dp.set_link_nets(uid, nets)
+        if self.gv.is_exit(peer) and dp.exit_via != uid:
+            dp.set_exit(uid)  # the default route it may carry now goes through it
         return route_delta(before, nets)
 
     # ---- reload
@@ -166,30 +165,52 @@ class LiveRoutes:
         return done
 
     def redecide(self) -> list[str]:
+        """The policy changed: every linked peer's routes decided again (``routes.redecide``),
+        its link given the result, its status the refusals."""
         gv = self.gv
         dp = gv.node.dp
         gv._route_policy = None  # its own networks (advertise_routes) and accept_routes
         if dp is None:
             return []
-        linked = [(p, nets) for p in gv.peers if (nets := self._link_nets(p)) is not None]
-        policy = gv.route_policy()
-        for peer, nets in linked:  # 1: keep what the new policy still accepts
-            assert peer.uid is not None
-            still, _ = decide(peer.offered_routes, policy, is_exit=gv.is_exit(peer),
-                              owner=lambda _net: None)
-            kept = tuple(n for n in nets if n in still)
-            if kept != nets:
-                dp.set_link_nets(bytes.fromhex(peer.uid), kept)
+        peers = {p.uid: p for p in gv.peers if p.uid is not None}
+        offers: list[Offer] = []
+        fixed: dict[str, tuple[Net, ...]] = {}
+        for link in dp.table.links:
+            peer = peers.get(link.peer_uid.hex())
+            if peer is None:
+                fixed[link.peer_uid.hex()] = link.nets  # a static link: its allowed_ips
+            else:
+                offers.append(Offer(link.peer_uid.hex(), peer.offered_routes, link.nets,
+                                    gv.is_exit(peer)))
+        result = redecide(offers, gv.route_policy(), fixed)
         done: list[str] = []
-        for peer, nets in linked:  # 2: take what it accepts, in turn
-            self.apply(peer)
-            now = self._link_nets(peer) or ()
-            change = route_delta(nets, now)
+        for o in offers:  # what leaves first, so what moves is free when it arrives
+            kept = tuple(n for n in o.carried if n in result[o.name][0])
+            if kept != o.carried:
+                dp.set_link_nets(bytes.fromhex(o.name), kept)
+        for o in offers:
+            accepted, refused = result[o.name]
+            peer = peers[o.name]
+            self._record(peer, accepted, refused)
+            change = route_delta(o.carried, accepted)
+            if set(accepted) != set(o.carried):
+                dp.set_link_nets(bytes.fromhex(o.name), accepted)
             if change:
-                done.append(f"{(peer.uid or '')[:12]} routes {change}")
+                done.append(f"{o.name[:12]} routes {change}")
                 log.info("routes through %s: %s (reload)", peer.jid, change)
-                gv.node.notify("peer_state", gv.peer_entry(peer))
+            gv.node.notify("peer_state", gv.peer_entry(peer))
         return done
+
+    @staticmethod
+    def _record(peer: Peer, accepted: tuple[Net, ...], refused: list[tuple[str, str]]) -> None:
+        """The peer's status: its installed routes, the refused ones and why (logged once per
+        change), as ``GroupVPN.accept_routes`` keeps them."""
+        entries = [{"prefix": p, "reason": r} for p, r in refused]
+        if entries != peer.routes_refused:
+            for p, r in refused:
+                log.warning("route %s from %s refused: %s", p, peer.jid, r)
+        peer.routes = [str(n) for n in accepted]
+        peer.routes_refused = entries
 
     def exit_peer_uid(self) -> bytes | None:
         """The UID of the linked peer ``exit_node`` names, if any."""
