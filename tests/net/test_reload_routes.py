@@ -28,10 +28,11 @@ import pytest
 from ipop.testbed.netns import Testbed
 
 from .helpers import ping, ping_until, wait_for
+from .test_routing import ROGUE
 from .test_service import Stream, ipop_reload, mesh, wait_up
-from .world import World, world_fixture
+from .world import DOMAIN, PASSWORD, World, world_fixture
 
-GROUPS = {"adv": ["q1", "q2", "q3"], "acc": ["p1", "p2", "p3"], "ex": ["x1", "x2", "x3"]}
+GROUPS = {"adv": ["q1", "q2", "q3", "q9"], "acc": ["p1", "p2", "p3"], "ex": ["x1", "x2", "x3"]}
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +125,23 @@ def test_advertise_routes_change_reaches_linked_peers(world: World):
     wait_for(lambda: "198.18.200.0/24 dev ipop0" in routes_of(a.host), timeout=10,
              what="A's route to L1 back")
     assert ping(a.host, "198.18.200.2", count=2) and ping(a.host, "198.18.202.2", count=2)
+
+    # a group member with no link to A sends route updates, one claiming R's UID: refused,
+    # counted, logged; A's routes stay as they were
+    head = ('{"v":1,"type":"con_resp","uid":"%s","overlay_id":"adv","ip4":"100.64.40.9",'
+            '"fingerprint":"sha-256 ' + ":".join(["AB"] * 32) + '","update":true,'
+            '"routes":["198.18.250.0/24"]}')
+    bodies = [head % ("e" * 40), head % r.uid]
+    sender = world.host("q9")
+    done = sender.run([sys.executable, "-c", ROGUE, world.server_ip, f"q9@{DOMAIN}", PASSWORD,
+                       f"q2@{DOMAIN}"], input="\n<<>>\n".join(bodies), check=False, timeout=30)
+    assert done.returncode == 0, done.stderr[-2000:]
+    wait_for(lambda: a.status()["node"]["xmpp"]["counters"].get("route_update_refused", 0) >= 2,
+             timeout=10, what="the rogue updates refused")
+    assert "198.18.250.0/24" not in routes_of(a.host)
+    assert peer_entry(a, r)["routes"] == ["198.18.200.0/24", "198.18.202.0/24"]
+    assert "route update from q9@" in a.log() and "not from the peer of a link" in a.log()
+    assert ping(a.host, "198.18.202.2", count=2)
     print(f"\nA's kernel routes followed R's reload in {took:.2f} s, L2 answered "
           f"{reach:.2f} s later; `ipop reload` printed: {out.stdout.strip()!r}")
 
