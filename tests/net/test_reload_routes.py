@@ -11,7 +11,8 @@ Signaled (``World``: prosody on the inet bridge 198.19.1.0/24)::
 
     inet ── nat ── C (default route via its NAT only)      inet ── D
     inet ── E ipop0 100.64.41.1 (advertises 0.0.0.0/0) ── veth 198.18.201.0/24 ── F .2
-    E: snat_routes false -> true (reload); C: exit_node none -> E -> none (reload);
+    inet ── E2 ipop0 100.64.41.4 (0.0.0.0/0, snat) ── veth 198.18.204.0/24 ── F2 .2
+    E: snat_routes false -> true (reload); C: exit_node none -> E -> E2 -> none (reload);
     stream C -> D across each reload of C
 
 Static (``testbed``): h1 lets h2 carry 198.18.210.0/24 (allowed_ips) by reload, then not;
@@ -32,7 +33,8 @@ from .test_routing import ROGUE
 from .test_service import Stream, ipop_reload, mesh, wait_up
 from .world import DOMAIN, PASSWORD, World, world_fixture
 
-GROUPS = {"adv": ["q1", "q2", "q3", "q9"], "acc": ["p1", "p2", "p3"], "ex": ["x1", "x2", "x3"]}
+GROUPS = {"adv": ["q1", "q2", "q3", "q9"], "acc": ["p1", "p2", "p3"],
+          "ex": ["x1", "x2", "x3", "x4"]}
 
 
 @pytest.fixture(scope="module")
@@ -190,11 +192,16 @@ def test_exit_node_set_then_cleared_on_reload(world: World):
     via = route[route.index("via") + 1]
     c_host.run(["ip", "route", "del", "198.18.0.0/15"])
     c_host.run(["ip", "route", "add", "default", "via", via])
+    e2_host = world.host("xg")
+    far2 = world.tb.add_host("xh")
+    world.tb.connect(e2_host, far2, subnet="198.18.204.0/24")  # E2 .1, F2 .2
     e = world.node("x1", "100.64.41.1", host=e_host, group="ex", advertise_routes=["0.0.0.0/0"])
     d = world.node("x2", "100.64.41.2", group="ex")
     c = world.node("x3", "100.64.41.3", host=c_host, group="ex")
-    start_all([e, d, c])
-    for x, y in ((c, e), (c, d), (d, c)):
+    e2 = world.node("x4", "100.64.41.4", host=e2_host, group="ex",
+                    advertise_routes=["0.0.0.0/0"], snat_routes=True)
+    start_all([e, d, c, e2])
+    for x, y in ((c, e), (c, d), (d, c), (c, e2)):
         wait_up(x, y, timeout=30)
     assert not ping(c.host, "198.18.201.2", count=1, wait=1)
     assert "ipop_snat" not in e_host.run(["nft", "list", "tables"]).stdout
@@ -217,8 +224,18 @@ def test_exit_node_set_then_cleared_on_reload(world: World):
     stream.finish()
     state = c.status()
     assert state["node"]["xmpp"]["connected"]
-    assert {lk["state"] for lk in state["links"]} == {"up"} and len(state["links"]) == 2
-    assert peer_entry(c, e)["routes"] == ["0.0.0.0/0"]
+    assert {lk["state"] for lk in state["links"]} == {"up"} and len(state["links"]) == 3
+    assert peer_entry(c, e)["routes"] == ["0.0.0.0/0"] and peer_entry(c, e2)["routes"] == []
+
+    # to another exit node: the default route moves to E2's link
+    stream = Stream(c, d)
+    c.reload({**c.config, "exit_node": "100.64.41.4"})
+    wait_for(lambda: peer_entry(c, e2)["routes"] == ["0.0.0.0/0"], timeout=10,
+             what="the default route moves to E2")
+    assert peer_entry(c, e)["routes"] == []
+    reach2 = ping_until(c.host, "198.18.204.2", timeout=10)
+    assert "not from all fwmark 0x6970 lookup 26992" in c_host.run(["ip", "rule"]).stdout
+    stream.finish()
 
     # and leaves it again: no rule, no table, F out of reach, the underlay still there
     stream = Stream(c, d)
@@ -227,20 +244,21 @@ def test_exit_node_set_then_cleared_on_reload(world: World):
              what="C's exit rules removed")
     assert "default" not in c_host.run(["ip", "route", "show", "table", "26992"],
                                        check=False).stdout
-    assert not ping(c.host, "198.18.201.2", count=2, wait=1)
+    assert not ping(c.host, "198.18.204.2", count=2, wait=1)
     assert ping(c.host, world.server_ip, count=2)  # the XMPP server, over the underlay
     stream.finish()
     time.sleep(2)  # keepalive rounds after the change
     state = c.status()
     assert state["node"]["xmpp"]["connected"]
-    assert {lk["state"] for lk in state["links"]} == {"up"} and len(state["links"]) == 2
-    assert peer_entry(c, e)["routes"] == []
-    assert not removals(c, e) and not removals(c, d)
+    assert {lk["state"] for lk in state["links"]} == {"up"} and len(state["links"]) == 3
+    assert peer_entry(c, e)["routes"] == [] and peer_entry(c, e2)["routes"] == []
+    assert not removals(c, e) and not removals(c, d) and not removals(c, e2)
 
     e.reload({**e.config, "snat_routes": False})
     wait_for(lambda: "ipop_snat" not in e_host.run(["nft", "list", "tables"]).stdout,
              timeout=10, what="E's masquerade table removed")
-    print(f"\nC reached F through E {reach:.2f} s after its exit route; cleared cleanly; "
+    print(f"\nC reached F through E {reach:.2f} s after its exit route, F2 through E2 "
+          f"{reach2:.2f} s after the switch; cleared cleanly; "
           f"links and XMPP up throughout")
 
 
