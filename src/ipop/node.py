@@ -85,7 +85,7 @@ class Node:
         self._static_fpr: dict[bytes, str | None] = {}  # static peers' fingerprints
         self._tasks: set[asyncio.Task[Any]] = set()
         self.notifier = Notifier()
-        # called after a reload was applied, with (old, new) configs: later layers (routes)
+        # called after a reload was applied, with (old, new) configs: later layers
         # re-apply what they derive from the config here
         self.reload_hooks: list[Callable[[Config, Config], None]] = []
         self._reload_lock = asyncio.Lock()
@@ -417,8 +417,7 @@ class Node:
         self._static_fpr[link.peer_uid] = peer.fingerprint
         # as wg-quick: a /0 in allowed_ips (or exit_node naming the peer) routes the default
         # through it, by policy routing
-        if self.cfg.exit_node in (peer.uid, peer.ip4, peer.ip6) or any(
-                n.endswith("/0") for n in peer.allowed_ips):
+        if routing.static_exit(self.cfg, peer):
             if not self.dp.exit_servers:
                 self.dp.exit_servers = self.underlay_servers()
             self.dp.apply_routes(exit_via=link.peer_uid)

@@ -36,8 +36,8 @@ def wants_snat(cfg: Config) -> bool:
 def static_exit(cfg: Config, peer: Peer) -> bool:
     """As wg-quick: a /0 in a static peer's allowed_ips, or ``exit_node`` naming it, routes
     the default through it."""
-    return cfg.exit_node in (peer.uid, peer.ip4, peer.ip6) or any(
-        n.endswith("/0") for n in peer.allowed_ips)
+    named = cfg.exit_node is not None and cfg.exit_node in (peer.uid, peer.ip4, peer.ip6)
+    return named or any(n.endswith("/0") for n in peer.allowed_ips)
 
 
 def exit_wanted(cfg: Config) -> bool:
@@ -84,16 +84,16 @@ def reload_routing(node: Node, old: Config, new: Config) -> list[str]:
             done.append("snat off")
     servers = node.underlay_servers() if exit_wanted(new) else set()
     via = exit_uid(node, new)
-    if via != dp.exit_via or servers != dp.exit_servers:
-        was = dp.exit_via
+    was = dp.exit_via
+    if via != was or servers != dp.exit_servers:
         dp.set_exit(via, servers)
-        if via != was:
-            if via is not None:
-                done.append(f"exit node {via.hex()[:12]}")
-            elif new.exit_node is not None:
-                done.append(f"exit node {new.exit_node} (no link yet: set once it is up)")
-            else:
-                done.append("exit node none")
+    if via != was or new.exit_node != old.exit_node:
+        if via is not None:
+            done.append(f"exit node {via.hex()[:12]}")
+        elif new.exit_node is not None:
+            done.append(f"exit node {new.exit_node}: no link yet (set once it is up)")
+        else:
+            done.append("exit node none")
     return done
 
 

@@ -315,3 +315,21 @@ def test_sources_and_forwarding_follow_set_nets():
         assert link.source_ok(ip4_packet("100.64.0.2"))  # its own address, always
     finally:
         s.close()
+
+
+# ---- the node's share: which static peer is an exit, when SNAT applies ---------------------
+
+
+def test_static_exit_snat_and_exit_wanted():
+    from ipop.routing import exit_wanted, static_exit, wants_snat
+
+    c = cfg(peers=[peer(UID_A, "100.64.0.2", allowed_ips=["0.0.0.0/0"]),
+                   peer(UID_B, "100.64.0.3")])
+    assert static_exit(c, c.peers[0]) and not static_exit(c, c.peers[1]) and exit_wanted(c)
+    named = cfg(peers=[peer(UID_B, "100.64.0.3")], exit_node="100.64.0.3")
+    assert static_exit(named, named.peers[0]) and exit_wanted(named)
+    assert not exit_wanted(cfg(peers=[peer(UID_B, "100.64.0.3")]))
+    assert exit_wanted(cfg(exit_node=UID_C))  # a signaled peer, linked or not
+    assert not wants_snat(cfg(snat_routes=True))  # nothing advertised: nothing to masquerade
+    assert wants_snat(cfg(snat_routes=True, advertise_routes=["198.18.200.0/24"]))
+    assert not wants_snat(cfg(advertise_routes=["198.18.200.0/24"]))
