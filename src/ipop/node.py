@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ipop import logs
+from ipop import logs, routing
 from ipop import reload as rl
 from ipop.api import status as st
 from ipop.api.server import ControlServer
@@ -85,7 +85,7 @@ class Node:
         self._static_fpr: dict[bytes, str | None] = {}  # static peers' fingerprints
         self._tasks: set[asyncio.Task[Any]] = set()
         self.notifier = Notifier()
-        # called after a reload was applied, with (old, new) configs: later layers (routes)
+        # called after a reload was applied, with (old, new) configs: later layers
         # re-apply what they derive from the config here
         self.reload_hooks: list[Callable[[Config, Config], None]] = []
         self._reload_lock = asyncio.Lock()
@@ -351,15 +351,16 @@ class Node:
         apply = getattr(self.controller, "reload", None)
         if apply is not None:
             rebuilt += apply(old, new, p)
+        routed = routing.reload_routing(self, old, new)  # after the links' prefixes changed
         for hook in self.reload_hooks:
             try:
                 hook(old, new)
             except Exception:
                 log.exception("reload hook %s failed", hook)
-        log.info("reload: changed %s; links rebuilt or re-decided: %s", ", ".join(p.changed),
-                 ", ".join(rebuilt) or "none")
+        log.info("reload: changed %s; links rebuilt or re-decided: %s%s", ", ".join(p.changed),
+                 ", ".join(rebuilt) or "none", "".join(f"; {r}" for r in routed))
         self.notify("local_state", self.node_status())
-        return {"changed": p.changed, "links": rebuilt}
+        return {"changed": p.changed, "links": rebuilt, "routes": routed}
 
     def _reload_static_peers(self, old: Config, new: Config) -> list[str]:
         """Static links: removed, added, rebuilt when their entry or their security changed."""
@@ -389,7 +390,7 @@ class Node:
                 continue
             if peer.uid in changes.added:
                 touched.append(f"{peer.uid[:12]} added")
-        return touched
+        return touched + routing.static_nets(self, new, changes.nets)
 
     # ---- static peers
     def add_static_peer(self, peer: Peer) -> Link:
@@ -416,8 +417,7 @@ class Node:
         self._static_fpr[link.peer_uid] = peer.fingerprint
         # as wg-quick: a /0 in allowed_ips (or exit_node naming the peer) routes the default
         # through it, by policy routing
-        if self.cfg.exit_node in (peer.uid, peer.ip4, peer.ip6) or any(
-                n.endswith("/0") for n in peer.allowed_ips):
+        if routing.static_exit(self.cfg, peer):
             if not self.dp.exit_servers:
                 self.dp.exit_servers = self.underlay_servers()
             self.dp.apply_routes(exit_via=link.peer_uid)

@@ -96,6 +96,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     print(f"ipop reload: changed {', '.join(changed)}")
     for item in result.get("links") or []:
         print(f"  link {item}")
+    for item in result.get("routes") or []:
+        print(f"  routing: {item}")
     return 0
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipop.controller.icepaths import IcePaths
+from ipop.controller.liveroutes import LiveRoutes
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.crypto import policy
@@ -32,7 +33,7 @@ from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.logs import link_extra
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
 from ipop.wire.prefixes import Net, parse_prefix
-from ipop.wire.signal import FEATURE_TRAINS, SignalMessage
+from ipop.wire.signal import FEATURE_ROUTE_UPDATE, FEATURE_TRAINS, SignalMessage
 
 if TYPE_CHECKING:
     from ipop.config import Config
@@ -68,6 +69,7 @@ class GroupVPN(SignalListener):
         # each peer's security view from its last con_req/con_resp (by UID): a reload that
         # changes our own view re-decides the link against it
         self._views: dict[str, policy.SecurityView] = {}
+        self.live_routes = LiveRoutes(self)  # route updates; routing keys on reload
 
     # ---- helpers
     @property
@@ -189,6 +191,8 @@ class GroupVPN(SignalListener):
                 return
             if msg.type == "con_req":
                 self._on_con_req(jid, msg)
+            elif msg.type == "con_resp" and msg.update:
+                self.live_routes.on_update(jid, msg)
             elif msg.type == "con_resp":
                 self._on_con_resp(jid, msg)
             elif msg.type == "trim":
@@ -229,7 +233,8 @@ class GroupVPN(SignalListener):
             mac=self.node.mac_text(),
             security_groups=None if groups is None else tuple(groups),
             sec=self.cfg.sec, encrypt=encrypt,
-            features=(FEATURE_TRAINS,),  # this data plane receives trains, whatever it sends
+            # this data plane receives trains, whatever it sends; route updates are taken
+            features=(FEATURE_ROUTE_UPDATE, FEATURE_TRAINS),
             ip6=self.announced_ip6(), routes=self.advertised_routes(),
         )
 
@@ -259,11 +264,12 @@ class GroupVPN(SignalListener):
         name = self.cfg.exit_node
         return name is not None and name in (peer.uid, peer.ip4, peer.ip6)
 
-    def accept_routes(self, peer: Peer, msg: SignalMessage) -> tuple[Net, ...]:
-        """The routes ``peer`` advertised that this node installs; the refused ones and why go
-        to the peer's status (and the log, once per change)."""
+    def accept_routes(self, peer: Peer) -> tuple[Net, ...]:
+        """The routes ``peer`` advertised (``peer.offered_routes``: its con_req/con_resp or its
+        last route update) that this node installs; the refused ones and why go to the peer's
+        status (and the log, once per change)."""
         dp = self.node.dp
-        me = bytes.fromhex(msg.uid)
+        me = bytes.fromhex(peer.uid or "")
 
         def owner(net: Net) -> str | None:
             if dp is None:
@@ -278,7 +284,7 @@ class GroupVPN(SignalListener):
                         return link.peer_uid.hex()[:12]
             return None
 
-        accepted, refused = decide(msg.routes or (), self.route_policy(),
+        accepted, refused = decide(peer.offered_routes, self.route_policy(),
                                    is_exit=self.is_exit(peer), owner=owner)
         entries = [{"prefix": p, "reason": r} for p, r in refused]
         if entries != peer.routes_refused:
@@ -335,6 +341,7 @@ class GroupVPN(SignalListener):
         backend = self.backend
         if backend is None:
             return
+        self.live_routes.told(jid, msg)
         self._spawn(backend.send(jid, msg))
 
     def _set_ip(self, peer: Peer, ip4: str) -> bool:
@@ -392,6 +399,7 @@ class GroupVPN(SignalListener):
                 self.paths is not None and msg.uid in self.paths.connected):
             # the peer starts over (it restarted, or lost the link): so do we
             self._drop_link(peer, "peer asked for a new link")
+        self.live_routes.offered(peer, msg)
         view = self._views[msg.uid] = self._their_view(msg, is_request=True)
         verdict = policy.decide(self._my_view(), view)
         self._begin_linking(peer, verdict, now)
@@ -420,6 +428,7 @@ class GroupVPN(SignalListener):
         if peer.state is not LinkState.REQUESTED:
             self._count("unexpected_con_resp")
             return
+        self.live_routes.offered(peer, msg)
         view = self._views[msg.uid] = self._their_view(msg, is_request=False)
         mine = policy.decide(self._my_view(), view)
         verdict = policy.reconcile(mine, msg.encrypt)
@@ -454,7 +463,7 @@ class GroupVPN(SignalListener):
             self._spawn(self._close_path(msg.uid))
             return
         local_ip, real_ip = self.link_addresses(peer, msg)
-        nets = self.accept_routes(peer, msg)
+        nets = self.accept_routes(peer)
         ip6 = msg.ip6 if self.announced_ip6() is not None else None
         try:
             self.node.create_link_on_path(
@@ -468,6 +477,7 @@ class GroupVPN(SignalListener):
         if self.is_exit(peer) and self.node.dp is not None:
             self.node.dp.apply_routes(exit_via=bytes.fromhex(msg.uid))
         peer.last_activity = self._now()
+        self.live_routes.linked(peer)
 
     def _on_stun(self, ev: Event) -> bool:
         data: bytes = ev.data["data"]
@@ -546,14 +556,17 @@ class GroupVPN(SignalListener):
         """Take the new config (node.reload checked it may change live); re-decide every link
         when our security view changed.  A link whose verdict flips is rebuilt: dropped, the
         peer told (``trim``), and a new con_req carries our new groups, so both ends decide
-        again; a link whose verdict holds only takes the new reason.  Returns what it did."""
+        again; a link whose verdict holds only takes the new reason.  Changed routing keys go
+        to ``live_routes`` first (routes decided again, peers told).  Returns what it did."""
         self.cfg = new
         if self.paths is not None:
             self.paths.reconfigure(new)
-        if not plan.security:
-            return []
-        mine = self._my_view()
         done: list[str] = []
+        if plan.routing:  # routes decided again, linked peers told (controller/liveroutes.py)
+            done += self.live_routes.reload(plan.changed)
+        if not plan.security:
+            return done
+        mine = self._my_view()
         for peer in self.peers:
             if peer.uid is None or peer.state is LinkState.IDLE:
                 continue
@@ -575,6 +588,10 @@ class GroupVPN(SignalListener):
                     self.node.link_event(link.peer_uid, "re-decided")
                 done.append(f"{peer.uid[:12]} re-decided ({verdict.reason})")
         return done
+
+    def exit_peer_uid(self) -> bytes | None:
+        """The linked peer ``exit_node`` names (node.py's reload sets the exit route by it)."""
+        return self.live_routes.exit_peer_uid()
 
     # ---- periodic work
     def tick(self, now: float) -> None:

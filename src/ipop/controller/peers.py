@@ -56,6 +56,11 @@ class Peer:
     notes: list[str] = field(default_factory=list)
     routes: list[str] = field(default_factory=list)  # its advertised routes we installed
     routes_refused: list[dict[str, str]] = field(default_factory=list)  # prefix, reason
+    # live routes (``ipop.controller.liveroutes``): what the peer offers, what it was told
+    offered_routes: tuple[str, ...] = ()  # its advertise_routes, from con_req/con_resp/update
+    fingerprint: str | None = None  # from its last con_req/con_resp: an update must match it
+    route_updates: bool = False  # it offered the "route-update" feature
+    routes_told: tuple[str, ...] | None = None  # the routes our last message to it carried
     last_error: str | None = None  # why the last set-up failed or the link went (``ipop ping``)
 
     def enter(self, state: LinkState, now: float) -> None:

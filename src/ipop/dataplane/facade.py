@@ -268,6 +268,15 @@ class DataPlane:
                 wanted.add(net)
         self.kroutes.sync(wanted, exit_nets, self.exit_servers)
 
+    def set_exit(self, peer_uid: bytes | None, servers: set[str] | None = None) -> None:
+        """Route the default through ``peer_uid``'s link (None: through no peer; its policy
+        rules go), keeping ``servers`` (when given) on the main table; a reload of
+        ``exit_node`` calls it at any time."""
+        self.exit_via = peer_uid
+        if servers is not None:
+            self.exit_servers = set(servers)
+        self.apply_routes()
+
     def set_path(self, peer_uid: bytes, path: Path) -> None:
         link = self.table.by_uid.get(peer_uid)
         if link is None:

@@ -17,7 +17,8 @@ JSON object, at most ``MAX_BODY`` (16 KiB) of UTF-8:
      "candidates": ["candidate:…", …],         ICE candidates (SDP) or "host IP:PORT"  (optional)
      "features": ["trains"],                   data-plane frames the sender can receive (optional)
      "ip6": "2001:db8::2",                     sender's overlay IPv6 address       (optional)
-     "routes": ["198.18.200.0/24", …]}         prefixes reachable through the sender (optional)
+     "routes": ["198.18.200.0/24", …],         prefixes reachable through the sender (optional)
+     "update": true}                           con_resp only: a route update on a link (optional)
 
 As in the seed paper's section 5, the group list travels in front of the fingerprint and the
 candidates: the receiver of a con_req intersects the groups, decides, and its con_resp carries its
@@ -35,9 +36,17 @@ message.  Whether a receiver installs them is its own choice (``accept_routes``)
 does not know ``routes`` or ``ip6`` ignores them, as it ignores every unknown field.
 
 ``features`` names what the sender's data plane understands beyond the frames every version
-knows: ``"trains"`` (``ipop.wire.train``, frame types 0x86/0x87).  A peer that gives no
+knows: ``"trains"`` (``ipop.wire.train``, frame types 0x86/0x87), and what its controller
+understands beyond con_req/con_resp/trim: ``"route-update"`` (below).  A peer that gives no
 ``features`` is an older one and is sent none of them: an older receiver would drop every train,
 and a whole TCP transfer with it.  Unknown names are kept (and ignored by this version).
+
+``update: true`` (route updates, sent only to a peer that offered ``"route-update"``) marks a
+con_resp that sets up nothing: it tells a peer with a link to the sender that the sender's
+``advertise_routes`` changed (a live reload).  It must carry ``routes`` (the whole new list, at
+most ``MAX_ROUTES``, ``[]`` for none) and no candidates; ``update`` on another type, ``update``
+other than ``true``, or an update without ``routes`` refuses the message.  The receiver runs
+its ``accept_routes`` policy on the new list (``ipop.controller.liveroutes``).
 """
 
 from __future__ import annotations
@@ -51,6 +60,7 @@ from typing import Any, Final, Literal, get_args
 from ipop.errors import LocalProtocolError, MalformedMessage
 
 __all__ = [
+    "FEATURE_ROUTE_UPDATE",
     "FEATURE_TRAINS",
     "MAX_BODY",
     "MAX_CANDIDATES",
@@ -74,6 +84,7 @@ MAX_CANDIDATE_LEN: Final = 256
 MAX_OVERLAY_ID_LEN: Final = 64
 MAX_FEATURES: Final = 16
 FEATURE_TRAINS: Final = "trains"
+FEATURE_ROUTE_UPDATE: Final = "route-update"  # the sender takes con_resp with update: true
 MAX_ROUTES: Final = 64
 
 MsgType = Literal["con_req", "con_resp", "trim"]
@@ -146,6 +157,19 @@ def _routes(value: object) -> tuple[str, ...]:
         if text not in out:
             out.append(text)
     return tuple(out)
+
+
+def _update(value: object, mtype: str, routes: tuple[str, ...] | None,
+            candidates: object) -> bool:
+    if value is not True:
+        raise _fail("update must be true when given")
+    if mtype != "con_resp":
+        raise _fail("update is allowed on con_resp only")
+    if routes is None:
+        raise _fail("an update must carry routes (a list, [] for none)")
+    if candidates:
+        raise _fail("an update carries no candidates")
+    return True
 
 
 def _mac(value: object) -> str:
@@ -226,6 +250,8 @@ class SignalMessage:
     """Sender's overlay IPv6 address, compressed form."""
     routes: tuple[str, ...] | None = None
     """Prefixes the sender advertises (canonical, no duplicates); None = not given."""
+    update: bool | None = None
+    """True: a route update on an existing link (con_resp only, with ``routes``)."""
     v: int = VERSION
 
     def __post_init__(self) -> None:
@@ -254,6 +280,7 @@ class SignalMessage:
             "features": None if self.features is None else list(self.features),
             "ip6": self.ip6,
             "routes": None if self.routes is None else list(self.routes),
+            "update": self.update,
         }
 
     def offers(self, feature: str) -> bool:
@@ -309,6 +336,8 @@ def _from_dict(obj: dict[str, Any]) -> SignalMessage:
         opt("candidates"),
         opt("features"),
     )
+    routes = None if opt("routes") is None else _routes(opt("routes"))
+    update = None if opt("update") is None else _update(opt("update"), mtype, routes, cands)
     return _build(
         type=mtype,  # checked against _TYPES above
         uid=_uid(obj.get("uid")),
@@ -322,7 +351,8 @@ def _from_dict(obj: dict[str, Any]) -> SignalMessage:
         encrypt=None if enc is None else _bool(enc, "encrypt"),
         features=None if feats is None else _features(feats),
         ip6=None if opt("ip6") is None else _ip6(opt("ip6")),
-        routes=None if opt("routes") is None else _routes(opt("routes")),
+        routes=routes,
+        update=update,
     )
 
 
