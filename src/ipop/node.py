@@ -553,6 +553,9 @@ class Node:
                 for hook in self.control_datagram_hooks:
                     if hook(ev):
                         return
+                if self.dp is not None:  # nobody took it: every drop has a counter
+                    self.dp.count_control_drop(
+                        "control_unhandled_stun" if data[0] <= 3 else "control_unhandled_dtls")
                 return
             if ev.kind == "unknown_destination":
                 dst: bytes = ev.data["dst"]

@@ -30,11 +30,26 @@ import pytest
 from ipop.testbed.netns import Host
 from ipop.testbed.nodes import NodeProc
 
-from .helpers import ping_until
+from .helpers import gbits, iperf3, ping_until
 from .world import DOMAIN, PASSWORD, World, world_fixture
 
 GROUP = "atk"
 ATTACKER = Path(__file__).with_name("attacker.py")
+FLOODER = Path(__file__).with_name("flooder.c")
+FLOOD_SECONDS = 30
+FORGER = """
+import os, socket, struct, sys, time
+dst, port, src_uid, dst_uid, rate, seconds = sys.argv[1:7]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+hdr = bytes([0x87]) + bytes.fromhex(src_uid) + bytes.fromhex(dst_uid)
+sent, end = 0, time.monotonic() + float(seconds)
+while time.monotonic() < end:
+    train = struct.pack("!IBB", int.from_bytes(os.urandom(4), "big"), 0, 2)
+    s.sendto(hdr + train + os.urandom(1200), (dst, int(port)))
+    sent += 1
+    time.sleep(1 / float(rate))
+print(sent)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +59,10 @@ def world() -> Iterator[World]:
 
 class Pair:
     def __init__(self, world: World) -> None:
-        self.a = world.node("a", "100.64.40.1", group=GROUP)
-        self.b = world.node("b", "100.64.40.2", group=GROUP)
+        # encrypted: forged sealed fragments are the interesting case (a plain link drops
+        # sealed frames, and plain frames from another address, before anything else)
+        self.a = world.node("a", "100.64.40.1", group=GROUP, security_groups=["blue"])
+        self.b = world.node("b", "100.64.40.2", group=GROUP, security_groups=["blue"])
         self.c = world.host("c")
         self.v = world.host("v")
         self.world = world
@@ -170,3 +187,65 @@ def test_candidate_reflection_is_bounded(pair: Pair) -> None:
     print(f"\nreflection: {packets} datagrams reached the victim; counters {c}")
     assert 0 < packets <= 16  # 4 host + 4 srflx... each address checked a bounded few times
     assert c.get("candidates_capped", 0) >= 1
+
+
+def endpoint(node: NodeProc, peer: NodeProc) -> tuple[str, int]:
+    """The underlay address where ``peer`` reads its link to ``node`` (as ``node`` sends)."""
+    link = node.link_to(peer)
+    assert link is not None
+    host, _, port = str(link["endpoint"]).rpartition(":")
+    return host, int(port)
+
+
+def test_forged_train_fragments_change_nothing(pair: Pair) -> None:
+    """An off-path host sends 50 forged sealed-train fragments a second at each end, with the
+    other end's UID: throughput stays within 10% of a clean run, framing stays on trains."""
+    a, b = pair.a, pair.b
+    clean: list[float] = []
+    forged: list[float] = []
+    fallbacks = {"clean": 0, "forged": 0}
+    for _ in range(2):  # alternated: the machine's load drifts
+        for kind in ("clean", "forged"):
+            procs = []
+            if kind == "forged":
+                for src, dst in ((b, a), (a, b)):
+                    host, port = endpoint(src, dst)  # where dst reads its link
+                    procs.append(pair.c.popen(
+                        [sys.executable, "-c", FORGER, host, str(port), src.uid, dst.uid,
+                         "50", "6"], stdout=subprocess.PIPE, text=True))
+            before = a.link_to(b)["framing"]["fallbacks"]  # type: ignore[index]
+            rate = gbits(iperf3(a.host, b.host, "100.64.40.2", seconds=4))
+            fallbacks[kind] += a.link_to(b)["framing"]["fallbacks"] - before  # type: ignore[index]
+            (clean if kind == "clean" else forged).append(rate)
+            for proc in procs:
+                proc.communicate(timeout=20)
+    drops = b.link_to(a)["drops"]  # type: ignore[index]
+    mode = a.link_to(b)["framing"]["mode"]  # type: ignore[index]
+    print(f"\nforged fragments: clean {clean} Gbit/s, forged {forged} Gbit/s; fallbacks "
+          f"{fallbacks}; B drops {drops}; A framing {mode}")
+    assert drops.get("train_chunk_off_path", 0) > 0
+    assert fallbacks["forged"] == 0
+    assert max(forged) >= 0.9 * max(clean)
+    assert a.link_to(b) is not None and b.link_to(a) is not None
+
+
+def test_garbage_flood_leaves_the_link_up(pair: Pair) -> None:
+    """A 30 s flood of mixed garbage at A's link socket: the link survives, ping loss < 10%."""
+    a, b = pair.a, pair.b
+    binary = pair.world.dir / "flooder"
+    subprocess.run(["gcc", "-O2", "-o", str(binary), str(FLOODER)], check=True, timeout=60)
+    host, port = endpoint(b, a)
+    resets = link_resets(a)
+    pinger = Pinger(a.host, "100.64.40.2", FLOOD_SECONDS)
+    r = pair.c.run([str(binary), host, str(port), str(FLOOD_SECONDS), a.uid],
+                   timeout=FLOOD_SECONDS + 30)
+    loss = pinger.loss()
+    sent = json.loads(r.stdout)
+    pps = sent["sent"] / sent["seconds"]
+    counters_a = a.status()["node"]["counters"]
+    print(f"\n{FLOOD_SECONDS} s flood: {pps / 1000:.0f}k pps sent at {host}:{port}; ping loss "
+          f"{loss}%; A socket filter {counters_a.get('socket_filter')}; A drops "
+          f"{counters_a['drops']}")
+    assert loss < 10.0
+    assert link_resets(a) == resets
+    assert a.link_to(b) is not None and b.link_to(a) is not None
