@@ -37,6 +37,7 @@ GROUP = "atk"
 ATTACKER = Path(__file__).with_name("attacker.py")
 FLOODER = Path(__file__).with_name("flooder.c")
 FLOOD_SECONDS = 30
+SHAPED_MBIT = 300
 FORGER = """
 import os, socket, struct, sys, time
 dst, port, src_uid, dst_uid, rate, seconds = sys.argv[1:7]
@@ -201,10 +202,25 @@ def test_forged_train_fragments_change_nothing(pair: Pair) -> None:
     """An off-path host sends 50 forged sealed-train fragments a second at each end, with the
     other end's UID: throughput stays within 10% of a clean run, framing stays on trains."""
     a, b = pair.a, pair.b
+    # A's underlay egress shaped to SHAPED_MBIT: the stream is then bound by the link, not by
+    # the CPU that other work on this 2-core machine shares, so the 10% comparison measures
+    # the attack and not the neighbours (the framing check catches a fallback regardless)
+    dev = a.host.run(["ip", "-o", "route", "get", endpoint(a, b)[0]]).stdout.split(" dev ")[1]
+    dev = dev.split()[0]
+    a.host.run(["tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate",
+                f"{SHAPED_MBIT}mbit", "burst", "256kb", "latency", "20ms"])
+    try:
+        forged_fragments(pair)
+    finally:
+        a.host.run(["tc", "qdisc", "del", "dev", dev, "root"], check=False)
+
+
+def forged_fragments(pair: Pair) -> None:
+    a, b = pair.a, pair.b
     clean: list[float] = []
     forged: list[float] = []
     fallbacks = {"clean": 0, "forged": 0}
-    for _ in range(2):  # alternated: the machine's load drifts
+    for _ in range(3):  # alternated, best of each compared: the machine's load drifts
         for kind in ("clean", "forged"):
             procs = []
             if kind == "forged":
@@ -212,13 +228,14 @@ def test_forged_train_fragments_change_nothing(pair: Pair) -> None:
                     host, port = endpoint(src, dst)  # where dst reads its link
                     procs.append(pair.c.popen(
                         [sys.executable, "-c", FORGER, host, str(port), src.uid, dst.uid,
-                         "50", "6"], stdout=subprocess.PIPE, text=True))
+                         "50", "5"], stdout=subprocess.PIPE, text=True))
             before = a.link_to(b)["framing"]["fallbacks"]  # type: ignore[index]
-            rate = gbits(iperf3(a.host, b.host, "100.64.40.2", seconds=4))
-            fallbacks[kind] += a.link_to(b)["framing"]["fallbacks"] - before  # type: ignore[index]
+            rate = gbits(iperf3(a.host, b.host, "100.64.40.2", seconds=3))
             (clean if kind == "clean" else forged).append(rate)
-            for proc in procs:
+            for proc in procs:  # the forgers go on for a while after the stream: light load
                 proc.communicate(timeout=20)
+            time.sleep(0.5)
+            fallbacks[kind] += a.link_to(b)["framing"]["fallbacks"] - before  # type: ignore[index]
     drops = b.link_to(a)["drops"]  # type: ignore[index]
     mode = a.link_to(b)["framing"]["mode"]  # type: ignore[index]
     print(f"\nforged fragments: clean {clean} Gbit/s, forged {forged} Gbit/s; fallbacks "
