@@ -261,8 +261,10 @@ def test_garbage_flood_leaves_the_link_up(pair: Pair) -> None:
     pps = sent["sent"] / sent["seconds"]
     counters_a = a.status()["node"]["counters"]
     print(f"\n{FLOOD_SECONDS} s flood: {pps / 1000:.0f}k pps sent at {host}:{port}; ping loss "
-          f"{loss}%; A socket filter {counters_a.get('socket_filter')}; A drops "
+          f"{loss}%; A socket filter {counters_a.get('socket_filter')}, kernel drops "
+          f"{counters_a.get('kernel_drops')}; A drops "
           f"{counters_a['drops']}")
     assert loss < 10.0
+    assert counters_a["socket_filter"] is True and counters_a["kernel_drops"] > 0
     assert link_resets(a) == resets
     assert a.link_to(b) is not None and b.link_to(a) is not None

@@ -68,6 +68,7 @@ def test_filter_passes_ours_and_drops_garbage(family: int) -> None:
             except TimeoutError:
                 break
         assert got == [hi, *PASS]
+        assert sockfilter.kernel_drops(rx) == len(DROP)  # each drop counted by the kernel
         sockfilter.detach(rx)
         tx.sendto(bytes([200]), rx.getsockname()[:2])
         assert rx.recv(10) == bytes([200])

@@ -411,5 +411,6 @@ class DataPlane:
             "tun_written": self.inbound.written,
             "offloads": self.offloads,
             "socket_filter": self.inbound.socket_filter,
+            "kernel_drops": self.inbound.kernel_drops(),
             "drops": dict(drops),
         }

@@ -135,6 +135,7 @@ class Inbound:
         self.sources = SourceCheck(dev, table, self.drops)  # cryptokey routing
         self.unknown_control = TokenBucket(UNKNOWN_CONTROL_RATE, UNKNOWN_CONTROL_BURST)
         self.socket_filter = True  # every socket so far took the kernel filter
+        self.kernel_drops_gone = 0
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
 
@@ -167,10 +168,17 @@ class Inbound:
             if not sockfilter.attach(sock, self.uid, peers):
                 self.socket_filter = False
 
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on our sockets (filter and full queues), and on those
+        removed before (``kernel_drops_gone``)."""
+        return self.kernel_drops_gone + sum(
+            sockfilter.kernel_drops(s) for s in list(self.socks.values()))
+
     def remove_socket(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         self.probes.pop(fd, None)
         if self.socks.pop(fd, None) is not None:
+            self.kernel_drops_gone += sockfilter.kernel_drops(sock)
             sockfilter.detach(sock)  # given back to its owner as it came
             try:
                 self.epoll.unregister(fd)

@@ -19,7 +19,8 @@ For a UDP socket the filter sees the UDP header first: the payload starts at off
 past the end of the datagram ends the program with "drop", which makes the length checks free.
 With UDP_GRO a coalesced train is judged by its first datagram (its others share its header).
 The data plane attaches it when it adds a socket and again when its links change
-(``Inbound.refresh_filters``); drops show in ``/proc/net/udp`` as the socket's drops.
+(``Inbound.refresh_filters``); what it drops is counted by the kernel per socket (with
+receive-queue overflows), read by ``kernel_drops`` into the data plane's ``kernel_drops``.
 What a filter cannot know (a known peer's UID forged from another address, STUN with a
 plausible header) still reaches Python, where it is dropped and counted.
 """
@@ -31,10 +32,15 @@ import socket
 import struct
 from collections.abc import Iterable
 
-__all__ = ["MAX_PEERS", "SO_ATTACH_FILTER", "SO_DETACH_FILTER", "attach", "detach", "program"]
+__all__ = [
+    "MAX_PEERS", "SO_ATTACH_FILTER", "SO_DETACH_FILTER", "attach", "detach", "kernel_drops",
+    "program",
+]
 
 SO_ATTACH_FILTER = 26
 SO_DETACH_FILTER = 27
+SO_MEMINFO = 55
+SK_MEMINFO_DROPS = 8  # index in the u32 array SO_MEMINFO returns
 PAYLOAD = 8  # the UDP header comes first
 STUN_COOKIE = 0x2112A442
 STUN_HDR = 20
@@ -172,3 +178,15 @@ def detach(sock: socket.socket) -> None:
         sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
     except OSError:
         pass
+
+
+def kernel_drops(sock: socket.socket) -> int:
+    """Datagrams the kernel dropped for ``sock`` (the filter's, and a full receive queue's);
+    0 where the kernel does not say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_MEMINFO, 4 * (SK_MEMINFO_DROPS + 1))
+    except OSError:
+        return 0
+    if len(raw) < 4 * (SK_MEMINFO_DROPS + 1):
+        return 0
+    return int(struct.unpack_from("I", raw, 4 * SK_MEMINFO_DROPS)[0])
