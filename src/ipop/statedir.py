@@ -120,21 +120,31 @@ def check_secret_file(path: Path, *, uid: int | None = None) -> None:
 
 
 def check_control_socket(path: Path, *, uid: int | None = None) -> None:
-    """Refuse to talk to the control socket at ``path`` unless the running user or root owns
-    it and its directory (a planted socket would answer with forged status); raises
-    ConfigError naming ``control_socket``.  A missing socket passes (connect() then says so)."""
+    """Refuse to talk to the control socket at ``path`` unless it could only have been made by
+    this user, root, or (for root) the user that owns its directory, in a directory that no
+    other user can change, nor any above it (a planted socket would answer with forged
+    status); raises ConfigError naming ``control_socket``.  A missing socket passes
+    (connect() then says so)."""
     me = _euid(uid)
     try:
         st = os.lstat(path)
     except OSError:
         return
+    key = "control_socket"
     if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError("control_socket", f"{path} is not a socket")
-    if st.st_uid not in (me, 0):
-        raise ConfigError("control_socket", f"{path} is owned by uid {st.st_uid}, another "
-                                            "user: it is not a node of ours; remove it")
+        raise ConfigError(key, f"{path} is not a socket")
     parent = Path(os.path.abspath(path)).parent
     pst = os.stat(parent)
-    if pst.st_uid not in (me, 0) or (pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX):
-        raise ConfigError("control_socket", f"{parent} can be changed by another user: the "
-                                            "socket in it cannot be trusted")
+    owner = st.st_uid
+    # root may talk to the node's own user (a service): the socket's owner owns its directory
+    if owner not in (me, 0) and not (me == 0 and owner == pst.st_uid):
+        raise ConfigError(key, f"{path} is owned by uid {owner}, another user: it is not a "
+                               "node of ours; remove it")
+    trusted = {me, 0, owner}
+    for d in (parent, *parent.parents):
+        dst = os.stat(d)
+        if dst.st_mode & stat.S_ISVTX and d != parent:
+            continue
+        if dst.st_uid not in trusted or dst.st_mode & 0o022:
+            raise ConfigError(key, f"{d} (above {path}) can be changed by uid {dst.st_uid} or "
+                                   "by other users: the socket in it cannot be trusted")

@@ -122,6 +122,40 @@ def test_planted_control_socket_is_not_trusted(tmp_path: Path) -> None:
         s.close()
 
 
+def test_socket_in_a_directory_others_can_write_is_not_trusted(tmp_path: Path) -> None:
+    pub = tmp_path / "pub"  # the attacker pre-created the state_dir in a world-writable place
+    pub.mkdir()
+    os.chmod(pub, 0o777)
+    state = pub / "state"
+    state.mkdir()
+    os.chown(state, OTHER, OTHER)
+    path = state / "control.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    try:
+        os.chown(path, OTHER, OTHER)
+        with pytest.raises(ConfigError, match="cannot be trusted"):
+            statedir.check_control_socket(path)
+    finally:
+        s.close()
+
+
+def test_root_talks_to_a_service_users_own_socket(tmp_path: Path) -> None:
+    home = tmp_path / "run"
+    home.mkdir(mode=0o755)
+    os.chown(home, OTHER, OTHER)  # as systemd's RuntimeDirectory= for User=ipop
+    path = home / "control.sock"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    try:
+        os.chown(path, OTHER, OTHER)
+        statedir.check_control_socket(path)  # root, the socket's owner owns its directory
+        with pytest.raises(ConfigError, match="another user"):
+            statedir.check_control_socket(path, uid=1000)  # not for some other user
+    finally:
+        s.close()
+
+
 # ---- control API
 def answer(line: bytes) -> dict[str, object]:
     async def handler(method: str, params: dict[str, object]) -> object:
