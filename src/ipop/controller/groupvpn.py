@@ -357,8 +357,9 @@ class GroupVPN(SignalListener):
         return True
 
     def _set_ip(self, peer: Peer, ip4: str) -> bool:
-        if self._address_refused(peer, peer_address_problem(ip4, self.cfg.ip4,
-                                                            self.cfg.ip4_mask)):
+        # our own address is left to address_conflict ("duplicate overlay address")
+        if ip4 != self.cfg.ip4 and self._address_refused(
+                peer, peer_address_problem(ip4, self.cfg.ip4, self.cfg.ip4_mask)):
             return False
         conflict = self.peers.address_conflict(peer, ip4, self.cfg.ip4)
         if conflict is not None:
@@ -389,7 +390,7 @@ class GroupVPN(SignalListener):
 
     def _set_ip6(self, peer: Peer, ip6: str) -> bool:
         own6 = self.cfg.ip6
-        if own6 is not None:
+        if own6 is not None and ip6 != self.announced_ip6():
             iface = ipaddress.IPv6Interface(own6)
             if self._address_refused(peer, peer_address_problem(
                     ip6, str(iface.ip), iface.network.prefixlen)):
