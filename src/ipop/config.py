@@ -19,6 +19,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictStr,
     ValidationError,
     field_validator,
     model_validator,
@@ -39,6 +40,11 @@ DEFAULT_MTU_TUN = (
 DEFAULT_MTU_TAP = DEFAULT_MTU_TUN - 14  # 1360: the Ethernet header rides inside the frame
 
 KNOWN_IGNORED = {"stat_report"}
+# security-relevant keys take strict types: "no", 0 or "off" for a boolean is an error, never
+# coerced (allow_insecure_signaling is listed here whether or not this build knows the key)
+STRICT_BOOL_KEYS = frozenset({"sec", "require_encryption", "allow_insecure_signaling"})
+STRICT_STR_KEYS = frozenset({"xmpp_tls"})
+TYPO_DISTANCE = 2  # an unknown key this close to a known one is a typo: an error
 
 
 class Peer(BaseModel):
@@ -81,7 +87,7 @@ class Peer(BaseModel):
     @field_validator("ip4")
     @classmethod
     def _ip4(cls, v: str) -> str:
-        ipaddress.IPv4Address(v)
+        overlay_unicast(ipaddress.IPv4Address(v))
         return v
 
     @field_validator("endpoint")
@@ -129,7 +135,7 @@ class Config(BaseModel):
     xmpp_username: str | None = None
     xmpp_password: str | None = Field(default=None, repr=False)
     xmpp_host: str | None = None
-    sec: bool = True
+    sec: StrictBool = True
     switchmode: bool = False
     on_demand_connection: bool = Field(default=False, alias="on-demand_connection")
     on_demand_inactive_timeout: Annotated[float, Field(gt=0)] = Field(
@@ -153,8 +159,8 @@ class Config(BaseModel):
     xmpp_port: Annotated[int, Field(ge=1, le=65535)] = 5222
     xmpp_tls: Literal["starttls", "direct", "none"] = "starttls"
     xmpp_ca_cert: str | None = None
-    security_groups: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = None
-    require_encryption: bool = False
+    security_groups: list[Annotated[StrictStr, Field(min_length=1, max_length=64)]] | None = None
+    require_encryption: StrictBool = False
     offload: bool = True
     whole_trains: bool = True
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
@@ -203,7 +209,7 @@ class Config(BaseModel):
     @field_validator("ip4")
     @classmethod
     def _ip4(cls, v: str) -> str:
-        ipaddress.IPv4Address(v)
+        overlay_unicast(ipaddress.IPv4Address(v))
         return v
 
     @field_validator("ip6")
@@ -212,6 +218,7 @@ class Config(BaseModel):
         if v is None:
             return v
         iface = ipaddress.IPv6Interface(v if "/" in v else v + "/64")
+        overlay_unicast(iface.ip)
         return str(iface)
 
     @field_validator("stun")
@@ -238,6 +245,10 @@ class Config(BaseModel):
 
     @model_validator(mode="after")
     def _consistency(self) -> Config:
+        own = self.ip4_network
+        if self.ip4_mask < 31 and ipaddress.IPv4Address(self.ip4) in (
+                own.network_address, own.broadcast_address):
+            raise ValueError(f"ip4: {self.ip4} is the network or broadcast address of {own}")
         if self.xmpp_username and not self.xmpp_password:
             raise ValueError("xmpp_password: required when xmpp_username is set")
         if self.xmpp_username and not self.xmpp_host:
@@ -323,6 +334,52 @@ def _prefix_list(items: list[str]) -> tuple[Net, ...]:
     return parse_prefixes(items)
 
 
+def overlay_unicast(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> None:
+    """Raise ValueError unless ``addr`` may be an overlay address: unicast, and not loopback,
+    link-local, unspecified or in 0.0.0.0/8."""
+    bad = ("multicast" if addr.is_multicast else "loopback" if addr.is_loopback
+           else "link-local" if addr.is_link_local else "unspecified" if addr.is_unspecified
+           else "reserved" if addr.version == 4 and (
+               addr in _THIS_NET or addr == ipaddress.IPv4Address("255.255.255.255"))
+           else None)
+    if bad is not None:
+        raise ValueError(f"{addr} is {bad}: an overlay address must be unicast")
+
+
+_THIS_NET = ipaddress.IPv4Network("0.0.0.0/8")
+
+
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insert, delete, substitute; a swap of two letters costs 2)."""
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def _check_strict(data: dict[str, Any], known: set[str]) -> None:
+    """Strict types for the security keys, and typos of known keys: ConfigError."""
+    for key in STRICT_BOOL_KEYS & data.keys():
+        if not isinstance(data[key], bool):
+            raise ConfigError(key, f"must be true or false (got {data[key]!r})")
+    for key in STRICT_STR_KEYS & data.keys():
+        if not isinstance(data[key], str):
+            raise ConfigError(key, f"must be a string (got {data[key]!r})")
+    groups = data.get("security_groups")
+    if groups is not None and not (isinstance(groups, list)
+                                   and all(isinstance(g, str) for g in groups)):
+        raise ConfigError("security_groups", f"must be a list of strings (got {groups!r})")
+    for key in data:
+        if key in known or key in KNOWN_IGNORED or key in STRICT_BOOL_KEYS:
+            continue
+        close = sorted((edit_distance(key, k), k) for k in known)
+        if close and close[0][0] <= TYPO_DISTANCE:
+            raise ConfigError(key, f"unknown key; did you mean {close[0][1]!r}?")
+
+
 def _overlap(a: Net, b: Net) -> bool:
     return a.version == b.version and a.overlaps(b)
 
@@ -392,6 +449,7 @@ def validate(data: Any) -> tuple[Config, list[str]]:
     for name, field in Config.model_fields.items():
         known.add(field.alias or name)
         known.add(name)
+    _check_strict(data, known)
     for key in data:
         if key in KNOWN_IGNORED:
             warnings.append(f"config: {key} is accepted and ignored")

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ipop import logs, routing
+from ipop import logs, routing, statedir
 from ipop import reload as rl
 from ipop.api import status as st
 from ipop.api.server import ControlServer
@@ -95,7 +95,8 @@ class Node:
     # ---- life cycle
     def lock_state_dir(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        statedir.check_state_dir(self.state_dir)  # nobody else can plant or redirect files
+        fd = statedir.open_lock(self.state_dir / "lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -552,6 +553,9 @@ class Node:
                 for hook in self.control_datagram_hooks:
                     if hook(ev):
                         return
+                if self.dp is not None:  # nobody took it: every drop has a counter
+                    self.dp.count_control_drop(
+                        "control_unhandled_stun" if data[0] <= 3 else "control_unhandled_dtls")
                 return
             if ev.kind == "unknown_destination":
                 dst: bytes = ev.data["dst"]

@@ -467,7 +467,7 @@ def test_replayed_forged_and_truncated_frames_are_dropped(world, tmp_path):
             assert len(sealed) >= 5 and all(MARK not in p for p in sealed)
             n = len(sealed)
             before = a.link_to(b)
-            before_node = a.status()["node"]["counters"]["drops"]
+            before_node = a.status()["node"]["counters"]
             counter = wh.HEADER_LEN + 1  # first byte of the 8-byte counter (a high bit)
             forged = [flip(p, counter + 2) for p in sealed]  # a fresh counter, so the tag decides
             forged += [flip(p, counter + 2, len(p) - 1) for p in sealed]  # ... and a tag bit
@@ -485,8 +485,9 @@ def test_replayed_forged_and_truncated_frames_are_dropped(world, tmp_path):
 
             wait_for(lambda: grew("replay", 2 * n) and grew("bad_tag", 2 * n)
                      and grew("truncated", n), timeout=5, what=f"drops counted: {drops()}")
-            node_drops = a.status()["node"]["counters"]["drops"]
-            assert node_drops.get("truncated", 0) >= before_node.get("truncated", 0) + n
+            # stubs (no whole header) die in the kernel's socket filter (issue 16), counted there
+            node_counters = a.status()["node"]["counters"]
+            assert node_counters["kernel_drops"] >= before_node["kernel_drops"] + n
             after = a.link_to(b)
             assert after["rx_packets"] == before["rx_packets"]  # nothing new reached the NIC
             assert after["drops"]["replay"] == before["drops"].get("replay", 0) + 2 * n

@@ -28,6 +28,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     from ipop.node import Node
 
     cfg = _load_config(args.config)
+    from ipop import statedir
+
+    statedir.prepare(cfg.state_path)  # refuse a state_dir others could plant files in
     logs.configure(log_format=cfg.log_format, controller_logging=cfg.controller_logging,
                    tincan_logging=cfg.tincan_logging, override=args.log_level)
     node = Node(cfg, config_path=args.config, log_override=args.log_level)
@@ -46,6 +49,9 @@ def cmd_id(args: argparse.Namespace) -> int:
     from ipop.crypto.identity import load_or_create
 
     cfg = _load_config(args.config)
+    from ipop import statedir
+
+    statedir.prepare(cfg.state_path)
     ident = load_or_create(cfg.state_path)
     if args.json:
         print(json.dumps({"uid": ident.uid_hex, "fingerprint": ident.fingerprint}))

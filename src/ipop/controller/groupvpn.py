@@ -26,11 +26,13 @@ from ipop.controller.icepaths import IcePaths
 from ipop.controller.liveroutes import LiveRoutes
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
 from ipop.controller.routes import RoutePolicy, decide
+from ipop.controller.siglimits import InboundLimits, peer_address_problem
 from ipop.crypto import policy
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.logs import link_extra
+from ipop.nat.params import cap_candidates
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
 from ipop.wire.prefixes import Net, parse_prefix
 from ipop.wire.signal import FEATURE_ROUTE_UPDATE, FEATURE_TRAINS, SignalMessage
@@ -60,6 +62,7 @@ class GroupVPN(SignalListener):
         self.signal_error: str | None = None
         self.overlay_id = self.cfg.group or "ipop"
         self._req_bucket = TokenBucket(CON_REQ_RATE, CON_REQ_BURST)
+        self._inbound = InboundLimits()  # con_req/con_resp per sender and in all (issue 16)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._connect_task: asyncio.Task[None] | None = None
         self.counters: dict[str, int] = {}
@@ -189,6 +192,11 @@ class GroupVPN(SignalListener):
                 return
             if msg.uid == self.my_uid:
                 return
+            if msg.type in ("con_req", "con_resp"):
+                refused = self._inbound.admit(bare(jid), self._now())
+                if refused is not None:
+                    self._count(refused)  # before any work: no parse of candidates, no ICE
+                    return
             if msg.type == "con_req":
                 self._on_con_req(jid, msg)
             elif msg.type == "con_resp" and msg.update:
@@ -344,7 +352,22 @@ class GroupVPN(SignalListener):
         self.live_routes.told(jid, msg)
         self._spawn(backend.send(jid, msg))
 
+    def _address_refused(self, peer: Peer, problem: str | None) -> bool:
+        """A peer's announced overlay address that cannot be its (outside our prefix, ours,
+        network/broadcast): refused like a duplicate, shown as its conflict."""
+        if problem is None:
+            return False
+        if peer.conflict != problem:
+            log.error("address of %s refused: %s", peer.jid, problem)
+        peer.conflict = problem
+        self._count("peer_address_refused")
+        return True
+
     def _set_ip(self, peer: Peer, ip4: str) -> bool:
+        # our own address is left to address_conflict ("duplicate overlay address")
+        if ip4 != self.cfg.ip4 and self._address_refused(
+                peer, peer_address_problem(ip4, self.cfg.ip4, self.cfg.ip4_mask)):
+            return False
         conflict = self.peers.address_conflict(peer, ip4, self.cfg.ip4)
         if conflict is not None:
             if peer.conflict != conflict:
@@ -373,6 +396,12 @@ class GroupVPN(SignalListener):
         return peer
 
     def _set_ip6(self, peer: Peer, ip6: str) -> bool:
+        own6 = self.cfg.ip6
+        if own6 is not None and ip6 != self.announced_ip6():
+            iface = ipaddress.IPv6Interface(own6)
+            if self._address_refused(peer, peer_address_problem(
+                    ip6, str(iface.ip), iface.network.prefixlen)):
+                return False
         conflict = self.peers.address6_conflict(peer, ip6, self.announced_ip6())
         if conflict is not None:
             if peer.conflict != conflict:
@@ -414,7 +443,7 @@ class GroupVPN(SignalListener):
             if peer.attempt_id != attempt:
                 return
             self._send(peer.jid, self._message("con_resp", verdict.encrypt, candidates))
-            path, early = await self.paths.connect(msg.uid, list(msg.candidates))
+            path, early = await self.paths.connect(msg.uid, self._capped(msg))
         except Exception as exc:
             self._attempt_failed(peer, attempt, f"ICE: {exc}")
             return
@@ -443,11 +472,21 @@ class GroupVPN(SignalListener):
         """Step 7: connect to the answer's candidates and create the link."""
         assert self.paths is not None
         try:
-            path, early = await self.paths.connect(msg.uid, list(msg.candidates))
+            path, early = await self.paths.connect(msg.uid, self._capped(msg))
         except Exception as exc:
             self._attempt_failed(peer, attempt, f"ICE: {exc}")
             return
         self._finish_link(peer, msg, verdict, path, early, attempt)
+
+    def _capped(self, msg: SignalMessage) -> list[str]:
+        """The peer's candidates within the caps (``nat.params.cap_candidates``): one message
+        cannot make this node check more than a few addresses."""
+        kept, dropped = cap_candidates(msg.candidates)
+        if dropped:
+            self._count("candidates_capped")
+            self.counters["candidates_dropped"] = (
+                self.counters.get("candidates_dropped", 0) + dropped)
+        return kept
 
     def _begin_linking(self, peer: Peer, verdict: policy.Verdict, now: float) -> None:
         peer.security = "dtls" if verdict.encrypt else "none"
@@ -602,6 +641,7 @@ class GroupVPN(SignalListener):
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
+                    self._spawn(self._close_path(peer.uid))  # its ICE agent and sockets
                 peer.failed(now)
             if (peer.state is LinkState.LINKING and peer.uid is not None
                     and self.node.link_is_up(peer.uid)):

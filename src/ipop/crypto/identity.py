@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from ipop.errors import IdentityError
+from ipop.statedir import check_secret_file
 
 UID_LEN = 20
 KEY_FILE = "node.key"
@@ -93,9 +94,12 @@ class Identity:
 
 
 def load_or_create(state_dir: Path) -> Identity:
-    """Load the identity in ``state_dir``, creating it (mode 0600) on first start."""
+    """Load the identity in ``state_dir``, creating it (mode 0600) on first start.  Files owned
+    by another user or open to others are refused (``ipop.statedir``: ConfigError)."""
     key_path, cert_path = state_dir / KEY_FILE, state_dir / CERT_FILE
     if key_path.exists() and cert_path.exists():
+        check_secret_file(key_path)
+        check_secret_file(cert_path)
         try:
             key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
             cert = x509.load_pem_x509_certificate(cert_path.read_bytes())

@@ -112,6 +112,7 @@ class DataPlane:
         self.inbound.sources.overlay = PrefixSet(overlay)
         self.kroutes = KernelRoutes(interface)
         self.sockets: list[socket.socket] = []
+        self.control_drops: collections.Counter[str] = collections.Counter()  # control thread
         self.exit_via: bytes | None = None  # the peer UID our default route goes through
         # underlay addresses (XMPP, STUN, TURN servers) kept on the main table while exiting
         self.exit_servers: set[str] = set()
@@ -208,6 +209,8 @@ class DataPlane:
         link.stats.last_rx_mono = time.monotonic()
         self.adopt_socket(path.sock)
         old = self.table.add(link)
+        if old is None:
+            self.inbound.refresh_filters()  # frames from this peer pass the kernel filter
         if old is not None:
             old.closed = True
         if nets or (old is not None and old.nets):
@@ -220,6 +223,7 @@ class DataPlane:
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)
         if link is not None:
+            self.inbound.refresh_filters()
             link.closed = True
             if link.nets:
                 self.apply_routes()
@@ -402,13 +406,20 @@ class DataPlane:
             self._expire_held(now)
 
     # ---- state
+    def count_control_drop(self, reason: str) -> None:
+        """A STUN/DTLS datagram that nothing on the control thread took (its counter)."""
+        self.control_drops[reason] += 1
+
     def counters(self) -> dict[str, Any]:
         drops = collections.Counter(self.inbound.drops)
+        drops.update(self.control_drops)
         return {
             "tun_read_packets": self.outbound.counters["packets"],
             "tun_read_bytes": self.outbound.counters["bytes"],
             "no_route": self.outbound.counters["no_route"],
             "tun_written": self.inbound.written,
             "offloads": self.offloads,
+            "socket_filter": self.inbound.socket_filter,
+            "kernel_drops": self.inbound.kernel_drops(),
             "drops": dict(drops),
         }

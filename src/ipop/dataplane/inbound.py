@@ -5,9 +5,14 @@ Pipeline:
   1. [rx thread] wait in epoll on every link socket, the device (its reads go to ``Outbound``)
      and a wake pipe; drain each ready socket into slots of a preallocated slab until it is
      empty (a zero-timeout poll() per socket says so, with no failing read) or the slab is full;
+  0. [kernel] a classic BPF filter on every socket (``sockfilter``) drops datagrams whose
+     first byte is in no valid range, STUN without its cookie, non-DTLS, and frames for
+     another UID, before they are queued: a garbage flood costs no Python;
   2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
      TURN ChannelData is unwrapped and demultiplexed again; STUN and DTLS are copied and handed
-     to the control thread; anything else is dropped and counted;
+     to the control thread (from a source that is no link's path: at most
+     ``UNKNOWN_CONTROL_RATE`` a second, the rest counted as ``control_unknown_source``, so a
+     flood cannot starve the control thread); anything else is dropped and counted;
   3. [rx thread] find the link by the source UID, check the destination UID, then either check the
      source address (plain links never follow an unauthenticated address change) or open the
      sealed payload (AEAD + replay window; a sealed link may roam to a new address only on a
@@ -45,6 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ipop.dataplane import sockfilter
 from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
 from ipop.dataplane.link import CryptoSession, Link, standalone
 from ipop.dataplane.sources import SourceCheck
@@ -52,6 +58,7 @@ from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.dataplane.udpio import RECV_BUFFER, enable_gro, recv_batch, split_gro
 from ipop.errors import RemoteProtocolError
+from ipop.ratelimit import TokenBucket
 from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
 from ipop.wire import train as wt
@@ -68,6 +75,8 @@ SLABS = 32
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
 LOSS_REPORT_GAP = 0.05  # seconds between two reports of lost trains to one peer
+UNKNOWN_CONTROL_RATE = 500.0  # STUN/DTLS datagrams a second from no link's path, at most
+UNKNOWN_CONTROL_BURST = 200.0
 
 log = logging.getLogger("ipop.dataplane")
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
@@ -124,6 +133,9 @@ class Inbound:
         self.done = 0  # batches the writer finished (written by the writer thread only)
         self.gro_missing = False
         self.sources = SourceCheck(dev, table, self.drops)  # cryptokey routing
+        self.unknown_control = TokenBucket(UNKNOWN_CONTROL_RATE, UNKNOWN_CONTROL_BURST)
+        self.socket_filter = True  # every socket so far took the kernel filter
+        self.kernel_drops_gone = 0
         self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-rx", daemon=True)
         self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
 
@@ -141,16 +153,33 @@ class Inbound:
             return
         if self.gro and not enable_gro(sock):
             self.gro_missing = True
+        if not sockfilter.attach(sock, self.uid, list(self.table.by_uid)):
+            self.socket_filter = False
         probe = select.poll()
         probe.register(fd, select.POLLIN)
         self.probes[fd] = probe
         self.socks[fd] = sock
         self.epoll.register(fd, select.EPOLLIN)
 
+    def refresh_filters(self) -> None:
+        """The links changed: frames may come from their peers' UIDs (``sockfilter``)."""
+        peers = list(self.table.by_uid)
+        for sock in list(self.socks.values()):
+            if not sockfilter.attach(sock, self.uid, peers):
+                self.socket_filter = False
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped on our sockets (filter and full queues), and on those
+        removed before (``kernel_drops_gone``)."""
+        return self.kernel_drops_gone + sum(
+            sockfilter.kernel_drops(s) for s in list(self.socks.values()))
+
     def remove_socket(self, sock: socket.socket) -> None:
         fd = sock.fileno()
         self.probes.pop(fd, None)
         if self.socks.pop(fd, None) is not None:
+            self.kernel_drops_gone += sockfilter.kernel_drops(sock)
+            sockfilter.detach(sock)  # given back to its owner as it came
             try:
                 self.epoll.unregister(fd)
             except (OSError, ValueError):
@@ -392,6 +421,9 @@ class Inbound:
             self._demux(sock, dgram[4 : 4 + length], addr, chan, out, partial, ready)
         elif first <= 3 or 20 <= first <= 63:
             link = self.table.by_source.get((sock.fileno(), addr, channel))
+            if link is None and not self.unknown_control.take(time.monotonic()):
+                self.drops["control_unknown_source"] += 1  # links' own upkeep goes first
+                return
             self.on_control(sock, bytes(dgram), addr, channel, link)
         else:
             self.drops["unknown_kind"] += 1
@@ -435,6 +467,11 @@ class Inbound:
             stats.drops["unexpected_source"] += 1
             return
         if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
+            if not same_path:
+                # a chunk counts towards reassembly (and loss) only from the link's current,
+                # authenticated endpoint: forged ones never reach the reassembler
+                stats.drops["train_chunk_off_path"] += 1
+                return
             try:
                 self._train_datagram(sock, link, session if sealed else None, dgram, addr,
                                      channel, same_path, out, partial, ready)
@@ -507,8 +544,9 @@ class Inbound:
             return None, 0
         seq, chunks = got
         now = time.monotonic()
-        link.reassembler.completed(seq, now)
-        self._count_loss(link, now)
+        if link.encrypted and not link.reassembler.plausible(seq, now):
+            link.stats.drops["train_implausible"] += 1
+            return [], 0
         used = 0
         try:
             if link.encrypted:
@@ -527,6 +565,10 @@ class Inbound:
         except RemoteProtocolError as exc:
             link.stats.drops[exc.reason] += 1
             return [], 0
+        # counted as arrived (and the gap before it as lost) only once it proved genuine
+        link.reassembler.completed(seq, now)
+        link.reassembler.confirm(seq, now)
+        self._count_loss(link, now)
         if iov is None:
             return [], used
         stats = link.stats
@@ -553,15 +595,18 @@ class Inbound:
         stats = link.stats
         seq, idx, count = wt.parse(dgram)
         now = time.monotonic()
-        joined = link.reassembler.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
+        reasm = link.reassembler
+        refused = reasm.refused
+        joined = reasm.feed(seq, idx, count, dgram[wt.FRAME_HDR :], now)
+        if reasm.refused != refused:
+            stats.drops["train_implausible"] += 1
         self._count_loss(link, now)
         if joined is None:
             return
         blob: bytes | memoryview = joined
         if session is not None:
             blob = session.open(dgram[: wh.HEADER_LEN], blob)
-            if not same_path and channel is None:
-                self.on_roam(link, sock, addr)
+        reasm.confirm(seq, now)
         iov = self._super_packet(link, blob, len(blob))
         stats.rx_packets += count
         stats.rx_bytes += len(blob)

@@ -13,7 +13,11 @@ Everything here that reaches into aioice's private state is collected in this mo
   check is still waiting for its retransmission timer (RFC 8445 section 7.3.1.4);
 * ``check_complete`` calls ``on_check_complete`` after aioice has updated its nominated pair;
 * ``data_received`` keeps at most ``EARLY_LIMIT`` non-STUN datagrams (aioice would queue every one
-  for a ``recv()`` that ipop never calls).
+  for a ``recv()`` that ipop never calls);
+* every socket's ``send_stun`` is paced: Binding requests (checks, retransmissions included) to
+  an address that has not answered one yet get ``CHECK_BURST`` sends, then one per
+  ``1/CHECK_RATE`` seconds, so a peer's candidate list cannot aim a stream of checks at a
+  victim (issue 16: reflection); an address that answered is not limited.
 
 Private attributes read elsewhere: ``_protocols``, ``_nominated``, ``_check_list``,
 ``_remote_candidates``, ``_find_pair``.
@@ -32,10 +36,13 @@ from aioice.candidate import Candidate
 from aioice.ice import CandidatePair, Connection, StunProtocol
 
 from ipop.nat.filters import IpNetwork, address_allowed
+from ipop.ratelimit import TokenBucket
 
 log = logging.getLogger("ipop.nat")
 
 EARLY_LIMIT = 32
+CHECK_BURST = 4.0  # Binding requests to one not-yet-answering IP address, then CHECK_RATE/s
+CHECK_RATE = 0.1
 RETRANSMIT_GUESS = 0.45  # a check slower than this was probably retransmitted: RTT unknown
 
 
@@ -62,6 +69,9 @@ class IpopConnection(Connection):
         self.retriggered: set[CandidatePair] = set()
         self.nominating_pairs: set[CandidatePair] = set()
         self.early: collections.deque[bytes] = collections.deque(maxlen=EARLY_LIMIT)
+        self.answered: set[str] = set()  # remote IPs a check of ours succeeded with
+        self.check_budget: dict[str, TokenBucket] = {}
+        self.checks_paced = 0  # Binding requests not sent (over an address's budget)
 
     # ---- gathering
     async def get_component_candidates(
@@ -71,6 +81,8 @@ class IpopConnection(Connection):
         found = await super().get_component_candidates(
             component, list(self.ipop_addresses), timeout=self.ipop_gather_timeout
         )
+        for proto in self._protocols:
+            self._pace(proto)
         kept: list[Candidate] = []
         for cand in found:
             if address_allowed(cand.host, self.ipop_excluded):
@@ -108,7 +120,9 @@ class IpopConnection(Connection):
         """A check from the peer on a pair whose own check is still retransmitting proves the
         path works now (typically: our first check died in the peer's NAT before its hole was
         punched).  aioice waits for the retransmission timer (0.5 s, 1.5 s, ...); send at once,
-        once per pair, unless the check in flight is our nomination."""
+        once per pair, unless the check in flight is our nomination.  An authenticated check
+        (aioice verified its integrity) also proves ``addr`` is the peer's: it is not paced."""
+        self.answered.add(addr[0])
         super().check_incoming(message, addr, protocol)
         if self._closing:
             return
@@ -139,12 +153,35 @@ class IpopConnection(Connection):
             self.nominating_pairs.add(pair)
         return super().build_request(pair, nominate)
 
+    def _pace(self, proto: StunProtocol) -> None:
+        """Route ``proto``'s STUN sends through the per-address check budget (once)."""
+        send = proto.send_stun
+        if getattr(send, "ipop_paced", False):
+            return
+
+        def paced(message: stun.Message, addr: tuple[str, int]) -> None:
+            if (message.message_method == stun.Method.BINDING
+                    and message.message_class == stun.Class.REQUEST
+                    and addr[0] not in self.answered):
+                bucket = self.check_budget.get(addr[0])
+                if bucket is None:
+                    bucket = self.check_budget[addr[0]] = TokenBucket(CHECK_RATE, CHECK_BURST)
+                if not bucket.take(time.monotonic()):
+                    self.checks_paced += 1
+                    return
+            send(message, addr)
+
+        paced.ipop_paced = True  # type: ignore[attr-defined]
+        proto.send_stun = paced  # type: ignore[method-assign]
+
     def check_state(self, pair: CandidatePair, state: CandidatePair.State) -> None:
         if state == CandidatePair.State.SUCCEEDED:
+            self.answered.add(pair.remote_addr[0])
             self.note_success(pair)
         super().check_state(pair, state)
 
     def note_success(self, pair: CandidatePair) -> None:
+        self.answered.add(pair.remote_addr[0])
         sent = self.sent_at.pop(pair, None)
         if sent is not None:
             took = time.monotonic() - sent

@@ -65,7 +65,14 @@ from ipop.errors import IpopError, RemoteProtocolError
 from ipop.fwmark import mark_socket
 from ipop.nat.conn import IpopConnection
 from ipop.nat.filters import IpNetwork, address_allowed, excluded_networks, host_addresses
-from ipop.nat.params import IceParams, SelectedPath, TurnConf, parse_candidate
+from ipop.nat.params import (
+    CANDIDATE_PREFIX,
+    IceParams,
+    SelectedPath,
+    TurnConf,
+    cap_candidates,
+    parse_candidate,
+)
 from ipop.wire.turn import pack_channel_data
 
 __all__ = ["IceDispatcher", "IceFailed", "IceLink"]
@@ -168,6 +175,10 @@ class IceLink:
         """The descriptors of ``sockets`` (stable until close)."""
         return list(self._endpoints)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def owns(self, sock: socket.socket) -> bool:
         return sock.fileno() in self._endpoints
 
@@ -201,15 +212,22 @@ class IceLink:
         )
         conn.remote_is_lite = True  # regular nomination: see the module docstring
         self._conn = conn
-        await conn.gather_candidates()
+        try:
+            await conn.gather_candidates()
+        finally:
+            if self.closed:  # close() ran meanwhile: sockets made since then are ours to close
+                await self._close_conn(conn)
+        if self.closed:
+            raise IceFailed("IceLink was closed while gathering")
         self._mark(conn)
         local = conn.local_candidates
         hosts = {(c.host, c.port) for c in local if c.type == "host"}
         others = [c for c in local if c.type != "host" and (c.host, c.port) not in hosts]
         keep = others[:31] + [c for c in local if c.type == "host"]
-        self.params = IceParams(
-            conn.local_username, conn.local_password, tuple(c.to_sdp() for c in keep[:31])
-        )
+        # the caps every peer applies to what it receives (``cap_candidates``)
+        wire, _ = cap_candidates([CANDIDATE_PREFIX + c.to_sdp() for c in keep[:31]])
+        self.params = IceParams(conn.local_username, conn.local_password,
+                                tuple(w[len(CANDIDATE_PREFIX):] for w in wire))
         log.info("gathered %s", ", ".join(f"{c.type} {c.host}:{c.port}" for c in keep))
         return self.params
 
@@ -327,23 +345,28 @@ class IceLink:
             with contextlib.suppress(BaseException):
                 await t
         conn = self._conn
-        transports: list[asyncio.DatagramTransport] = []
         if conn is not None:
-            for proto in conn.protocols:
-                turn = _turn_client(proto) if proto.local_candidate.type == "relay" else None
-                used = turn.transport if turn is not None else proto.transport
-                transports.append(used)
-                resume = getattr(used, "resume_reading", None)
-                if callable(resume):
-                    resume()  # let the TURN deallocation's answer reach aioice
-            try:
-                await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT)
-            except Exception as exc:
-                log.info("aioice close did not finish (%r): closing its transports", exc)
-            for used in transports:
-                used.close()
+            await self._close_conn(conn)
         for ep in self._endpoints.values():
             ep.sock.close()
+
+    @staticmethod
+    async def _close_conn(conn: IpopConnection) -> None:
+        """Close aioice's connection and every transport (socket) it made; idempotent."""
+        transports: list[asyncio.DatagramTransport] = []
+        for proto in conn.protocols:
+            turn = _turn_client(proto) if proto.local_candidate.type == "relay" else None
+            used = turn.transport if turn is not None else proto.transport
+            transports.append(used)
+            resume = getattr(used, "resume_reading", None)
+            if callable(resume):
+                resume()  # let the TURN deallocation's answer reach aioice
+        try:
+            await asyncio.wait_for(conn.close(), CLOSE_TIMEOUT)
+        except Exception as exc:
+            log.info("aioice close did not finish (%r): closing its transports", exc)
+        for used in transports:
+            used.close()
 
     # ---- selection and takeover
     def _on_check_complete(self) -> None:

@@ -16,12 +16,14 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 from ipop.errors import LocalProtocolError, MalformedMessage
 
 __all__ = [
+    "CANDIDATE_CAPS",
     "CANDIDATE_PREFIX",
     "CREDENTIALS_PREFIX",
     "MAX_WIRE_CANDIDATES",
@@ -29,6 +31,7 @@ __all__ = [
     "IceParams",
     "SelectedPath",
     "TurnConf",
+    "cap_candidates",
     "parse_candidate",
 ]
 
@@ -189,3 +192,36 @@ class SelectedPath:
     @property
     def direct(self) -> bool:
         return self.kind != "relay"
+
+
+# ---- caps on a peer's candidates (issue 16: one message must not make us check many addresses)
+CANDIDATE_CAPS: Final = {"host": 8, "srflx": 4, "relay": 4}
+MAX_PER_ADDRESS: Final = 2
+
+
+def cap_candidates(entries: Sequence[str]) -> tuple[list[str], int]:
+    """``entries`` (a con_req/con_resp ``candidates`` list) with at most ``CANDIDATE_CAPS``
+    candidates of each type and ``MAX_PER_ADDRESS`` per IP address, in the order given (the
+    sender's priority order); other entries (credentials, malformed ones: their readers count
+    them) pass.  Returns the kept entries and how many candidates were dropped."""
+    kept: list[str] = []
+    by_type: dict[str, int] = {}
+    by_addr: dict[str, int] = {}
+    dropped = 0
+    for entry in entries:
+        if not entry.startswith(CANDIDATE_PREFIX):
+            kept.append(entry)
+            continue
+        try:
+            info = parse_candidate(entry[len(CANDIDATE_PREFIX):])
+        except MalformedMessage:
+            kept.append(entry)
+            continue
+        if (by_type.get(info.type, 0) >= CANDIDATE_CAPS.get(info.type, 0)
+                or by_addr.get(info.host, 0) >= MAX_PER_ADDRESS):
+            dropped += 1
+            continue
+        by_type[info.type] = by_type.get(info.type, 0) + 1
+        by_addr[info.host] = by_addr.get(info.host, 0) + 1
+        kept.append(entry)
+    return kept, dropped

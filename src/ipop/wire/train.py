@@ -197,6 +197,7 @@ class Reassembler:
 
     STALE = 1.0  # a train missing since longer than this was left over, not lost just now
     MAX_GAP = 64  # a larger jump in train numbers is reordering or a restart, not loss
+    WINDOW = 1024  # trains after the last confirmed one that a new chunk may start
 
     def __init__(self) -> None:
         self.cur = -1  # the train being put together, or -1
@@ -207,6 +208,25 @@ class Reassembler:
         self.done_seq = -1
         self.lost = 0  # trains lost recently enough to count as loss
         self.stale = 0
+        # Forgery bound (issue 16).  The inbound path admits chunks only from the link's
+        # current endpoint; one whose source address was spoofed still cannot start a train
+        # outside WINDOW after the last train the caller ``confirm``ed (authenticated, or
+        # accepted from a plain link's endpoint), unless none was confirmed for STALE
+        # seconds, nor change the chunk count of the train under way: ``refused`` counts them.
+        self.confirmed = -1
+        self.confirmed_at = float("-inf")
+        self.refused = 0
+
+    def confirm(self, seq: int, now: float | None = None) -> None:
+        """Train ``seq`` was genuine (it opened, or came whole from a plain link's endpoint)."""
+        self.confirmed = seq
+        self.confirmed_at = time.monotonic() if now is None else now
+
+    def plausible(self, seq: int, now: float) -> bool:
+        """May a chunk start train ``seq`` now (see ``refused``)?"""
+        if self.confirmed < 0 or now - self.confirmed_at > self.STALE:
+            return True
+        return 0 < (seq - self.confirmed) & 0xFFFF_FFFF <= self.WINDOW
 
     def feed(self, seq: int, idx: int, count: int, chunk: Buf,
              now: float | None = None) -> bytes | None:
@@ -214,7 +234,11 @@ class Reassembler:
         if seq == self.done_seq:
             return None  # a duplicate of a train already delivered
         if seq != self.cur or count != len(self.parts):
-            self._begin(seq, time.monotonic() if now is None else now)
+            when = time.monotonic() if now is None else now
+            if (seq == self.cur and self.have) or not self.plausible(seq, when):
+                self.refused += 1
+                return None
+            self._begin(seq, when)
             self.cur, self.parts = seq, [None] * count
         if self.parts[idx] is not None:
             return None
