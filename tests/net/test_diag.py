@@ -215,7 +215,8 @@ def base_cfg(world: World, user: str, **extra: Any) -> dict[str, Any]:
 
     cfg = json.loads((examples_dir() / "node-a.json").read_text())
     cfg.update({"xmpp_username": f"{user}@{DOMAIN}", "xmpp_password": PASSWORD,
-                "xmpp_host": world.server_ip, "xmpp_tls": "none", "group": "diag",
+                "xmpp_host": world.server_ip, "xmpp_tls": "none",
+                "allow_insecure_signaling": True, "group": "diag",
                 **servers_cfg(world), **extra})
     cfg.pop("xmpp_ca_cert")
     cfg.pop("state_dir")

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 def link_state(link: Link) -> str:
     if link.down:
         return "down"
-    if link.encrypted and (link.session is None or not link.session.ready):
+    if not link.usable:
         return "keying"
     return "up"
 

@@ -5,8 +5,13 @@ The seed paper's seven steps, as this controller runs them:
        each group member's presence (``peer_state``);
   4.   it sends ``con_req`` (UID, overlay address, fingerprint, security groups, candidates);
   5-6. the peer decides the link's security, calls ``create_link`` and answers ``con_resp``;
-  7.   the initiator checks the verdict, calls ``create_link``; the data plane keys the link
-       (DTLS when encrypted) and reports it up.
+  7.   the initiator checks the verdict, calls ``create_link``; the data plane runs the link's
+       DTLS handshake (every link: it proves both UIDs and confirms the verdict and its signaled
+       inputs, ``ipop.crypto.verdict``) and reports it up; only then does it carry data.
+A UID belongs to the account that announced it first: another account that claims it is refused
+(``uid_claimed``).  A handshake that fails (a lying identity, a rewritten verdict) puts the peer's
+account and UID on a growing hold (``AUTH_HOLD_*``): their con_req are ignored meanwhile, and
+status shows how many failed and why.
 Proactive mode links every online member; on-demand mode links when the data plane reports a
 packet for a known peer's address (those packets wait in the data plane, they are not dropped)
 and trims links idle for ``on-demand_inactive_timeout`` seconds, telling the peer.
@@ -26,6 +31,8 @@ from ipop.controller.icepaths import IcePaths
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.crypto import policy
+from ipop.crypto.session import is_client_for
+from ipop.crypto.verdict import Confirmation
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
@@ -43,6 +50,25 @@ log = logging.getLogger("ipop.controller")
 
 CON_REQ_RATE = 10.0  # con_req per second, at most
 CON_REQ_BURST = 20.0
+AUTH_HOLD_MIN = 2.0  # seconds an account or UID is ignored after its first failed handshake
+AUTH_HOLD_MAX = 60.0
+CLAIM_LOG_GAP = 10.0  # seconds between two log lines about refused UID claims from one account
+
+
+class AuthRecord:
+    """Failed handshakes of one account or UID: how many, the last reason, and the hold."""
+
+    __slots__ = ("count", "reason", "until")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reason = ""
+        self.until = 0.0
+
+    def fail(self, reason: str, now: float) -> None:
+        self.count += 1
+        self.reason = reason
+        self.until = now + min(AUTH_HOLD_MAX, AUTH_HOLD_MIN * 2 ** (self.count - 1))
 
 
 class GroupVPN(SignalListener):
@@ -68,6 +94,12 @@ class GroupVPN(SignalListener):
         # each peer's security view from its last con_req/con_resp (by UID): a reload that
         # changes our own view re-decides the link against it
         self._views: dict[str, policy.SecurityView] = {}
+        # what this node signaled to each peer (by bare JID) in the current attempt: the
+        # handshake confirms it (``ipop.crypto.verdict``)
+        self._sent: dict[str, policy.SecurityView] = {}
+        self.auth_by_jid: dict[str, AuthRecord] = {}
+        self.auth_by_uid: dict[str, AuthRecord] = {}
+        self._claim_logged: dict[str, float] = {}
 
     # ---- helpers
     @property
@@ -159,6 +191,8 @@ class GroupVPN(SignalListener):
         now = self._now()
         was_online = peer.online
         if online:
+            if uid is not None and self._claimed_elsewhere(jid, uid):
+                uid = None  # another account owns it: this one gets no link under it
             if peer.uid is not None and uid is not None and uid != peer.uid:
                 self._drop_link(peer, "peer identity changed")
             peer.uid = uid or peer.uid
@@ -179,6 +213,29 @@ class GroupVPN(SignalListener):
         if online and not self.cfg.on_demand_connection:
             peer.wanted = True
             self._maybe_request(peer, now)
+
+    def _claimed_elsewhere(self, jid: str, uid: str) -> bool:
+        """Another account (bare JID) that is online holds ``uid``: a claim from ``jid`` is a
+        lie (an impersonation, or a copied identity); refused, counted, logged now and then."""
+        owner = self.peers.find_uid(uid)
+        if owner is None or bare(owner.jid) == bare(jid) or not owner.online:
+            return False
+        self._count("uid_claim_refused")
+        claimer = self.peers.get(jid)
+        claimer.last_error = f"uid_claimed: UID {uid[:12]} belongs to {bare(owner.jid)}"
+        now = self._now()
+        if now - self._claim_logged.get(bare(jid), -CLAIM_LOG_GAP) >= CLAIM_LOG_GAP:
+            self._claim_logged[bare(jid)] = now
+            log.warning("%s claims UID %s, which %s holds: refused", bare(jid), uid[:12],
+                        bare(owner.jid))
+        return True
+
+    def _on_hold(self, jid: str, uid: str, now: float) -> bool:
+        """The account or the UID failed a handshake recently: ignore its requests a while."""
+        for rec in (self.auth_by_jid.get(bare(jid)), self.auth_by_uid.get(uid)):
+            if rec is not None and now < rec.until:
+                return True
+        return False
 
     def on_message(self, jid: str, msg: SignalMessage) -> None:
         try:
@@ -312,6 +369,7 @@ class GroupVPN(SignalListener):
             return
         msg = self._message("con_req", True if self.cfg.require_encryption else None,
                             candidates)
+        self._sent[bare(peer.jid)] = signaled_view(msg)
         self._count("con_req_sent")
         self._send(peer.jid, msg)
 
@@ -352,6 +410,8 @@ class GroupVPN(SignalListener):
         return True
 
     def _check_peer_msg(self, jid: str, msg: SignalMessage) -> Peer | None:
+        if self._claimed_elsewhere(jid, msg.uid):
+            return None
         peer = self.peers.get(jid)
         if peer.uid is not None and peer.uid != msg.uid and peer.online:
             # a new identity on this account: the node was reinstalled or restarted fresh
@@ -381,6 +441,9 @@ class GroupVPN(SignalListener):
     def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
         self._count("con_req_received")
+        if self._on_hold(jid, msg.uid, now):
+            self._count("con_req_auth_hold")
+            return
         peer = self._check_peer_msg(jid, msg)
         if peer is None:
             self._count("con_req_refused")
@@ -405,7 +468,9 @@ class GroupVPN(SignalListener):
             candidates = await self.paths.prepare(msg.uid, self.my_uid)
             if peer.attempt_id != attempt:
                 return
-            self._send(peer.jid, self._message("con_resp", verdict.encrypt, candidates))
+            resp = self._message("con_resp", verdict.encrypt, candidates)
+            self._sent[bare(peer.jid)] = signaled_view(resp)
+            self._send(peer.jid, resp)
             path, early = await self.paths.connect(msg.uid, list(msg.candidates))
         except Exception as exc:
             self._attempt_failed(peer, attempt, f"ICE: {exc}")
@@ -453,6 +518,10 @@ class GroupVPN(SignalListener):
         if peer.attempt_id != attempt or peer.state is not LinkState.LINKING:
             self._spawn(self._close_path(msg.uid))
             return
+        sent = self._sent.get(bare(peer.jid))
+        if sent is None:
+            self._attempt_failed(peer, attempt, "nothing was signaled to this peer")
+            return
         local_ip, real_ip = self.link_addresses(peer, msg)
         nets = self.accept_routes(peer, msg)
         ip6 = msg.ip6 if self.announced_ip6() is not None else None
@@ -461,6 +530,8 @@ class GroupVPN(SignalListener):
                 peer_uid=msg.uid, ip4=local_ip, path=path, fingerprint=msg.fingerprint,
                 mac=msg.mac, encrypt=verdict.encrypt, reason=verdict.reason, real_ip4=real_ip,
                 early=early, peer_trains=msg.offers(FEATURE_TRAINS), ip6=ip6, nets=nets,
+                confirmation=self.confirmation(msg.uid, sent, signaled_view(msg),
+                                               verdict.encrypt),
             )
         except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
             self._attempt_failed(peer, attempt, f"create_link: {exc}")
@@ -468,6 +539,15 @@ class GroupVPN(SignalListener):
         if self.is_exit(peer) and self.node.dp is not None:
             self.node.dp.apply_routes(exit_via=bytes.fromhex(msg.uid))
         peer.last_activity = self._now()
+
+    def confirmation(self, peer_uid: str, mine: policy.SecurityView,
+                     theirs: policy.SecurityView, encrypt: bool) -> Confirmation:
+        """What the link's handshake confirms: both signaled views, by DTLS role, and the
+        verdict."""
+        me, them = bytes.fromhex(self.my_uid), bytes.fromhex(peer_uid)
+        if is_client_for(me, them):
+            return Confirmation(me, them, mine, theirs, encrypt)
+        return Confirmation(them, me, theirs, mine, encrypt)
 
     def _on_stun(self, ev: Event) -> bool:
         data: bytes = ev.data["data"]
@@ -538,8 +618,18 @@ class GroupVPN(SignalListener):
             peer.last_activity = now
             self.node.notify("peer_state", self.peer_entry(peer))
         elif event == "failed":
-            self._drop_link(peer, "handshake failed")
+            reason = self._handshake_reason(peer_uid)
+            for table, key in ((self.auth_by_jid, bare(peer.jid)), (self.auth_by_uid, peer_uid)):
+                table.setdefault(key, AuthRecord()).fail(reason, now)
+            self._count(f"handshake_{reason}")
+            self._drop_link(peer, f"handshake failed: {reason}")
             peer.failed(now)
+
+    def _handshake_reason(self, peer_uid: str) -> str:
+        link = self.node.dp.link(bytes.fromhex(peer_uid)) if self.node.dp else None
+        session = link.session if link is not None else None
+        failure = getattr(session, "last_failure", None)
+        return str(getattr(failure, "reason", "handshake_error"))
 
     # ---- live reload
     def reload(self, old: Config, new: Config, plan: Plan) -> list[str]:
@@ -645,7 +735,19 @@ class GroupVPN(SignalListener):
             "security_reason": peer.security_reason, "conflict": peer.conflict,
             "name": bare(peer.jid), "overlay_ip6": peer.ip6, "routes": list(peer.routes),
             "routes_refused": list(peer.routes_refused),
+            "auth": self._auth_entry(peer),
         }
+
+    def _auth_entry(self, peer: Peer) -> dict[str, Any] | None:
+        """Failed handshakes of this peer's account and UID (None: none)."""
+        recs = [r for r in (self.auth_by_jid.get(bare(peer.jid)),
+                            self.auth_by_uid.get(peer.uid or "")) if r is not None]
+        if not recs:
+            return None
+        now = self._now()
+        worst = max(recs, key=lambda r: r.count)
+        return {"failures": worst.count, "reason": worst.reason,
+                "hold_s": round(max(0.0, max(r.until for r in recs) - now), 1)}
 
     def peers_status(self) -> list[dict[str, Any]]:
         return [self.peer_entry(p) for p in self.peers]
@@ -657,3 +759,14 @@ class GroupVPN(SignalListener):
                          "error": self.signal_error, "drops": drops, "last_refused": refused,
                          "counters": dict(self.counters)},
                 "controller": self.name}
+
+
+def signaled_view(msg: SignalMessage) -> policy.SecurityView:
+    """A message's verdict inputs exactly as signaled, for the handshake to confirm: its groups,
+    its ``sec`` (absent: true, as ``_their_view`` reads it) and its ``encrypt`` flag (in
+    ``require_encryption``; absent reads as false, which means the same to the verdict)."""
+    return policy.SecurityView(
+        sec=True if msg.sec is None else msg.sec,
+        security_groups=None if msg.security_groups is None else frozenset(msg.security_groups),
+        require_encryption=bool(msg.encrypt),
+    )

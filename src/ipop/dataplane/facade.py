@@ -288,7 +288,7 @@ class DataPlane:
         link = self.table.by_uid.get(peer_uid)
         if link is None:
             return "no_link"
-        if link.encrypted and (link.session is None or not link.session.ready):
+        if not link.usable:
             return "keying"
         stamp = time.monotonic_ns()
         while stamp in link.pings:

@@ -333,8 +333,8 @@ class Inbound:
         """The link a GRO read came from, by its first frame's source UID, if the read arrived
         on that link's own direct path (socket and address); else None."""
         link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
-        if link is None:
-            return None
+        if link is None or not link.authed:
+            return None  # before its handshake: the per-datagram path counts the drop
         path = link.path
         if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
             return None
@@ -433,6 +433,9 @@ class Inbound:
             return
         elif not same_path:
             stats.drops["unexpected_source"] += 1
+            return
+        elif not link.authed:
+            stats.drops["plain_before_handshake"] += 1
             return
         if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
             try:
@@ -654,6 +657,8 @@ def send_keepalive(link: Link, op: int, stamp_ns: int) -> None:
     """Send a keepalive probe or echo on ``link`` (sealed on encrypted links, never plain)."""
     body = wk.pack(op, stamp_ns)
     if not link.encrypted:
+        if not link.authed:
+            return  # nothing goes to a peer before its handshake proved it
         link.send_frame([link.hdr_ka, body])
         return
     session = link.session

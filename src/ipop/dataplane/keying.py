@@ -1,10 +1,15 @@
-"""Keys for encrypted links: runs each link's DTLS handshakes on the control thread.
+"""Every link's DTLS handshake, run on the control thread: identities proven, verdict confirmed.
 
-For every encrypted link it creates a ``CryptoSession`` (the DTLS client is the lower UID),
-sends the handshake's datagrams on the link's own path, feeds it the DTLS datagrams the RX
-thread hands up (first byte 20..63), ticks retransmissions and rekeys, and once the link is keyed
-releases the packets that waited for keys.  Nothing meant for an encrypted link ever leaves in
-plaintext: until ``session.ready`` the link queues (``Link.send_packet``).
+For every link, plain or encrypted, it creates a ``CryptoSession`` (the DTLS client is the lower
+UID), sends the handshake's datagrams on the link's own path, feeds it the DTLS datagrams the RX
+thread hands up (first byte 20..63) and ticks retransmissions (and, on encrypted links, rekeys).
+The handshake proves that the peer holds the key whose hash is its UID and the certificate whose
+fingerprint signaling carried, and confirms the security verdict (``ipop.crypto.verdict``): a
+verdict that signaling changed on the way fails it with ``downgrade_detected``.
+
+Only then does the link carry data (``Link.authed``): until that moment both kinds of link queue
+what they would send, and the RX thread drops plain frames.  An encrypted link then seals with
+the exported keys; a plain link sends frames without AEAD, so it costs no per-packet crypto.
 """
 
 from __future__ import annotations
@@ -15,11 +20,13 @@ from collections.abc import Callable
 
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession, is_client_for
+from ipop.crypto.verdict import Confirmation
 from ipop.dataplane.link import Link
 from ipop.errors import AuthError, IpopError
 
 log = logging.getLogger("ipop.dataplane.keying")
 
+PLAIN_REKEY_SECONDS = 10.0 * 365 * 86400
 LinkEvent = Callable[[bytes, str], None]  # (peer UID, "up" | "failed" | "mismatch")
 
 
@@ -37,23 +44,37 @@ class Keying:
         self.rekeys = 0  # handshakes completed after a link's first, over the node's life
         self._handshakes: dict[bytes, int] = {}
 
-    def start(self, link: Link, fingerprint: str | None, now: float | None = None) -> None:
-        """Give ``link`` a session and start keying it."""
+    def start(self, link: Link, fingerprint: str | None, now: float | None = None, *,
+              confirmation: Confirmation | None = None) -> None:
+        """Give ``link`` a session and start its handshake; ``confirmation``: the verdict and
+        its inputs to confirm (default: no signaling, only the verdict)."""
         if fingerprint is None:
-            raise IpopError(f"encrypted link to {link.peer_uid.hex()[:12]} needs the peer's "
-                            "certificate fingerprint")
+            raise IpopError(f"link to {link.peer_uid.hex()[:12]} needs the peer's certificate "
+                            "fingerprint (every link proves its peer in a DTLS handshake)")
         now = time.monotonic() if now is None else now
+        if confirmation is None:
+            confirmation = self.static_confirmation(link.peer_uid, link.encrypted)
         session = CryptoSession(
             self.identity, is_client=is_client_for(self.identity.uid, link.peer_uid),
             expected_fingerprint=fingerprint, expected_uid=link.peer_uid,
-            rekey_seconds=self.rekey_seconds,
+            # a plain link needs no new keys: its handshake proves the peer once
+            rekey_seconds=self.rekey_seconds if link.encrypted else PLAIN_REKEY_SECONDS,
+            confirmation=confirmation,
         )
+        link.authed = False
         link.session = session
         self.links[link.peer_uid] = link
         self._ready[link.peer_uid] = False
         self._failures_seen[link.peer_uid] = 0
         self._handshakes[link.peer_uid] = 0
         self._send(link, session.start(now))
+
+    def static_confirmation(self, peer_uid: bytes, encrypt: bool) -> Confirmation:
+        """What a link made without signaling (a static peer, ``create_link``) confirms: no
+        signaled inputs, only the verdict, so two ends that disagree refuse the link."""
+        me = self.identity.uid
+        client, server = (me, peer_uid) if is_client_for(me, peer_uid) else (peer_uid, me)
+        return Confirmation(client, server, None, None, encrypt)
 
     def stop(self, link: Link) -> None:
         if self.links.get(link.peer_uid) is link:
@@ -107,9 +128,14 @@ class Keying:
             self._handshakes[uid] = session.handshakes
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
+            link.authed = True
             sent = link.flush_pending()
-            log.info("link %s keyed (%s); %d queued packets sent", uid.hex()[:12],
-                     session.keys.suite.value if session.keys else "?", sent)
+            if link.encrypted:
+                log.info("link %s keyed (%s); %d queued packets sent", uid.hex()[:12],
+                         session.keys.suite.value if session.keys else "?", sent)
+            else:
+                log.info("link %s: peer proven, verdict plain confirmed; %d queued packets "
+                         "sent", uid.hex()[:12], sent)
             self.on_event(uid, "up")
         failures = sum(session.handshake_failures.values())
         if failures > self._failures_seen.get(uid, 0):
