@@ -543,6 +543,10 @@ class Node:
         try:
             if self.controller is not None and self.controller.on_dataplane_event(ev):
                 return
+            if ev.kind == "confirmed":
+                if self.keying is not None:
+                    self.keying.confirmed(ev.data["peer_uid"])
+                return
             if ev.kind == "control_datagram":
                 data: bytes = ev.data["data"]
                 if data and data[0] <= 3 and self._on_hello(ev):

@@ -43,7 +43,8 @@ MISS_HOLD = 10.0  # seconds a packet for an unknown destination is held for a li
 class Event:
     """A notification from the data plane: ``kind`` is one of
     ``unknown_destination`` (data: dst, packet), ``control_datagram`` (STUN/DTLS: sock, data,
-    addr, channel, peer_uid), ``link_down`` (peer_uid, idle seconds), ``roamed`` (peer_uid, addr).
+    addr, channel, peer_uid), ``link_down`` (peer_uid, idle seconds), ``roamed`` (peer_uid, addr),
+    ``confirmed`` (peer_uid: a plain link's peer sent its first frame after the handshake).
     """
 
     kind: str
@@ -104,6 +105,7 @@ class DataPlane:
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
             stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
+            on_confirm=self._on_confirm,
         )
         overlay: list[Net] = [ipaddress.ip_network(f"{ip4}/{prefixlen}", strict=False)]
         if ip6:
@@ -362,6 +364,10 @@ class DataPlane:
             "peer_uid": link.peer_uid if link else None,
         })
         self.call_soon(self.on_event, ev)
+
+    def _on_confirm(self, link: Link) -> None:
+        """RX thread: the peer of a plain link sent its first frame after our handshake."""
+        self.call_soon(self.on_event, Event("confirmed", {"peer_uid": link.peer_uid}))
 
     def _on_roam(self, link: Link, sock: socket.socket, addr: tuple[str, int]) -> None:
         def apply() -> None:

@@ -89,8 +89,10 @@ class Inbound:
         stopping: threading.Event,
         wake_fd: int,
         pump: Callable[[], None] | None = None,
+        on_confirm: Callable[[Link], None] | None = None,
     ) -> None:
         self.dev = dev
+        self.on_confirm = on_confirm
         self.table = table
         self.uid = local_uid
         self.on_control = on_control
@@ -435,8 +437,15 @@ class Inbound:
             stats.drops["unexpected_source"] += 1
             return
         elif not link.authed:
-            stats.drops["plain_before_handshake"] += 1
-            return
+            if session is None or not session.ready:
+                stats.drops["plain_before_handshake"] += 1
+                return
+            # our handshake is done and the proven peer sends from its path: it finished too
+            # (the DTLS server of a plain link waits for this before it sends, so the client
+            # never drops data that raced its last handshake flight)
+            link.authed = True
+            if self.on_confirm is not None:
+                self.on_confirm(link)
         if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
             try:
                 self._train_datagram(sock, link, session if sealed else None, dgram, addr,

@@ -21,8 +21,10 @@ from collections.abc import Callable
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession, is_client_for
 from ipop.crypto.verdict import Confirmation
+from ipop.dataplane.inbound import send_keepalive
 from ipop.dataplane.link import Link
 from ipop.errors import AuthError, IpopError
+from ipop.wire import keepalive as wk
 
 log = logging.getLogger("ipop.dataplane.keying")
 
@@ -43,6 +45,7 @@ class Keying:
         self._mismatch_logged: set[bytes] = set()
         self.rekeys = 0  # handshakes completed after a link's first, over the node's life
         self._handshakes: dict[bytes, int] = {}
+        self._opened: set[bytes] = set()
 
     def start(self, link: Link, fingerprint: str | None, now: float | None = None, *,
               confirmation: Confirmation | None = None) -> None:
@@ -65,6 +68,7 @@ class Keying:
         link.session = session
         self.links[link.peer_uid] = link
         self._ready[link.peer_uid] = False
+        self._opened.discard(link.peer_uid)
         self._failures_seen[link.peer_uid] = 0
         self._handshakes[link.peer_uid] = 0
         self._send(link, session.start(now))
@@ -82,6 +86,7 @@ class Keying:
             self._ready.pop(link.peer_uid, None)
             self._failures_seen.pop(link.peer_uid, None)
             self._handshakes.pop(link.peer_uid, None)
+            self._opened.discard(link.peer_uid)
 
     def on_dtls(self, peer_uid: bytes | None, data: bytes, now: float | None = None) -> bool:
         """A DTLS datagram from the path of ``peer_uid``'s link; True when it was handled."""
@@ -118,6 +123,32 @@ class Keying:
                             "ends' sec settings", link.peer_uid.hex()[:12], mine, theirs)
                 self.on_event(link.peer_uid, "mismatch")
 
+    def confirmed(self, peer_uid: bytes) -> None:
+        """The peer of a plain link sent a frame after our handshake (the RX thread saw it)."""
+        link = self.links.get(peer_uid)
+        if link is not None and self._ready.get(peer_uid):
+            self._open(link)
+
+    def _open(self, link: Link) -> None:
+        """The link may carry data: release what waited, and say so (once per link)."""
+        uid = link.peer_uid
+        if uid in self._opened:
+            return
+        self._opened.add(uid)
+        link.authed = True
+        sent = link.flush_pending()
+        session = link.session
+        if link.encrypted:
+            keys = session.keys if isinstance(session, CryptoSession) else None
+            log.info("link %s keyed (%s); %d queued packets sent", uid.hex()[:12],
+                     keys.suite.value if keys else "?", sent)
+        else:
+            # a frame at once, so the peer (if it is the DTLS server) learns that we are done
+            send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+            log.info("link %s: peer proven, plain verdict confirmed; %d queued packets sent",
+                     uid.hex()[:12], sent)
+        self.on_event(uid, "up")
+
     def _check(self, link: Link, now: float) -> None:
         session = link.session
         assert isinstance(session, CryptoSession)
@@ -128,15 +159,10 @@ class Keying:
             self._handshakes[uid] = session.handshakes
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
-            link.authed = True
-            sent = link.flush_pending()
-            if link.encrypted:
-                log.info("link %s keyed (%s); %d queued packets sent", uid.hex()[:12],
-                         session.keys.suite.value if session.keys else "?", sent)
-            else:
-                log.info("link %s: peer proven, verdict plain confirmed; %d queued packets "
-                         "sent", uid.hex()[:12], sent)
-            self.on_event(uid, "up")
+            if link.encrypted or session.is_client or link.authed:
+                self._open(link)
+            # else: a plain link's DTLS server finished first; it sends once the client's first
+            # frame shows that the client finished too (``confirmed``)
         failures = sum(session.handshake_failures.values())
         if failures > self._failures_seen.get(uid, 0):
             self._failures_seen[uid] = failures
