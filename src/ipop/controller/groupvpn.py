@@ -215,11 +215,19 @@ class GroupVPN(SignalListener):
             self._maybe_request(peer, now)
 
     def _claimed_elsewhere(self, jid: str, uid: str) -> bool:
-        """Another account (bare JID) that is online holds ``uid``: a claim from ``jid`` is a
-        lie (an impersonation, or a copied identity); refused, counted, logged now and then."""
-        owner = self.peers.find_uid(uid)
-        if owner is None or bare(owner.jid) == bare(jid) or not owner.online:
+        """Whether a claim of ``uid`` from ``jid`` is refused: another account (bare JID) that
+        is online holds it with a link made or being made, or ``jid`` failed a handshake lately
+        (an impersonation, a copied identity).  Refused claims are counted and logged now and
+        then; an accepted claim takes the UID from idle accounts that held it."""
+        holders = [p for p in self.peers if p.uid == uid and bare(p.jid) != bare(jid)]
+        owner = next((p for p in holders if p.online and p.state is not LinkState.IDLE), None)
+        rec = self.auth_by_jid.get(bare(jid))
+        held = rec is not None and self._now() < rec.until
+        if owner is None and not (held and holders):
+            for p in holders:
+                p.uid = None  # an idle account loses a UID another account now claims
             return False
+        owner = owner or holders[0]
         self._count("uid_claim_refused")
         claimer = self.peers.get(jid)
         claimer.last_error = f"uid_claimed: UID {uid[:12]} belongs to {bare(owner.jid)}"
