@@ -143,6 +143,10 @@ class GroupVPN(SignalListener):
             group=self.group_filter(),
         )
         settings.check()
+        if cfg.xmpp_tls == "none":  # allowed only with allow_insecure_signaling (config.py)
+            log.warning('xmpp_tls "none" (allow_insecure_signaling): the password and all '
+                        "signaling cross the network in clear and can be rewritten; each link's "
+                        "DTLS handshake still proves both UIDs and refuses a rewritten verdict")
         return XmppSignal(settings, self)
 
     def group_filter(self) -> str | None:
