@@ -343,7 +343,7 @@ class Node:
             from ipop.crypto.session import CryptoSession
 
             for link in self.keying.links.values():
-                if isinstance(link.session, CryptoSession):
+                if link.encrypted and isinstance(link.session, CryptoSession):
                     link.session.rekey_seconds = new.rekey_seconds
         rebuilt += self._reload_static_peers(old, new)
         apply = getattr(self.controller, "reload", None)

@@ -330,7 +330,7 @@ class Link:
         inner = 0
         for vh, pkt in items:
             try:
-                if session is None:
+                if not self.encrypted or session is None:
                     segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
                     prefix, body = segs.parts[0], segs.parts[1]
                 else:
