@@ -315,7 +315,8 @@ def test_cli_link_add_del(world):
         n.wait_ready()
     for x, y in ((a, b), (b, a)):
         r = ipop("link", "add", y.uid, f"{y.host.addr}:5900", "--ip4", y.config["ip4"],
-                 "--plain", "--control", str(x.control), "--json")
+                 "--fingerprint", y.fingerprint, "--plain", "--control", str(x.control),
+                 "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["peer_uid"] == y.uid
     ping_until(a.host, b.config["ip4"], timeout=10)
