@@ -114,7 +114,7 @@ class Node:
         self.lock_state_dir()
         self.identity = ident.load_or_create(self.state_dir)
         self.keying = Keying(self.identity, rekey_seconds=cfg.rekey_seconds,
-                             on_event=self.link_event)
+                             on_event=self.link_event, on_promote=self._promote)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
         from ipop.netinfo import default_mtu
@@ -457,11 +457,17 @@ class Node:
             self._resolving.discard(peer_uid)
 
     def start_security(self, link: Link, fingerprint: str | None,
-                       confirmation: Confirmation | None = None) -> None:
+                       confirmation: Confirmation | None = None, *, beside: bool = False) -> None:
         """Begin the link's DTLS handshake on its own path (every link: it proves the peer and
         confirms the verdict; an encrypted link also gets its keys from it)."""
         assert self.keying is not None
-        self.keying.start(link, fingerprint, confirmation=confirmation)
+        self.keying.start(link, fingerprint, confirmation=confirmation, beside=beside)
+
+    def _promote(self, link: Link) -> None:
+        """A link proven beside the peer's working one takes its place (``Keying``)."""
+        assert self.dp is not None
+        self.dp.install_link(link)
+        self.notify("peer_state", st.link_entry(link))
 
     # ---- links made by a controller
     def mac_text(self) -> str | None:
@@ -474,14 +480,17 @@ class Node:
         mac: str | None, encrypt: bool, reason: str, real_ip4: str | None = None,
         early: list[bytes] | None = None, peer_trains: bool = True, ip6: str | None = None,
         nets: tuple[Net, ...] = (), confirmation: Confirmation | None = None,
+        beside: bool = False,
     ) -> Link:
         """``create_link`` for a controller, on the path ICE selected; ``peer_trains``: the
         peer said it receives whole trains; ``confirmation``: the verdict and the signaled
-        inputs its handshake confirms."""
+        inputs its handshake confirms; ``beside``: the peer has a working link, which this one
+        replaces only once its handshake proved the same UID."""
         assert self.dp is not None
         if fingerprint is None:
             raise IpopError("the peer sent no certificate fingerprint")
-        link = self.dp.add_link(
+        make = self.dp.make_link if beside else self.dp.add_link
+        link = make(
             peer_uid=bytes.fromhex(peer_uid), path=path,
             ip4=ip4, ip6=ip6, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
             encrypted=encrypt, security_reason=reason, nets=nets,
@@ -492,14 +501,19 @@ class Node:
         if not peer_trains:
             log.info("link %s: the peer did not offer whole trains; sending segments",
                      peer_uid[:12])
-        self.start_security(link, fingerprint, confirmation)
+        self.start_security(link, fingerprint, confirmation, beside=beside)
         for d in early or []:
             if d and 20 <= d[0] <= 63 and self.keying is not None:
-                self.keying.on_dtls(link.peer_uid, d)
+                self.keying.on_dtls(None if beside else link.peer_uid, d,
+                                    source=link.path.source_key)
+        if beside:
+            return link
         self.notify("peer_state", st.link_entry(link))
         return link
 
     def remove_link(self, peer_uid: str) -> None:
+        if self.keying is not None:
+            self.keying.stop_beside(bytes.fromhex(peer_uid))
         if self.dp is not None:
             link = self.dp.remove_link(bytes.fromhex(peer_uid))
             if link is not None:
@@ -551,8 +565,10 @@ class Node:
                 data: bytes = ev.data["data"]
                 if data and data[0] <= 3 and self._on_hello(ev):
                     return
+                sock = ev.data["sock"]
                 if (20 <= data[0] <= 63 and self.keying is not None
-                        and self.keying.on_dtls(ev.data["peer_uid"], data)):
+                        and self.keying.on_dtls(ev.data["peer_uid"], data, source=(
+                            sock.fileno(), ev.data["addr"], ev.data["channel"]))):
                     return
                 for hook in self.control_datagram_hooks:
                     if hook(ev):

@@ -10,6 +10,9 @@ node recorded what it meant to send.
     impersonation                la lb (plain), lc claims lb's UID  no traffic to lc, la<->lb
                                                                     keeps its link, 0 resets
     lying handshake              ma, mc claims an unused UID        uid_mismatch, held, in status
+    same-account liar            sa sb, a second node logs in as sb a new link is built beside the
+                                 with its own key, claims sb's UID  working one and refused; the
+                                                                    working link never resets
     downgrade via signaling      dga dgb [blue], MITM blue->bluf    downgrade_detected, no marker
     require_encryption, MITM     rqa (require) rqb, encrypt gone    0 plaintext datagrams from rqb
     plaintext XMPP               px                                 refused without the key, exit 2
@@ -47,6 +50,7 @@ from .world import World, world_fixture
 GROUPS = {
     "imp": ["la", "lb", "lc"],
     "lie": ["ma", "mc"],
+    "acct": ["sa", "sb"],
     "dg": ["dga", "dgb"],
     "rq": ["rqa", "rqb"],
     "px": ["px", "py"],
@@ -244,3 +248,48 @@ def test_plaintext_xmpp_needs_allow_insecure_signaling(world: World):
     wait_for(lambda: linked(node, other), timeout=20, what="px->py up")
     assert ping(node.host, other.config["ip4"], count=2)
     assert node.log().count('xmpp_tls "none" (allow_insecure_signaling)') == 1
+
+
+def test_a_new_link_from_the_same_account_is_proven_beside_the_working_one(world: World):
+    """A second node logs in to sb's own account (a stolen password, a malicious server) and
+    asks sa for a link under sb's UID, with its own key.  sa builds the new link beside the
+    working one; its handshake fails (the key is not sb's), so the working link, which carried
+    traffic all along, stays: no reset, no ping lost."""
+    a = world.node("sa", "100.64.35.1", group="acct")
+    b = world.node("sb", "100.64.35.2", group="acct")
+    for n in (a, b):
+        n.start()
+    for n in (a, b):
+        n.wait_ready()
+    wait_for(lambda: linked(a, b) and linked(b, a), timeout=20, what="sa<->sb up")
+    own = ("state_dir", "control_socket")  # its own key and socket; sb's account and password
+    liar = NodeProc(world.host("sliar"), world.dir, "sliar",
+                    {**{k: v for k, v in b.config.items() if k not in own}, "ip4": "100.64.35.3"})
+    world.nodes.append(liar)
+    pinger = a.host.popen(["ping", "-n", "-i", "0.05", "-c", "240", "-W", "1",
+                           b.config["ip4"]], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.0)
+        before = a.link_to(b)
+        start_attacker(liar, uid=b.uid)
+        liar.wait_ready()
+        wait_for(lambda: counters(a).get("beside_failed", 0) >= 1, timeout=25,
+                 what=f"sa refuses the new link\n{a.log()[-2500:]}\n{liar.log()[-2500:]}")
+        out, _ = pinger.communicate(timeout=60)
+    finally:
+        if pinger.poll() is None:
+            pinger.kill()
+    m = re.search(r"(\d+) packets transmitted, (\d+) received", out)
+    assert m, out
+    sent, got = int(m.group(1)), int(m.group(2))
+    print(f"\nsame-account liar: {got}/{sent} pings answered; counters {counters(a)}")
+    assert got >= sent - 2, out
+    assert counters(a).get("con_req_beside", 0) >= 1
+    after = a.link_to(b)
+    assert after["state"] == "up" and before["tx_packets"] <= after["tx_packets"]
+    assert after["tx_packets"] >= sent - 2
+    assert f"link {b.uid[:12]} removed" not in a.log()
+    assert "the working link stays" in a.log()
+    auth = peer_of(a, "sb").get("auth") or {}
+    assert auth.get("reason") in ("uid_mismatch", "fingerprint_mismatch"), auth
+    assert "Traceback" not in a.log() + b.log()

@@ -100,6 +100,8 @@ class GroupVPN(SignalListener):
         self.auth_by_jid: dict[str, AuthRecord] = {}
         self.auth_by_uid: dict[str, AuthRecord] = {}
         self._claim_logged: dict[str, float] = {}
+        # peers (UID) whose working link stays while a new one is proven beside it
+        self._beside: set[str] = set()
 
     # ---- helpers
     @property
@@ -385,8 +387,37 @@ class GroupVPN(SignalListener):
         self._count("con_req_sent")
         self._send(peer.jid, msg)
 
+    def _working(self, peer: Peer) -> bool:
+        """The peer's link is up and carries traffic (not reported down)."""
+        if peer.state is not LinkState.UP or peer.uid is None or self.node.dp is None:
+            return False
+        link = self.node.dp.link(bytes.fromhex(peer.uid))
+        return link is not None and link.usable and not link.down
+
+    def _end_beside(self, peer: Peer, why: str | None) -> None:
+        """The attempt made beside the working link is over: ``why`` None, its link replaced
+        the old one; else it failed and the working link simply stays."""
+        assert peer.uid is not None
+        self._beside.discard(peer.uid)
+        if self.paths is not None:
+            self._spawn(self.paths.end_aside(peer.uid, keep_new=why is None))
+        now = self._now()
+        if why is not None:
+            if self.node.keying is not None:
+                self.node.keying.stop_beside(bytes.fromhex(peer.uid))
+            log.warning("new link to %s failed (%s); the working link stays", peer.jid, why,
+                        extra=link_extra(peer.uid))
+            peer.last_error = why
+            self._count("beside_failed")
+        peer.enter(LinkState.UP, now)
+        peer.last_activity = now
+        self.node.notify("peer_state", self.peer_entry(peer))
+
     def _attempt_failed(self, peer: Peer, attempt: int, why: str) -> None:
         if peer.attempt_id != attempt:
+            return
+        if peer.uid in self._beside:
+            self._end_beside(peer, why)
             return
         log.warning("link set-up with %s failed: %s", peer.jid, why)
         peer.last_error = why
@@ -463,7 +494,16 @@ class GroupVPN(SignalListener):
         if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
             self._count("collision_won")
             return  # our request stands; the peer answers it
-        if peer.state in (LinkState.UP, LinkState.LINKING) or (
+        if msg.uid in self._beside:
+            self._count("con_req_while_beside")
+            return  # one new link at a time; the one being proven answers for it
+        if self._working(peer) and self.paths is not None and self.paths.set_aside(msg.uid):
+            # the link works: it carries traffic until a new one proves the same UID
+            self._beside.add(msg.uid)
+            self._count("con_req_beside")
+            log.info("%s asks for a new link; the working one stays until the new one is "
+                     "proven", bare(jid), extra=link_extra(msg.uid))
+        elif peer.state in (LinkState.UP, LinkState.LINKING) or (
                 self.paths is not None and msg.uid in self.paths.connected):
             # the peer starts over (it restarted, or lost the link): so do we
             self._drop_link(peer, "peer asked for a new link")
@@ -544,6 +584,7 @@ class GroupVPN(SignalListener):
                 early=early, peer_trains=msg.offers(FEATURE_TRAINS), ip6=ip6, nets=nets,
                 confirmation=self.confirmation(msg.uid, sent, signaled_view(msg),
                                                verdict.encrypt),
+                beside=msg.uid in self._beside,
             )
         except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
             self._attempt_failed(peer, attempt, f"create_link: {exc}")
@@ -583,6 +624,7 @@ class GroupVPN(SignalListener):
 
     def _drop_link(self, peer: Peer, why: str, *, tell: bool = False) -> None:
         if peer.uid is not None:
+            self._beside.discard(peer.uid)
             self.node.remove_link(peer.uid)
             self._spawn(self._close_path(peer.uid))
         if tell and peer.uid is not None and peer.online:
@@ -625,6 +667,19 @@ class GroupVPN(SignalListener):
         if peer is None:
             return
         now = self._now()
+        if peer_uid in self._beside:
+            if event == "replaced":
+                self._end_beside(peer, None)
+                self._on_link_event(peer_uid, "up")
+            elif event == "beside_failed":
+                reason = self.node.keying.beside_failure if self.node.keying else ""
+                reason = reason or "handshake_error"
+                for table, key in ((self.auth_by_jid, bare(peer.jid)),
+                                   (self.auth_by_uid, peer_uid)):
+                    table.setdefault(key, AuthRecord()).fail(reason, now)
+                self._count(f"handshake_{reason}")
+                self._end_beside(peer, f"handshake failed: {reason}")
+            return  # the working link's own events wait until the new one settles
         if event == "up" and peer.state is not LinkState.UP:
             peer.enter(LinkState.UP, now)
             peer.last_activity = now
@@ -682,14 +737,16 @@ class GroupVPN(SignalListener):
     def tick(self, now: float) -> None:
         idle_limit = self.cfg.on_demand_inactive_timeout
         for peer in self.peers:
-            if peer.timed_out(now):
+            if peer.timed_out(now) and peer.uid in self._beside:
+                self._end_beside(peer, "the new link's set-up timed out")
+            elif peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                 peer.failed(now)
             if (peer.state is LinkState.LINKING and peer.uid is not None
-                    and self.node.link_is_up(peer.uid)):
+                    and peer.uid not in self._beside and self.node.link_is_up(peer.uid)):
                 self._on_link_event(peer.uid, "up")
             if peer.state is LinkState.UP and peer.uid is not None:
                 activity = self.node.link_activity(peer.uid)

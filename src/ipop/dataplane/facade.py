@@ -195,6 +195,31 @@ class DataPlane:
         ``peer_trains``: the peer receives whole trains (it said so when the link was set up);
         trains are sent only when it does and ``whole_trains`` is on here.  ``nets``: the
         prefixes the link carries besides the peer's addresses (``set_link_nets``)."""
+        link = self.make_link(
+            peer_uid=peer_uid, path=path, ip4=ip4, ip6=ip6, mac=mac, encrypted=encrypted,
+            security_reason=security_reason, session=session, xlat=xlat,
+            peer_trains=peer_trains, nets=nets)
+        self.install_link(link)
+        return link
+
+    def make_link(
+        self,
+        *,
+        peer_uid: bytes,
+        path: Path,
+        ip4: str | None,
+        ip6: str | None = None,
+        mac: bytes | None = None,
+        encrypted: bool,
+        security_reason: str,
+        session: CryptoSession | None = None,
+        xlat: Translator | None = None,
+        peer_trains: bool = True,
+        nets: tuple[Net, ...] = (),
+    ) -> Link:
+        """A link that is not in the forwarding table yet (``install_link`` puts it there): a
+        new link to a peer that has a working one is proven beside it first.  Its path's
+        socket is served from now on, so its handshake can run."""
         off = ("whole_trains off" if not self.whole_trains
                else "" if peer_trains else "peer has no trains")
         link = Link(
@@ -209,15 +234,19 @@ class DataPlane:
         link.set_nets(nets)
         link.stats.last_rx_mono = time.monotonic()
         self.adopt_socket(path.sock)
+        return link
+
+    def install_link(self, link: Link) -> None:
+        """Put ``link`` into the forwarding table, replacing the peer's older link, and release
+        the packets held for its addresses."""
         old = self.table.add(link)
         if old is not None:
             old.closed = True
-        if nets or (old is not None and old.nets):
+        if link.nets or (old is not None and old.nets):
             self.apply_routes()
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
                 self._release_held(addr, link)
-        return link
 
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)

@@ -29,28 +29,42 @@ from ipop.wire import keepalive as wk
 log = logging.getLogger("ipop.dataplane.keying")
 
 PLAIN_REKEY_SECONDS = 10.0 * 365 * 86400
-LinkEvent = Callable[[bytes, str], None]  # (peer UID, "up" | "failed" | "mismatch")
+# (peer UID, "up" | "failed" | "mismatch" | "replaced" | "beside_failed")
+LinkEvent = Callable[[bytes, str], None]
+SourceKey = tuple[int, tuple[str, int], int | None]
 
 
 class Keying:
-    """The crypto sessions of one node's encrypted links."""
+    """The handshakes of one node's links, and of new links proven beside working ones.
 
-    def __init__(self, identity: Identity, *, rekey_seconds: float, on_event: LinkEvent) -> None:
+    A new link to a peer whose link works is built *beside* it (``start(..., beside=True)``):
+    it is not in the forwarding table, its DTLS datagrams are told apart by their path, and only
+    once its handshake proved the same UID does ``on_promote`` put it in the table in place of
+    the old link (event ``replaced``).  A beside handshake that fails (``beside_failed``) leaves
+    the old link as it was."""
+
+    def __init__(self, identity: Identity, *, rekey_seconds: float, on_event: LinkEvent,
+                 on_promote: Callable[[Link], None] | None = None) -> None:
         self.identity = identity
         self.rekey_seconds = rekey_seconds
         self.on_event = on_event
+        self.on_promote = on_promote
         self.links: dict[bytes, Link] = {}
+        self.beside: dict[bytes, Link] = {}
+        self._beside_paths: dict[SourceKey, bytes] = {}
         self._ready: dict[bytes, bool] = {}
         self._failures_seen: dict[bytes, int] = {}
         self._mismatch_logged: set[bytes] = set()
         self.rekeys = 0  # handshakes completed after a link's first, over the node's life
         self._handshakes: dict[bytes, int] = {}
         self._opened: set[bytes] = set()
+        self.beside_failure = ""  # the reason of the last beside handshake that failed
 
     def start(self, link: Link, fingerprint: str | None, now: float | None = None, *,
-              confirmation: Confirmation | None = None) -> None:
+              confirmation: Confirmation | None = None, beside: bool = False) -> None:
         """Give ``link`` a session and start its handshake; ``confirmation``: the verdict and
-        its inputs to confirm (default: no signaling, only the verdict)."""
+        its inputs to confirm (default: no signaling, only the verdict); ``beside``: the link
+        is not in the table, a working link to the same peer is (see the class)."""
         if fingerprint is None:
             raise IpopError(f"link to {link.peer_uid.hex()[:12]} needs the peer's certificate "
                             "fingerprint (every link proves its peer in a DTLS handshake)")
@@ -66,6 +80,12 @@ class Keying:
         )
         link.authed = False
         link.session = session
+        if beside:
+            self.stop_beside(link.peer_uid)
+            self.beside[link.peer_uid] = link
+            self._beside_paths[link.path.source_key] = link.peer_uid
+            self._send(link, session.start(now))
+            return
         self.links[link.peer_uid] = link
         self._ready[link.peer_uid] = False
         self._opened.discard(link.peer_uid)
@@ -88,8 +108,26 @@ class Keying:
             self._handshakes.pop(link.peer_uid, None)
             self._opened.discard(link.peer_uid)
 
-    def on_dtls(self, peer_uid: bytes | None, data: bytes, now: float | None = None) -> bool:
-        """A DTLS datagram from the path of ``peer_uid``'s link; True when it was handled."""
+    def stop_beside(self, peer_uid: bytes) -> Link | None:
+        """Forget the link being proven beside ``peer_uid``'s working one, if any."""
+        link = self.beside.pop(peer_uid, None)
+        if link is not None:
+            link.closed = True
+            self._beside_paths = {k: u for k, u in self._beside_paths.items() if u != peer_uid}
+        return link
+
+    def on_dtls(self, peer_uid: bytes | None, data: bytes, now: float | None = None, *,
+                source: SourceKey | None = None) -> bool:
+        """A DTLS datagram from the path of ``peer_uid``'s link, or (``source``) from the path of
+        a link being proven beside one; True when it was handled."""
+        beside_uid = self._beside_paths.get(source) if source is not None else None
+        if beside_uid is not None:
+            new = self.beside[beside_uid]
+            assert isinstance(new.session, CryptoSession)
+            now = time.monotonic() if now is None else now
+            self._send(new, new.session.handle_handshake_datagram(data, now))
+            self._check_beside(new)
+            return True
         if peer_uid is None:
             return False
         link = self.links.get(peer_uid)
@@ -102,6 +140,10 @@ class Keying:
 
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
+        for link in list(self.beside.values()):
+            if isinstance(link.session, CryptoSession):
+                self._send(link, link.session.tick(now))
+                self._check_beside(link)
         for link in list(self.links.values()):
             session = link.session
             if not isinstance(session, CryptoSession):
@@ -122,6 +164,36 @@ class Keying:
                 log.warning("link %s: this end is %s but the peer sends %s frames; check both "
                             "ends' sec settings", link.peer_uid.hex()[:12], mine, theirs)
                 self.on_event(link.peer_uid, "mismatch")
+
+    def _check_beside(self, link: Link) -> None:
+        """A beside link proven: it replaces the old one; failed: it goes, the old one stays."""
+        session = link.session
+        assert isinstance(session, CryptoSession)
+        uid = link.peer_uid
+        if session.ready:
+            self.stop_beside(uid)
+            link.closed = False
+            old = self.links.get(uid)
+            if old is not None:
+                self.stop(old)
+            if self.on_promote is not None:
+                self.on_promote(link)  # into the forwarding table, in place of the old link
+            self.links[uid] = link
+            self._ready[uid] = False
+            self._failures_seen[uid] = 0
+            self._handshakes[uid] = session.handshakes
+            log.info("link %s: the new link proved the same UID; it replaces the old one",
+                     uid.hex()[:12])
+            self.on_event(uid, "replaced")
+            self._check(link, time.monotonic())
+        elif sum(session.handshake_failures.values()):
+            for reason, count in session.handshake_failures.items():
+                link.stats.drops[f"handshake_{reason}"] = count
+            log.warning("link %s: a new link failed its handshake (%s); the working link stays",
+                        uid.hex()[:12], session.last_failure)
+            self.beside_failure = session.last_failure.reason if session.last_failure else ""
+            self.stop_beside(uid)
+            self.on_event(uid, "beside_failed")
 
     def confirmed(self, peer_uid: bytes) -> None:
         """The peer of a plain link sent a frame after our handshake (the RX thread saw it)."""
