@@ -290,6 +290,11 @@ def test_a_new_link_from_the_same_account_is_proven_beside_the_working_one(world
     assert after["tx_packets"] >= sent - 2
     assert f"link {b.uid[:12]} removed" not in a.log()
     assert "the working link stays" in a.log()
-    auth = peer_of(a, "sb").get("auth") or {}
-    assert auth.get("reason") in ("uid_mismatch", "fingerprint_mismatch"), auth
+    # the new link failed in its handshake (the liar's key is not sb's) or, when sb's own
+    # resource got the answer meant for the liar, before it (ICE, time-out); either way the
+    # working link stayed
+    assert re.search(r"new link to sb@\S+ failed", a.log()), a.log()[-2000:]
+    if counters(a).get("handshake_uid_mismatch", 0):
+        auth = peer_of(a, "sb").get("auth") or {}
+        assert auth.get("reason") == "uid_mismatch", auth
     assert "Traceback" not in a.log() + b.log()
