@@ -164,6 +164,10 @@ def test_a_lying_handshake_is_refused_held_and_shown(world: World):
     assert later["failures"] - first["failures"] <= 3
     assert counters(a).get("handshake_uid_mismatch", 0) == later["failures"]
     assert "does not match its claim" in a.log()
+    shown = subprocess.run([sys.executable, "-m", "ipop", "status", "--control", str(a.control)],
+                           capture_output=True, text=True, timeout=30, env={
+                               **os.environ, "COLUMNS": "200"})
+    assert shown.returncode == 0 and "failed: uid_mismatch" in shown.stdout, shown.stdout
     stop(a, c)
 
 
