@@ -230,10 +230,17 @@ class Node:
         if link is None or uid not in self._static_fpr:
             return True
         keyed = link.usable
-        if not link.awaiting_endpoint or (keyed and not link.down):
-            return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
         addr: tuple[str, int] = ev.data["addr"]
         now = time.monotonic()
+        if keyed and addr == link.path.addr and ev.data["sock"] is link.path.sock:
+            # the peer waits for a handshake although ours is done: it restarted.  Its DTLS
+            # client (if that is us) starts a new one; the link keeps working meanwhile
+            if now - link.hello_at >= HELLO_INTERVAL / 2 and self.keying is not None:
+                link.hello_at = now
+                self.keying.rekey(link)
+            return True
+        if not link.awaiting_endpoint or (keyed and not link.down):
+            return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
         if addr == link.path.addr and not link.down:
             return True  # the handshake there is under way
         if now - link.hello_at < HELLO_INTERVAL / 2:

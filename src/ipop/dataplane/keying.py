@@ -108,6 +108,13 @@ class Keying:
             self._handshakes.pop(link.peer_uid, None)
             self._opened.discard(link.peer_uid)
 
+    def rekey(self, link: Link, now: float | None = None) -> None:
+        """Start a new handshake on ``link`` at once, if this end is its DTLS client (a static
+        peer that restarted asks for one with a hello); the link keeps working meanwhile."""
+        session = link.session
+        if self.links.get(link.peer_uid) is link and isinstance(session, CryptoSession):
+            self._send(link, session.rekey(time.monotonic() if now is None else now))
+
     def stop_beside(self, peer_uid: bytes) -> Link | None:
         """Forget the link being proven beside ``peer_uid``'s working one, if any."""
         link = self.beside.pop(peer_uid, None)
@@ -229,6 +236,10 @@ class Keying:
         if session.handshakes > seen:
             self.rekeys += session.handshakes - max(seen, 1)
             self._handshakes[uid] = session.handshakes
+            if seen and not link.encrypted and session.is_client and link.authed:
+                # a new handshake on a working plain link: a frame at once, so the peer (the
+                # DTLS server, waiting for proof that we finished) may send again
+                send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
             if link.encrypted or session.is_client or link.authed:
