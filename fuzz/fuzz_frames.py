@@ -125,6 +125,7 @@ class Harness:
         self.sealed = Link(local_uid=LOCAL, peer_uid=SEALED_PEER, path=Path(sock, SEALED_ADDR),
                            overlay_ip4=bytes([100, 64, 0, 3]), encrypted=True)
         self.sealed.session = self.session
+        self.plain.authed = self.sealed.authed = True  # both handshakes done (``Keying``)
         self.table.add(self.plain)
         self.table.add(self.sealed)
         # what the peer's end would put in a header: its UID as source, ours as destination

@@ -159,6 +159,9 @@ class Config(BaseModel):
     xmpp_port: Annotated[int, Field(ge=1, le=65535)] = 5222
     xmpp_tls: Literal["starttls", "direct", "none"] = "starttls"
     xmpp_ca_cert: str | None = None
+    allow_insecure_signaling: StrictBool = Field(
+        default=False, description='run with xmpp_tls "none" although signaling can then be '
+        "read and rewritten on the path (the handshake still protects identities and verdicts)")
     security_groups: list[Annotated[StrictStr, Field(min_length=1, max_length=64)]] | None = None
     require_encryption: StrictBool = False
     offload: bool = True
@@ -285,13 +288,17 @@ class Config(BaseModel):
                     if n.prefixlen and _overlap(n, mine):
                         raise ValueError(f"peers: peers[{i}].allowed_ips[{j}] {net} overlaps "
                                          f"the overlay prefix {mine}")
-        if self.sec or self.require_encryption:
-            for i, p in enumerate(self.peers):
-                if p.fingerprint is None:
-                    raise ValueError(
-                        f"peers: peers[{i}] needs a fingerprint, since sec is true "
-                        "(its links are encrypted); run `ipop id` on that peer"
-                    )
+        for i, p in enumerate(self.peers):
+            if p.fingerprint is None:
+                raise ValueError(
+                    f"peers: peers[{i}] needs a fingerprint: every link, plain or encrypted, "
+                    "proves its peer in a DTLS handshake; run `ipop id` on that peer"
+                )
+        if self.xmpp_username and self.xmpp_tls == "none" and not self.allow_insecure_signaling:
+            raise ValueError(
+                'xmpp_tls: "none" lets anyone on the path read and rewrite signaling; use '
+                '"starttls" or "direct" with xmpp_ca_cert, or set allow_insecure_signaling: true'
+            )
         return self
 
     # --- derived values

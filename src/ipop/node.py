@@ -28,6 +28,7 @@ from ipop.api import status as st
 from ipop.api.server import ControlServer
 from ipop.config import Config, Peer, parse_endpoint
 from ipop.crypto import identity as ident
+from ipop.crypto.verdict import Confirmation
 from ipop.dataplane.facade import DataPlane, Event
 from ipop.dataplane.keying import Keying
 from ipop.dataplane.kroutes import Snat, enable_forwarding
@@ -114,7 +115,7 @@ class Node:
         self.lock_state_dir()
         self.identity = ident.load_or_create(self.state_dir)
         self.keying = Keying(self.identity, rekey_seconds=cfg.rekey_seconds,
-                             on_event=self.link_event)
+                             on_event=self.link_event, on_promote=self._promote)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
         from ipop.netinfo import default_mtu
@@ -210,9 +211,8 @@ class Node:
             self.keying.tick(now)
             self.keying.watch_plain(self.dp.table.links)
             for link in self.dp.table.links:
-                session = link.session
-                if (link.encrypted and link.path.kind == "static" and link.path.addr[1]
-                        and (session is None or not session.ready or link.down)
+                if (link.path.kind == "static" and link.path.addr[1]
+                        and (not link.usable or link.down)
                         and now - link.hello_at >= HELLO_INTERVAL):
                     link.hello_at = now
                     link.send_frame([hello.pack(self.dp.uid, link.peer_uid)])
@@ -230,12 +230,18 @@ class Node:
         link = self.dp.link(uid)
         if link is None or uid not in self._static_fpr:
             return True
-        session = link.session
-        keyed = session is not None and session.ready
-        if not link.awaiting_endpoint or (keyed and not link.down):
-            return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
+        keyed = link.usable
         addr: tuple[str, int] = ev.data["addr"]
         now = time.monotonic()
+        if keyed and addr == link.path.addr and ev.data["sock"] is link.path.sock:
+            # the peer waits for a handshake although ours is done: it restarted.  Its DTLS
+            # client (if that is us) starts a new one; the link keeps working meanwhile
+            if now - link.hello_at >= HELLO_INTERVAL / 2 and self.keying is not None:
+                link.hello_at = now
+                self.keying.rekey(link)
+            return True
+        if not link.awaiting_endpoint or (keyed and not link.down):
+            return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
         if addr == link.path.addr and not link.down:
             return True  # the handshake there is under way
         if now - link.hello_at < HELLO_INTERVAL / 2:
@@ -244,8 +250,7 @@ class Node:
         log.info("road-warrior peer %s: trying %s:%d for its handshake", uid.hex()[:12],
                  addr[0], addr[1])
         self.dp.set_path(uid, LinkPath(ev.data["sock"], addr, None, "static"))
-        if link.encrypted:
-            self.start_security(link, self._static_fpr[uid])
+        self.start_security(link, self._static_fpr[uid])
         return True
 
     # ---- routing: subnet routers, exit nodes
@@ -346,7 +351,7 @@ class Node:
             from ipop.crypto.session import CryptoSession
 
             for link in self.keying.links.values():
-                if isinstance(link.session, CryptoSession):
+                if link.encrypted and isinstance(link.session, CryptoSession):
                     link.session.rekey_seconds = new.rekey_seconds
         rebuilt += self._reload_static_peers(old, new)
         apply = getattr(self.controller, "reload", None)
@@ -422,8 +427,7 @@ class Node:
             if not self.dp.exit_servers:
                 self.dp.exit_servers = self.underlay_servers()
             self.dp.apply_routes(exit_via=link.peer_uid)
-        if encrypted:
-            self.start_security(link, peer.fingerprint)
+        self.start_security(link, peer.fingerprint)
         self.notify("peer_state", st.link_entry(link))
         where = peer.endpoint or "(road warrior: learned from its handshake)"
         log.info("static link %s to %s (%s: %s)", peer.uid[:12], where, link.security,
@@ -460,10 +464,18 @@ class Node:
         finally:
             self._resolving.discard(peer_uid)
 
-    def start_security(self, link: Link, fingerprint: str | None) -> None:
-        """Begin keying an encrypted link (DTLS on the link's own path)."""
+    def start_security(self, link: Link, fingerprint: str | None,
+                       confirmation: Confirmation | None = None, *, beside: bool = False) -> None:
+        """Begin the link's DTLS handshake on its own path (every link: it proves the peer and
+        confirms the verdict; an encrypted link also gets its keys from it)."""
         assert self.keying is not None
-        self.keying.start(link, fingerprint)
+        self.keying.start(link, fingerprint, confirmation=confirmation, beside=beside)
+
+    def _promote(self, link: Link) -> None:
+        """A link proven beside the peer's working one takes its place (``Keying``)."""
+        assert self.dp is not None
+        self.dp.install_link(link)
+        self.notify("peer_state", st.link_entry(link))
 
     # ---- links made by a controller
     def mac_text(self) -> str | None:
@@ -475,12 +487,18 @@ class Node:
         self, *, peer_uid: str, ip4: str | None, path: LinkPath, fingerprint: str | None,
         mac: str | None, encrypt: bool, reason: str, real_ip4: str | None = None,
         early: list[bytes] | None = None, peer_trains: bool = True, ip6: str | None = None,
-        nets: tuple[Net, ...] = (),
+        nets: tuple[Net, ...] = (), confirmation: Confirmation | None = None,
+        beside: bool = False,
     ) -> Link:
         """``create_link`` for a controller, on the path ICE selected; ``peer_trains``: the
-        peer said it receives whole trains."""
+        peer said it receives whole trains; ``confirmation``: the verdict and the signaled
+        inputs its handshake confirms; ``beside``: the peer has a working link, which this one
+        replaces only once its handshake proved the same UID."""
         assert self.dp is not None
-        link = self.dp.add_link(
+        if fingerprint is None:
+            raise IpopError("the peer sent no certificate fingerprint")
+        make = self.dp.make_link if beside else self.dp.add_link
+        link = make(
             peer_uid=bytes.fromhex(peer_uid), path=path,
             ip4=ip4, ip6=ip6, mac=bytes.fromhex(mac.replace(":", "")) if mac else None,
             encrypted=encrypt, security_reason=reason, nets=nets,
@@ -491,15 +509,19 @@ class Node:
         if not peer_trains:
             log.info("link %s: the peer did not offer whole trains; sending segments",
                      peer_uid[:12])
-        if encrypt:
-            self.start_security(link, fingerprint)
-            for d in early or []:
-                if d and 20 <= d[0] <= 63 and self.keying is not None:
-                    self.keying.on_dtls(link.peer_uid, d)
+        self.start_security(link, fingerprint, confirmation, beside=beside)
+        for d in early or []:
+            if d and 20 <= d[0] <= 63 and self.keying is not None:
+                self.keying.on_dtls(None if beside else link.peer_uid, d,
+                                    source=link.path.source_key)
+        if beside:
+            return link
         self.notify("peer_state", st.link_entry(link))
         return link
 
     def remove_link(self, peer_uid: str) -> None:
+        if self.keying is not None:
+            self.keying.stop_beside(bytes.fromhex(peer_uid))
         if self.dp is not None:
             link = self.dp.remove_link(bytes.fromhex(peer_uid))
             if link is not None:
@@ -543,12 +565,18 @@ class Node:
         try:
             if self.controller is not None and self.controller.on_dataplane_event(ev):
                 return
+            if ev.kind == "confirmed":
+                if self.keying is not None:
+                    self.keying.confirmed(ev.data["peer_uid"])
+                return
             if ev.kind == "control_datagram":
                 data: bytes = ev.data["data"]
                 if data and data[0] <= 3 and self._on_hello(ev):
                     return
+                sock = ev.data["sock"]
                 if (20 <= data[0] <= 63 and self.keying is not None
-                        and self.keying.on_dtls(ev.data["peer_uid"], data)):
+                        and self.keying.on_dtls(ev.data["peer_uid"], data, source=(
+                            sock.fileno(), ev.data["addr"], ev.data["channel"]))):
                     return
                 for hook in self.control_datagram_hooks:
                     if hook(ev):
@@ -623,13 +651,15 @@ class Node:
             if sock is None:
                 raise IpopError("create_link needs a listen_port on this node")
             encrypted = bool(params.get("sec", self.cfg.sec)) or self.cfg.require_encryption
+            if not params.get("fingerprint"):
+                raise IpopError("create_link needs the peer's fingerprint: every link proves "
+                                "its peer in a DTLS handshake")
             link = dp.add_link(
                 peer_uid=uid, path=LinkPath(sock, resolve_endpoint(host, port), None, "static"),
                 ip4=params.get("ip4"), encrypted=encrypted,
                 security_reason="api" if encrypted else "api_plain",
             )
-            if encrypted:
-                self.start_security(link, params.get("fingerprint"))
+            self.start_security(link, params.get("fingerprint"))
             self.notify("peer_state", st.link_entry(link))
             return st.link_entry(link)
         if method == "trim_link":

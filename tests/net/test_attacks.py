@@ -10,7 +10,7 @@
                                            off-path flooder
 
 A and B are group members with a working link; C is a rogue member of the same group who sends
-signaling by hand (``attacker.py``) and datagrams at A's link socket from its own address.
+signaling by hand (``rogue_signal.py``) and datagrams at A's link socket from its own address.
 Each test keeps a ping (or an iperf3 stream) running over A↔B and checks it survives.
 """
 
@@ -34,7 +34,7 @@ from .helpers import gbits, iperf3, ping_until
 from .world import DOMAIN, PASSWORD, World, world_fixture
 
 GROUP = "atk"
-ATTACKER = Path(__file__).with_name("attacker.py")
+ATTACKER = Path(__file__).with_name("rogue_signal.py")
 FLOODER = Path(__file__).with_name("flooder.c")
 FLOOD_SECONDS = 30
 SHAPED_MBIT = 300

@@ -215,7 +215,8 @@ def base_cfg(world: World, user: str, **extra: Any) -> dict[str, Any]:
 
     cfg = json.loads((examples_dir() / "node-a.json").read_text())
     cfg.update({"xmpp_username": f"{user}@{DOMAIN}", "xmpp_password": PASSWORD,
-                "xmpp_host": world.server_ip, "xmpp_tls": "none", "group": "diag",
+                "xmpp_host": world.server_ip, "xmpp_tls": "none",
+                "allow_insecure_signaling": True, "group": "diag",
                 **servers_cfg(world), **extra})
     cfg.pop("xmpp_ca_cert")
     cfg.pop("state_dir")
@@ -314,7 +315,8 @@ def test_cli_link_add_del(world):
         n.wait_ready()
     for x, y in ((a, b), (b, a)):
         r = ipop("link", "add", y.uid, f"{y.host.addr}:5900", "--ip4", y.config["ip4"],
-                 "--plain", "--control", str(x.control), "--json")
+                 "--fingerprint", y.fingerprint, "--plain", "--control", str(x.control),
+                 "--json")
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["peer_uid"] == y.uid
     ping_until(a.host, b.config["ip4"], timeout=10)

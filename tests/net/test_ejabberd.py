@@ -90,6 +90,7 @@ class EjWorld:
             "xmpp_password": PASSWORD,
             "xmpp_host": self.server_ip,
             "xmpp_tls": "none",
+            "allow_insecure_signaling": True,
             "group": GROUP,
             "sec": True,
             "keepalive_seconds": 1.0,

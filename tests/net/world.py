@@ -67,6 +67,7 @@ class World:
         cfg: dict[str, Any] = {
             "ip4": ip4, "ip4_mask": 24, "xmpp_username": f"{user}@{DOMAIN}",
             "xmpp_password": PASSWORD, "xmpp_host": self.server_ip, "xmpp_tls": "none",
+            "allow_insecure_signaling": True,
             "group": group, "sec": False, "keepalive_seconds": 1.0, **extra,
         }
         node = NodeProc(host, self.dir, user, cfg)

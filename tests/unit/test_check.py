@@ -89,8 +89,8 @@ def test_check_ca_cert_must_hold_a_certificate(tmp_path):
 
 
 def test_check_warns_on_risky_settings(tmp_path):
-    path = write(tmp_path, {**GOOD, "xmpp_tls": "none", "sec": False,
-                            "security_groups": None}, mode=0o644)
+    path = write(tmp_path, {**GOOD, "xmpp_tls": "none", "allow_insecure_signaling": True,
+                            "sec": False, "security_groups": None}, mode=0o644)
     r = ipop("check", "-c", str(path))
     assert r.returncode == 0
     text = r.stdout

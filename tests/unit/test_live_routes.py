@@ -157,7 +157,8 @@ def cfg(**kw):
 
 
 def peer(uid, ip4, **kw):
-    return {"uid": uid, "ip4": ip4, "endpoint": "198.18.0.2:5800", **kw}
+    return {"uid": uid, "ip4": ip4, "endpoint": "198.18.0.2:5800",
+            "fingerprint": "sha-256 " + ":".join(["5A"] * 32), **kw}
 
 
 @pytest.mark.parametrize(("key", "value"), [

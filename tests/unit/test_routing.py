@@ -141,9 +141,11 @@ def ip6_packet(src: str, dst: str = "2001:db8::1") -> bytes:
 
 
 def mk(sock, uid: bytes, ip4: str, ip6: str | None = None, port: int = 5000) -> Link:
-    return Link(local_uid=ME, peer_uid=uid, path=Path(sock, ("198.18.0.2", port)),
+    link = Link(local_uid=ME, peer_uid=uid, path=Path(sock, ("198.18.0.2", port)),
                 overlay_ip4=ipaddress.IPv4Address(ip4).packed,
                 overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None)
+    link.authed = True  # its handshake is done (``Keying``)
+    return link
 
 
 def test_source_ok_own_addresses_and_carried_prefixes(sock):

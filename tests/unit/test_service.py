@@ -90,8 +90,11 @@ def cfg(**kw):
     return validate({**base, **kw})[0]
 
 
+FPR = "sha-256 " + ":".join(["AB"] * 32)
+
+
 def peer(uid, endpoint="198.18.0.2:5800", ip4="100.64.0.2"):
-    return {"uid": uid, "ip4": ip4, "endpoint": endpoint}
+    return {"uid": uid, "ip4": ip4, "endpoint": endpoint, "fingerprint": FPR}
 
 
 @pytest.mark.parametrize("key,value", [

@@ -286,11 +286,14 @@ def test_a_link_whose_mtu_needs_too_many_chunks_sends_segments_without_a_train_n
         rx.bind(("127.0.0.1", 0))
         small = Link(local_uid=SRC, peer_uid=DST, path=Path(tx, rx.getsockname()),
                      overlay_ip4=bytes([100, 64, 0, 2]), mtu=576)
+        small.authed = True
         raw = memoryview(bytes(60_000))
         assert not small._send_whole(raw)  # 60 KB in 595-byte chunks: over 64
         assert small.train_seq == 0 and small.trains_sent == 0
         big = Link(local_uid=SRC, peer_uid=DST, path=Path(tx, rx.getsockname()),
                    overlay_ip4=bytes([100, 64, 0, 2]))
+        assert not big._send_whole(memoryview(bytes(20_000)))  # no handshake yet: no train
+        big.authed = True
         assert big._send_whole(memoryview(bytes(20_000)))
         assert big.train_seq == 1 and big.trains_sent == 1
     finally:

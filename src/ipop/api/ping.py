@@ -189,7 +189,8 @@ async def ping(node: Node, params: dict[str, Any]) -> dict[str, Any]:
 
     why = dp.probe(bytes.fromhex(target.uid), on_echo)
     if why == "keying":
-        detail = "the encrypted link is still being keyed (DTLS); nothing is sent before keys"
+        detail = ("the link's DTLS handshake has not finished (it proves the peer and, on an "
+                  "encrypted link, makes the keys); nothing is sent before it")
         return {**fields, "answered": False, "reason": "keying", "detail": detail}
     if why is not None:
         code, detail = _why(node, target)

@@ -28,7 +28,7 @@ SCHEMA_VERSION = 1
 def link_state(link: Link) -> str:
     if link.down:
         return "down"
-    if link.encrypted and (link.session is None or not link.session.ready):
+    if not link.usable:
         return "keying"
     return "up"
 
@@ -110,10 +110,14 @@ def render(status: dict[str, Any]) -> None:
     peers = status.get("peers") or []
     if peers:
         pt = Table(title="peers")
-        for col in ("uid", "jid", "overlay ip", "online", "linked", "state"):
+        for col in ("uid", "jid", "overlay ip", "online", "linked", "state", "auth"):
             pt.add_column(col)
         for p in peers:
+            auth = p.get("auth")  # failed handshakes of its account or UID (issue 16)
+            failed = (f"{auth['failures']} failed: {auth['reason']}"
+                      + (f", held {auth['hold_s']} s" if auth.get("hold_s") else "")
+                      if isinstance(auth, dict) else "-")
             pt.add_row(str(p.get("uid") or "-")[:12], str(p.get("jid") or "-"),
                        str(p.get("overlay_ip") or "-"), "yes" if p.get("online") else "no",
-                       "yes" if p.get("linked") else "no", str(p.get("state") or "-"))
+                       "yes" if p.get("linked") else "no", str(p.get("state") or "-"), failed)
         console.print(pt)

@@ -56,6 +56,7 @@ def build_signaled(tb: Testbed, work: Path, n: int, mode: str) -> tuple[list[Nod
             "ip4": "100.64.0.1" if social else f"100.64.0.{i + 1}", "ip4_mask": 24,
             "xmpp_username": f"{user}@{DOMAIN}",
             "xmpp_password": PASSWORD, "xmpp_host": server_ip, "xmpp_tls": "none",
+            "allow_insecure_signaling": True,
             "controller": mode,
             "stun": [f"{server_ip}:3478"],
             "turn": [{"server": f"{server_ip}:3478", "user": TURN_USER, "pass": TURN_PASS}],

@@ -5,8 +5,13 @@ The seed paper's seven steps, as this controller runs them:
        each group member's presence (``peer_state``);
   4.   it sends ``con_req`` (UID, overlay address, fingerprint, security groups, candidates);
   5-6. the peer decides the link's security, calls ``create_link`` and answers ``con_resp``;
-  7.   the initiator checks the verdict, calls ``create_link``; the data plane keys the link
-       (DTLS when encrypted) and reports it up.
+  7.   the initiator checks the verdict, calls ``create_link``; the data plane runs the link's
+       DTLS handshake (every link: it proves both UIDs and confirms the verdict and its signaled
+       inputs, ``ipop.crypto.verdict``) and reports it up; only then does it carry data.
+A UID belongs to the account that announced it first: another account that claims it is refused
+(``uid_claimed``).  A handshake that fails (a lying identity, a rewritten verdict) puts the peer's
+account and UID on a growing hold (``AUTH_HOLD_*``): their con_req are ignored meanwhile, and
+status shows how many failed and why.
 Proactive mode links every online member; on-demand mode links when the data plane reports a
 packet for a known peer's address (those packets wait in the data plane, they are not dropped)
 and trims links idle for ``on-demand_inactive_timeout`` seconds, telling the peer.
@@ -28,6 +33,8 @@ from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collisi
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.controller.siglimits import InboundLimits, peer_address_problem
 from ipop.crypto import policy
+from ipop.crypto.session import is_client_for
+from ipop.crypto.verdict import Confirmation
 from ipop.dataplane.facade import Event
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, LocalProtocolError
@@ -46,6 +53,25 @@ log = logging.getLogger("ipop.controller")
 
 CON_REQ_RATE = 10.0  # con_req per second, at most
 CON_REQ_BURST = 20.0
+AUTH_HOLD_MIN = 2.0  # seconds an account or UID is ignored after its first failed handshake
+AUTH_HOLD_MAX = 60.0
+CLAIM_LOG_GAP = 10.0  # seconds between two log lines about refused UID claims from one account
+
+
+class AuthRecord:
+    """Failed handshakes of one account or UID: how many, the last reason, and the hold."""
+
+    __slots__ = ("count", "reason", "until")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reason = ""
+        self.until = 0.0
+
+    def fail(self, reason: str, now: float) -> None:
+        self.count += 1
+        self.reason = reason
+        self.until = now + min(AUTH_HOLD_MAX, AUTH_HOLD_MIN * 2 ** (self.count - 1))
 
 
 class GroupVPN(SignalListener):
@@ -73,6 +99,14 @@ class GroupVPN(SignalListener):
         # changes our own view re-decides the link against it
         self._views: dict[str, policy.SecurityView] = {}
         self.live_routes = LiveRoutes(self)  # route updates; routing keys on reload
+        # what this node signaled to each peer (by bare JID) in the current attempt: the
+        # handshake confirms it (``ipop.crypto.verdict``)
+        self._sent: dict[str, policy.SecurityView] = {}
+        self.auth_by_jid: dict[str, AuthRecord] = {}
+        self.auth_by_uid: dict[str, AuthRecord] = {}
+        self._claim_logged: dict[str, float] = {}
+        # peers (UID) whose working link stays while a new one is proven beside it
+        self._beside: set[str] = set()
 
     # ---- helpers
     @property
@@ -116,6 +150,10 @@ class GroupVPN(SignalListener):
             group=self.group_filter(),
         )
         settings.check()
+        if cfg.xmpp_tls == "none":  # allowed only with allow_insecure_signaling (config.py)
+            log.warning('xmpp_tls "none" (allow_insecure_signaling): the password and all '
+                        "signaling cross the network in clear and can be rewritten; each link's "
+                        "DTLS handshake still proves both UIDs and refuses a rewritten verdict")
         return XmppSignal(settings, self)
 
     def group_filter(self) -> str | None:
@@ -164,6 +202,8 @@ class GroupVPN(SignalListener):
         now = self._now()
         was_online = peer.online
         if online:
+            if uid is not None and self._claimed_elsewhere(jid, uid):
+                uid = None  # another account owns it: this one gets no link under it
             if peer.uid is not None and uid is not None and uid != peer.uid:
                 self._drop_link(peer, "peer identity changed")
             peer.uid = uid or peer.uid
@@ -184,6 +224,37 @@ class GroupVPN(SignalListener):
         if online and not self.cfg.on_demand_connection:
             peer.wanted = True
             self._maybe_request(peer, now)
+
+    def _claimed_elsewhere(self, jid: str, uid: str) -> bool:
+        """Whether a claim of ``uid`` from ``jid`` is refused: another account (bare JID) that
+        is online holds it with a link made or being made, or ``jid`` failed a handshake lately
+        (an impersonation, a copied identity).  Refused claims are counted and logged now and
+        then; an accepted claim takes the UID from idle accounts that held it."""
+        holders = [p for p in self.peers if p.uid == uid and bare(p.jid) != bare(jid)]
+        owner = next((p for p in holders if p.online and p.state is not LinkState.IDLE), None)
+        rec = self.auth_by_jid.get(bare(jid))
+        held = rec is not None and self._now() < rec.until
+        if owner is None and not (held and holders):
+            for p in holders:
+                p.uid = None  # an idle account loses a UID another account now claims
+            return False
+        owner = owner or holders[0]
+        self._count("uid_claim_refused")
+        claimer = self.peers.get(jid)
+        claimer.last_error = f"uid_claimed: UID {uid[:12]} belongs to {bare(owner.jid)}"
+        now = self._now()
+        if now - self._claim_logged.get(bare(jid), -CLAIM_LOG_GAP) >= CLAIM_LOG_GAP:
+            self._claim_logged[bare(jid)] = now
+            log.warning("%s claims UID %s, which %s holds: refused", bare(jid), uid[:12],
+                        bare(owner.jid))
+        return True
+
+    def _on_hold(self, jid: str, uid: str, now: float) -> bool:
+        """The account or the UID failed a handshake recently: ignore its requests a while."""
+        for rec in (self.auth_by_jid.get(bare(jid)), self.auth_by_uid.get(uid)):
+            if rec is not None and now < rec.until:
+                return True
+        return False
 
     def on_message(self, jid: str, msg: SignalMessage) -> None:
         try:
@@ -326,11 +397,41 @@ class GroupVPN(SignalListener):
             return
         msg = self._message("con_req", True if self.cfg.require_encryption else None,
                             candidates)
+        self._sent[bare(peer.jid)] = signaled_view(msg)
         self._count("con_req_sent")
         self._send(peer.jid, msg)
 
+    def _working(self, peer: Peer) -> bool:
+        """The peer's link is up and carries traffic (not reported down)."""
+        if peer.state is not LinkState.UP or peer.uid is None or self.node.dp is None:
+            return False
+        link = self.node.dp.link(bytes.fromhex(peer.uid))
+        return link is not None and link.usable and not link.down
+
+    def _end_beside(self, peer: Peer, why: str | None) -> None:
+        """The attempt made beside the working link is over: ``why`` None, its link replaced
+        the old one; else it failed and the working link simply stays."""
+        assert peer.uid is not None
+        self._beside.discard(peer.uid)
+        if self.paths is not None:
+            self._spawn(self.paths.end_aside(peer.uid, keep_new=why is None))
+        now = self._now()
+        if why is not None:
+            if self.node.keying is not None:
+                self.node.keying.stop_beside(bytes.fromhex(peer.uid))
+            log.warning("new link to %s failed (%s); the working link stays", peer.jid, why,
+                        extra=link_extra(peer.uid))
+            peer.last_error = why
+            self._count("beside_failed")
+        peer.enter(LinkState.UP, now)
+        peer.last_activity = now
+        self.node.notify("peer_state", self.peer_entry(peer))
+
     def _attempt_failed(self, peer: Peer, attempt: int, why: str) -> None:
         if peer.attempt_id != attempt:
+            return
+        if peer.uid in self._beside:
+            self._end_beside(peer, why)
             return
         log.warning("link set-up with %s failed: %s", peer.jid, why)
         peer.last_error = why
@@ -382,6 +483,8 @@ class GroupVPN(SignalListener):
         return True
 
     def _check_peer_msg(self, jid: str, msg: SignalMessage) -> Peer | None:
+        if self._claimed_elsewhere(jid, msg.uid):
+            return None
         peer = self.peers.get(jid)
         if peer.uid is not None and peer.uid != msg.uid and peer.online:
             # a new identity on this account: the node was reinstalled or restarted fresh
@@ -417,6 +520,9 @@ class GroupVPN(SignalListener):
     def _on_con_req(self, jid: str, msg: SignalMessage) -> None:
         now = self._now()
         self._count("con_req_received")
+        if self._on_hold(jid, msg.uid, now):
+            self._count("con_req_auth_hold")
+            return
         peer = self._check_peer_msg(jid, msg)
         if peer is None:
             self._count("con_req_refused")
@@ -424,7 +530,16 @@ class GroupVPN(SignalListener):
         if peer.state is LinkState.REQUESTED and wins_collision(self.my_uid, msg.uid):
             self._count("collision_won")
             return  # our request stands; the peer answers it
-        if peer.state in (LinkState.UP, LinkState.LINKING) or (
+        if msg.uid in self._beside:
+            self._count("con_req_while_beside")
+            return  # one new link at a time; the one being proven answers for it
+        if self._working(peer) and self.paths is not None and self.paths.set_aside(msg.uid):
+            # the link works: it carries traffic until a new one proves the same UID
+            self._beside.add(msg.uid)
+            self._count("con_req_beside")
+            log.info("%s asks for a new link; the working one stays until the new one is "
+                     "proven", bare(jid), extra=link_extra(msg.uid))
+        elif peer.state in (LinkState.UP, LinkState.LINKING) or (
                 self.paths is not None and msg.uid in self.paths.connected):
             # the peer starts over (it restarted, or lost the link): so do we
             self._drop_link(peer, "peer asked for a new link")
@@ -442,7 +557,9 @@ class GroupVPN(SignalListener):
             candidates = await self.paths.prepare(msg.uid, self.my_uid)
             if peer.attempt_id != attempt:
                 return
-            self._send(peer.jid, self._message("con_resp", verdict.encrypt, candidates))
+            resp = self._message("con_resp", verdict.encrypt, candidates)
+            self._sent[bare(peer.jid)] = signaled_view(resp)
+            self._send(peer.jid, resp)
             path, early = await self.paths.connect(msg.uid, self._capped(msg))
         except Exception as exc:
             self._attempt_failed(peer, attempt, f"ICE: {exc}")
@@ -501,6 +618,10 @@ class GroupVPN(SignalListener):
         if peer.attempt_id != attempt or peer.state is not LinkState.LINKING:
             self._spawn(self._close_path(msg.uid))
             return
+        sent = self._sent.get(bare(peer.jid))
+        if sent is None:
+            self._attempt_failed(peer, attempt, "nothing was signaled to this peer")
+            return
         local_ip, real_ip = self.link_addresses(peer, msg)
         nets = self.accept_routes(peer)
         ip6 = msg.ip6 if self.announced_ip6() is not None else None
@@ -509,6 +630,9 @@ class GroupVPN(SignalListener):
                 peer_uid=msg.uid, ip4=local_ip, path=path, fingerprint=msg.fingerprint,
                 mac=msg.mac, encrypt=verdict.encrypt, reason=verdict.reason, real_ip4=real_ip,
                 early=early, peer_trains=msg.offers(FEATURE_TRAINS), ip6=ip6, nets=nets,
+                confirmation=self.confirmation(msg.uid, sent, signaled_view(msg),
+                                               verdict.encrypt),
+                beside=msg.uid in self._beside,
             )
         except (IpopError, LocalProtocolError, ValueError, OSError) as exc:
             self._attempt_failed(peer, attempt, f"create_link: {exc}")
@@ -517,6 +641,15 @@ class GroupVPN(SignalListener):
             self.node.dp.apply_routes(exit_via=bytes.fromhex(msg.uid))
         peer.last_activity = self._now()
         self.live_routes.linked(peer)
+
+    def confirmation(self, peer_uid: str, mine: policy.SecurityView,
+                     theirs: policy.SecurityView, encrypt: bool) -> Confirmation:
+        """What the link's handshake confirms: both signaled views, by DTLS role, and the
+        verdict."""
+        me, them = bytes.fromhex(self.my_uid), bytes.fromhex(peer_uid)
+        if is_client_for(me, them):
+            return Confirmation(me, them, mine, theirs, encrypt)
+        return Confirmation(them, me, theirs, mine, encrypt)
 
     def _on_stun(self, ev: Event) -> bool:
         data: bytes = ev.data["data"]
@@ -540,6 +673,7 @@ class GroupVPN(SignalListener):
 
     def _drop_link(self, peer: Peer, why: str, *, tell: bool = False) -> None:
         if peer.uid is not None:
+            self._beside.discard(peer.uid)
             self.node.remove_link(peer.uid)
             self._spawn(self._close_path(peer.uid))
         if tell and peer.uid is not None and peer.online:
@@ -582,13 +716,36 @@ class GroupVPN(SignalListener):
         if peer is None:
             return
         now = self._now()
+        if peer_uid in self._beside:
+            if event == "replaced":
+                self._end_beside(peer, None)
+                self._on_link_event(peer_uid, "up")
+            elif event == "beside_failed":
+                reason = self.node.keying.beside_failure if self.node.keying else ""
+                reason = reason or "handshake_error"
+                for table, key in ((self.auth_by_jid, bare(peer.jid)),
+                                   (self.auth_by_uid, peer_uid)):
+                    table.setdefault(key, AuthRecord()).fail(reason, now)
+                self._count(f"handshake_{reason}")
+                self._end_beside(peer, f"handshake failed: {reason}")
+            return  # the working link's own events wait until the new one settles
         if event == "up" and peer.state is not LinkState.UP:
             peer.enter(LinkState.UP, now)
             peer.last_activity = now
             self.node.notify("peer_state", self.peer_entry(peer))
         elif event == "failed":
-            self._drop_link(peer, "handshake failed")
+            reason = self._handshake_reason(peer_uid)
+            for table, key in ((self.auth_by_jid, bare(peer.jid)), (self.auth_by_uid, peer_uid)):
+                table.setdefault(key, AuthRecord()).fail(reason, now)
+            self._count(f"handshake_{reason}")
+            self._drop_link(peer, f"handshake failed: {reason}")
             peer.failed(now)
+
+    def _handshake_reason(self, peer_uid: str) -> str:
+        link = self.node.dp.link(bytes.fromhex(peer_uid)) if self.node.dp else None
+        session = link.session if link is not None else None
+        failure = getattr(session, "last_failure", None)
+        return str(getattr(failure, "reason", "handshake_error"))
 
     # ---- live reload
     def reload(self, old: Config, new: Config, plan: Plan) -> list[str]:
@@ -636,7 +793,9 @@ class GroupVPN(SignalListener):
     def tick(self, now: float) -> None:
         idle_limit = self.cfg.on_demand_inactive_timeout
         for peer in self.peers:
-            if peer.timed_out(now):
+            if peer.timed_out(now) and peer.uid in self._beside:
+                self._end_beside(peer, "the new link's set-up timed out")
+            elif peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
@@ -644,7 +803,7 @@ class GroupVPN(SignalListener):
                     self._spawn(self._close_path(peer.uid))  # its ICE agent and sockets
                 peer.failed(now)
             if (peer.state is LinkState.LINKING and peer.uid is not None
-                    and self.node.link_is_up(peer.uid)):
+                    and peer.uid not in self._beside and self.node.link_is_up(peer.uid)):
                 self._on_link_event(peer.uid, "up")
             if peer.state is LinkState.UP and peer.uid is not None:
                 activity = self.node.link_activity(peer.uid)
@@ -702,7 +861,19 @@ class GroupVPN(SignalListener):
             "security_reason": peer.security_reason, "conflict": peer.conflict,
             "name": bare(peer.jid), "overlay_ip6": peer.ip6, "routes": list(peer.routes),
             "routes_refused": list(peer.routes_refused),
+            "auth": self._auth_entry(peer),
         }
+
+    def _auth_entry(self, peer: Peer) -> dict[str, Any] | None:
+        """Failed handshakes of this peer's account and UID (None: none)."""
+        recs = [r for r in (self.auth_by_jid.get(bare(peer.jid)),
+                            self.auth_by_uid.get(peer.uid or "")) if r is not None]
+        if not recs:
+            return None
+        now = self._now()
+        worst = max(recs, key=lambda r: r.count)
+        return {"failures": worst.count, "reason": worst.reason,
+                "hold_s": round(max(0.0, max(r.until for r in recs) - now), 1)}
 
     def peers_status(self) -> list[dict[str, Any]]:
         return [self.peer_entry(p) for p in self.peers]
@@ -714,3 +885,14 @@ class GroupVPN(SignalListener):
                          "error": self.signal_error, "drops": drops, "last_refused": refused,
                          "counters": dict(self.counters)},
                 "controller": self.name}
+
+
+def signaled_view(msg: SignalMessage) -> policy.SecurityView:
+    """A message's verdict inputs exactly as signaled, for the handshake to confirm: its groups,
+    its ``sec`` (absent: true, as ``_their_view`` reads it) and its ``encrypt`` flag (in
+    ``require_encryption``; absent reads as false, which means the same to the verdict)."""
+    return policy.SecurityView(
+        sec=True if msg.sec is None else msg.sec,
+        security_groups=None if msg.security_groups is None else frozenset(msg.security_groups),
+        require_encryption=bool(msg.encrypt),
+    )

@@ -46,6 +46,9 @@ class IcePaths:
         self.on_failed = on_failed
         self.sessions: dict[str, IceLink] = {}
         self.connected: set[str] = set()
+        # a connected session set aside: it serves the peer's working link while a new attempt
+        # (in ``sessions``) is proven beside it (``set_aside``)
+        self.aside: dict[str, IceLink] = {}
         self.stun = [parse_endpoint(s, default_port=3478) for s in cfg.stun]
         self.turn = [TurnConf(parse_endpoint(t.server, default_port=3478), t.user, t.password)
                      for t in cfg.turn]
@@ -73,13 +76,15 @@ class IcePaths:
             from ipop.nat.ice import IceLink
 
             excluded = [ipaddress.ip_network("2001:db8::/32"), self.cfg.ip4_network]
+            made: list[IceLink] = []  # the callbacks tell which session they come from
             ice = IceLink(
                 controlling=my_uid < peer_uid, stun=self.stun, turn=self.turn,
                 exclude_prefixes=excluded, exclude_ifaces=[self.cfg.interface],
                 direct_timeout=DIRECT_PHASE,
-                on_path_change=functools.partial(self._moved, peer_uid),
-                on_closed=functools.partial(self._closed, peer_uid),
+                on_path_change=functools.partial(self._moved, peer_uid, made),
+                on_closed=functools.partial(self._closed, peer_uid, made),
             )
+            made.append(ice)
             self.sessions[peer_uid] = ice
         params = await ice.gather()
         return params.to_wire()
@@ -105,11 +110,41 @@ class IcePaths:
             return False
         return self._dispatcher.feed(sock, data, addr, channel)  # type: ignore[arg-type]
 
+    def set_aside(self, peer_uid: str) -> bool:
+        """Keep the connected session of ``peer_uid`` serving its working link while a new
+        attempt gathers and connects a session of its own; False: none to keep."""
+        if peer_uid not in self.connected or peer_uid in self.aside:
+            return False
+        self.aside[peer_uid] = self.sessions.pop(peer_uid)
+        self.connected.discard(peer_uid)
+        return True
+
+    async def end_aside(self, peer_uid: str, *, keep_new: bool) -> None:
+        """The attempt made beside is over: its link replaced the old one (``keep_new``: the old
+        session goes), or it failed (the new session goes; the old one is current again)."""
+        old = self.aside.pop(peer_uid, None)
+        if old is None:
+            return
+        if keep_new:
+            await self._end(old)
+            return
+        new = self.sessions.pop(peer_uid, None)
+        self.sessions[peer_uid] = old
+        self.connected.add(peer_uid)
+        if new is not None:
+            await self._end(new)
+
     async def close(self, peer_uid: str) -> None:
+        old = self.aside.pop(peer_uid, None)
+        if old is not None:
+            await self._end(old)
         ice = self.sessions.pop(peer_uid, None)
         self.connected.discard(peer_uid)
         if ice is None:
             return
+        await self._end(ice)
+
+    async def _end(self, ice: IceLink) -> None:
         for sock in ice.sockets:
             self.dp.release_socket(sock)
         if self._dispatcher is not None:
@@ -117,23 +152,32 @@ class IcePaths:
         await ice.close()
 
     async def close_all(self) -> None:
-        for uid in list(self.sessions):
+        for uid in {*self.sessions, *self.aside}:
             await self.close(uid)
 
     def kind(self, peer_uid: str) -> str | None:
         ice = self.sessions.get(peer_uid)
         return ice.selected.kind if ice is not None and ice.selected is not None else None
 
-    def _moved(self, peer_uid: str, sp: SelectedPath) -> None:
-        ice = self.sessions.get(peer_uid)
+    def _current(self, peer_uid: str, made: list[IceLink]) -> IceLink | None:
+        """The session a callback came from, if it serves the peer's link in the table: the
+        one set aside while there is one, else the current one."""
+        ice = self.aside.get(peer_uid) or self.sessions.get(peer_uid)
+        return ice if ice is not None and made and made[0] is ice else None
+
+    def _moved(self, peer_uid: str, made: list[IceLink], sp: SelectedPath) -> None:
+        ice = self._current(peer_uid, made)
         if ice is None:
+            if made and made[0] is self.sessions.get(peer_uid):
+                for sock in made[0].sockets:  # an attempt beside a working link: later
+                    self.dp.adopt_socket(sock)
             return
         for sock in ice.sockets:
             self.dp.adopt_socket(sock)
         log.info("path to %s moved: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
         self.on_path_change(peer_uid, to_path(sp))
 
-    def _closed(self, peer_uid: str, why: str) -> None:
-        if peer_uid in self.sessions:
+    def _closed(self, peer_uid: str, made: list[IceLink], why: str) -> None:
+        if self._current(peer_uid, made) is not None:
             log.info("ICE session with %s ended: %s", peer_uid[:12], why)
             self.on_failed(peer_uid, why)

@@ -59,6 +59,7 @@ from OpenSSL import SSL, crypto
 
 from ipop.crypto.aead import DEFAULT_SUITE, KEY_LEN, SALT_LEN, Suite
 from ipop.crypto.identity import Identity, fingerprint_of, uid_of
+from ipop.crypto.verdict import Confirmation
 from ipop.errors import AuthError, IdentityError, LocalProtocolError
 
 DTLS_FIRST_BYTE_MIN = 20
@@ -197,8 +198,12 @@ class DtlsHandshake:
         suite: Suite = DEFAULT_SUITE,
         mtu: int = DEFAULT_MTU,
         timeout: float = HANDSHAKE_TIMEOUT,
+        confirmation: Confirmation | None = None,
     ) -> None:
         self.is_client = is_client
+        self.confirmation = confirmation
+        self._alpn_refusal: str | None = None
+        self._alpn_selected = False
         self.expected_fingerprint = normalize_fingerprint(expected_fingerprint)
         self.expected_uid = expected_uid
         if mtu < MIN_MTU:
@@ -331,6 +336,11 @@ class DtlsHandshake:
             ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
             ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
             ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
+            if self.confirmation is not None:
+                if self.is_client:
+                    ctx.set_alpn_protos(self.confirmation.offer())
+                else:
+                    ctx.set_alpn_select_callback(self._select_alpn)
             conn = SSL.Connection(ctx, None)
             conn.set_ciphertext_mtu(self.mtu)
         except SSL.Error as exc:
@@ -356,6 +366,29 @@ class DtlsHandshake:
             self._verify_failure = problem
             return False
         return True
+
+    def _select_alpn(self, conn: SSL.Connection, offered: list[bytes]) -> bytes:
+        """Server: confirm the verdict the client offered, or select the refusal that says why
+        (the refusal takes effect once the handshake has authenticated the client)."""
+        assert self.confirmation is not None
+        self._alpn_selected = True
+        try:
+            chosen, refusal = self.confirmation.select(list(offered))
+        except Exception:  # nothing may escape into OpenSSL's callback
+            chosen, refusal = None, "downgrade_detected"
+        self._alpn_refusal = refusal
+        return chosen if chosen is not None else SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+
+    def _confirmation_problem(self) -> str | None:
+        """Why the verdict was not confirmed in this handshake (None: confirmed, or not asked)."""
+        if self.confirmation is None:
+            return None
+        if self.is_client:
+            selected = self._conn.get_alpn_proto_negotiated() or None
+            return self.confirmation.check_selected(selected)
+        if not self._alpn_selected:
+            return "downgrade_detected"  # the client confirmed nothing
+        return self._alpn_refusal
 
     def _check_peer(self, cert_der: bytes) -> AuthError | None:
         fingerprint = fingerprint_of(cert_der)
@@ -442,6 +475,10 @@ class DtlsHandshake:
         problem = self._check_peer(cert_der)
         if problem is not None:
             self._fail(problem.reason, str(problem))
+            return
+        refusal = self._confirmation_problem()
+        if refusal is not None:
+            self._fail(refusal, f"security verdict not confirmed in the handshake: {refusal}")
             return
         try:
             km = self._conn.export_keying_material(EXPORTER_LABEL, EXPORT_LEN)

@@ -69,6 +69,7 @@ from ipop.crypto.dtls import (
     is_dtls,
 )
 from ipop.crypto.identity import Identity
+from ipop.crypto.verdict import Confirmation
 from ipop.errors import AuthError, LocalProtocolError
 
 Buffer = bytes | bytearray | memoryview
@@ -109,6 +110,7 @@ class CryptoSession:
         max_retry_seconds: float = MAX_RETRY_SECONDS,
         suite: Suite | None = None,
         mtu: int = DEFAULT_MTU,
+        confirmation: Confirmation | None = None,
     ) -> None:
         if rekey_seconds <= 0 or not 0 < rekey_packets < 2**64 - 1:
             raise LocalProtocolError("rekey interval must be positive and below the counter limit")
@@ -125,6 +127,8 @@ class CryptoSession:
         self.max_retry_seconds = max_retry_seconds
         self.suite = suite if suite is not None else choose_suite()
         self.mtu = mtu
+        self.confirmation = confirmation
+        """The verdict every handshake of this session confirms (``ipop.crypto.verdict``)."""
 
         self._lock = threading.Lock()
         # Read by the hot paths without the lock; replaced whole under it.
@@ -329,6 +333,7 @@ class CryptoSession:
             suite=self.suite,
             mtu=self.mtu,
             timeout=self.handshake_timeout,
+            confirmation=self.confirmation,
         )
 
     def _client_hello(self, datagram: bytes | bytearray | memoryview, now: float) -> list[bytes]:

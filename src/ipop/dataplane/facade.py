@@ -43,7 +43,8 @@ MISS_HOLD = 10.0  # seconds a packet for an unknown destination is held for a li
 class Event:
     """A notification from the data plane: ``kind`` is one of
     ``unknown_destination`` (data: dst, packet), ``control_datagram`` (STUN/DTLS: sock, data,
-    addr, channel, peer_uid), ``link_down`` (peer_uid, idle seconds), ``roamed`` (peer_uid, addr).
+    addr, channel, peer_uid), ``link_down`` (peer_uid, idle seconds), ``roamed`` (peer_uid, addr),
+    ``confirmed`` (peer_uid: a plain link's peer sent its first frame after the handshake).
     """
 
     kind: str
@@ -104,6 +105,7 @@ class DataPlane:
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
             stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
+            on_confirm=self._on_confirm,
         )
         overlay: list[Net] = [ipaddress.ip_network(f"{ip4}/{prefixlen}", strict=False)]
         if ip6:
@@ -194,6 +196,31 @@ class DataPlane:
         ``peer_trains``: the peer receives whole trains (it said so when the link was set up);
         trains are sent only when it does and ``whole_trains`` is on here.  ``nets``: the
         prefixes the link carries besides the peer's addresses (``set_link_nets``)."""
+        link = self.make_link(
+            peer_uid=peer_uid, path=path, ip4=ip4, ip6=ip6, mac=mac, encrypted=encrypted,
+            security_reason=security_reason, session=session, xlat=xlat,
+            peer_trains=peer_trains, nets=nets)
+        self.install_link(link)
+        return link
+
+    def make_link(
+        self,
+        *,
+        peer_uid: bytes,
+        path: Path,
+        ip4: str | None,
+        ip6: str | None = None,
+        mac: bytes | None = None,
+        encrypted: bool,
+        security_reason: str,
+        session: CryptoSession | None = None,
+        xlat: Translator | None = None,
+        peer_trains: bool = True,
+        nets: tuple[Net, ...] = (),
+    ) -> Link:
+        """A link that is not in the forwarding table yet (``install_link`` puts it there): a
+        new link to a peer that has a working one is proven beside it first.  Its path's
+        socket is served from now on, so its handshake can run."""
         off = ("whole_trains off" if not self.whole_trains
                else "" if peer_trains else "peer has no trains")
         link = Link(
@@ -208,17 +235,21 @@ class DataPlane:
         link.set_nets(nets)
         link.stats.last_rx_mono = time.monotonic()
         self.adopt_socket(path.sock)
+        return link
+
+    def install_link(self, link: Link) -> None:
+        """Put ``link`` into the forwarding table, replacing the peer's older link, and release
+        the packets held for its addresses."""
         old = self.table.add(link)
         if old is None:
             self.inbound.refresh_filters()  # frames from this peer pass the kernel filter
         if old is not None:
             old.closed = True
-        if nets or (old is not None and old.nets):
+        if link.nets or (old is not None and old.nets):
             self.apply_routes()
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
                 self._release_held(addr, link)
-        return link
 
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)
@@ -301,7 +332,7 @@ class DataPlane:
         link = self.table.by_uid.get(peer_uid)
         if link is None:
             return "no_link"
-        if link.encrypted and (link.session is None or not link.session.ready):
+        if not link.usable:
             return "keying"
         stamp = time.monotonic_ns()
         while stamp in link.pings:
@@ -375,6 +406,10 @@ class DataPlane:
             "peer_uid": link.peer_uid if link else None,
         })
         self.call_soon(self.on_event, ev)
+
+    def _on_confirm(self, link: Link) -> None:
+        """RX thread: the peer of a plain link sent its first frame after our handshake."""
+        self.call_soon(self.on_event, Event("confirmed", {"peer_uid": link.peer_uid}))
 
     def _on_roam(self, link: Link, sock: socket.socket, addr: tuple[str, int]) -> None:
         def apply() -> None:

@@ -98,8 +98,10 @@ class Inbound:
         stopping: threading.Event,
         wake_fd: int,
         pump: Callable[[], None] | None = None,
+        on_confirm: Callable[[Link], None] | None = None,
     ) -> None:
         self.dev = dev
+        self.on_confirm = on_confirm
         self.table = table
         self.uid = local_uid
         self.on_control = on_control
@@ -362,8 +364,8 @@ class Inbound:
         """The link a GRO read came from, by its first frame's source UID, if the read arrived
         on that link's own direct path (socket and address); else None."""
         link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
-        if link is None:
-            return None
+        if link is None or not link.authed:
+            return None  # before its handshake: the per-datagram path counts the drop
         path = link.path
         if addr != path.addr or path.channel is not None or sock.fileno() != path.sock.fileno():
             return None
@@ -466,6 +468,16 @@ class Inbound:
         elif not same_path:
             stats.drops["unexpected_source"] += 1
             return
+        elif not link.authed:
+            if session is None or not session.ready:
+                stats.drops["plain_before_handshake"] += 1
+                return
+            # our handshake is done and the proven peer sends from its path: it finished too
+            # (the DTLS server of a plain link waits for this before it sends, so the client
+            # never drops data that raced its last handshake flight)
+            link.authed = True
+            if self.on_confirm is not None:
+                self.on_confirm(link)
         if ftype == wh.T_TRAIN or ftype == wh.T_TRAIN_SEALED:
             if not same_path:
                 # a chunk counts towards reassembly (and loss) only from the link's current,
@@ -699,6 +711,8 @@ def send_keepalive(link: Link, op: int, stamp_ns: int) -> None:
     """Send a keepalive probe or echo on ``link`` (sealed on encrypted links, never plain)."""
     body = wk.pack(op, stamp_ns)
     if not link.encrypted:
+        if not link.authed:
+            return  # nothing goes to a peer before its handshake proved it
         link.send_frame([link.hdr_ka, body])
         return
     session = link.session

@@ -131,6 +131,10 @@ class Link:
         self.encrypted = encrypted
         self.security_reason = security_reason
         self.session: CryptoSession | None = None
+        # every link, plain ones too, carries data only after its DTLS handshake proved the
+        # peer's UID and fingerprint and confirmed the verdict (``ipop.crypto.verdict``); set
+        # by the control thread (``Keying``), read by the TX and RX threads
+        self.authed = False
         self.xlat: Translator | None = None  # SocialVPN: this friend's address in our view
         self.stats = LinkStats()
         self.created = time.monotonic()
@@ -215,6 +219,9 @@ class Link:
     def send_packet(self, pkt: bytes | bytearray | memoryview) -> None:
         """Send one inner packet: plain, sealed, or queued while the session is being keyed."""
         if not self.encrypted:
+            if not self.authed:
+                self.queue_pending(bytes(pkt))
+                return
             if self.send_frame([self.hdr_data, pkt]):
                 self.stats.tx_packets += 1
                 self.stats.tx_bytes += len(pkt)
@@ -242,6 +249,10 @@ class Link:
             return
         try:
             if not self.encrypted:
+                if not self.authed:
+                    for p in standalone(vh, pkt):
+                        self.queue_pending(p)
+                    return
                 segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
                 parts, stride = segs.parts, segs.stride
                 size, last = segs.size, segs.last
@@ -295,6 +306,9 @@ class Link:
                 self.send_super(vh, pkt)  # queues completed copies until keys are made
                 return
             body: bytes | memoryview = session.seal(hdr, pkt)
+        elif not self.authed:
+            self.send_super(vh, pkt)  # queues completed copies until the peer is proven
+            return
         else:
             body = pkt
         if self.send_frame([hdr, body]):
@@ -306,7 +320,7 @@ class Link:
         datagram (sealed on its own on an encrypted link), and each run of equal-sized
         datagrams goes out in one UDP GSO send."""
         session = self.session
-        if len(items) == 1 or self.path.channel is not None or (
+        if len(items) == 1 or self.path.channel is not None or not self.authed or (
                 self.encrypted and (session is None or not session.ready)):
             for vh, pkt in items:
                 self.send_one(vh, pkt)
@@ -316,7 +330,7 @@ class Link:
         inner = 0
         for vh, pkt in items:
             try:
-                if session is None:
+                if not self.encrypted or session is None:
                     segs = segment(vh, pkt, self.hdr_partial, self.hdr_data)
                     prefix, body = segs.parts[0], segs.parts[1]
                 else:
@@ -364,6 +378,8 @@ class Link:
             if self._seal_buf is None:
                 self._seal_buf = bytearray(SEAL_BUFFER)
             blob = session.seal_into(self.hdr_train_sealed, raw, self._seal_buf)
+        elif not self.authed:
+            return False
         else:
             blob = raw
         self.train_seq = seq = (self.train_seq + 1) & 0xFFFF_FFFF
@@ -400,6 +416,14 @@ class Link:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    @property
+    def usable(self) -> bool:
+        """The link may carry data: proven (plain), or keyed (encrypted)."""
+        if self.encrypted:
+            session = self.session
+            return session is not None and session.ready
+        return self.authed
 
     @property
     def security(self) -> str:

@@ -1,7 +1,7 @@
 """A rogue group member's signaling, run as its own process in its own namespace (issue 16).
 
-    python attacker.py flood   JID PASSWORD HOST GROUP TARGET_USER COUNT SECONDS MY_IP
-    python attacker.py reflect JID PASSWORD HOST GROUP TARGET_USER VICTIM_IP
+    python rogue_signal.py flood   JID PASSWORD HOST GROUP TARGET_USER COUNT SECONDS MY_IP
+    python rogue_signal.py reflect JID PASSWORD HOST GROUP TARGET_USER VICTIM_IP
 
 It logs in to the real XMPP server as a group member, waits for the target's presence, then
 ``flood`` sends COUNT con_req (each with a fresh UID and ICE candidates at MY_IP:9) spread over
