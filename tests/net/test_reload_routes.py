@@ -29,7 +29,7 @@ import pytest
 from ipop.testbed.netns import Testbed
 
 from .helpers import ping, ping_until, wait_for
-from .test_routing import ROGUE
+from .test_routing import ROGUE, peer_entry, start_all
 from .test_service import Stream, ipop_reload, mesh, wait_up
 from .world import DOMAIN, PASSWORD, World, world_fixture
 
@@ -48,19 +48,6 @@ def _stop_nodes(request):
     if "world" in request.fixturenames:
         request.getfixturevalue("world").stop_nodes()
 
-
-def start_all(nodes):
-    for n in nodes:
-        n.start()
-    for n in nodes:
-        n.wait_ready()
-
-
-def peer_entry(node, other) -> dict:
-    for p in node.status()["peers"]:
-        if p["uid"] == other.uid:
-            return p
-    return {}
 
 
 def routes_of(host) -> str:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipop.controller.icepaths import IcePaths
-from ipop.controller.liveroutes import LiveRoutes
+from ipop.controller.liveroutes import LiveRoutes, record_routes
 from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.controller.siglimits import InboundLimits, peer_address_problem
@@ -365,12 +365,7 @@ class GroupVPN(SignalListener):
 
         accepted, refused = decide(peer.offered_routes, self.route_policy(),
                                    is_exit=self.is_exit(peer), owner=owner)
-        entries = [{"prefix": p, "reason": r} for p, r in refused]
-        if entries != peer.routes_refused:
-            for p, r in refused:
-                log.warning("route %s from %s refused: %s", p, peer.jid, r)
-        peer.routes = [str(n) for n in accepted]
-        peer.routes_refused = entries
+        record_routes(peer, accepted, refused)
         return accepted
 
     def _maybe_request(self, peer: Peer, now: float) -> None:

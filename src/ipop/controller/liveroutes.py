@@ -191,7 +191,7 @@ class LiveRoutes:
         for o in offers:
             accepted, refused = result[o.name]
             peer = peers[o.name]
-            self._record(peer, accepted, refused)
+            record_routes(peer, accepted, refused)
             change = route_delta(o.carried, accepted)
             if set(accepted) != set(o.carried):
                 dp.set_link_nets(bytes.fromhex(o.name), accepted)
@@ -201,20 +201,20 @@ class LiveRoutes:
             gv.node.notify("peer_state", gv.peer_entry(peer))
         return done
 
-    @staticmethod
-    def _record(peer: Peer, accepted: tuple[Net, ...], refused: list[tuple[str, str]]) -> None:
-        """The peer's status: its installed routes, the refused ones and why (logged once per
-        change), as ``GroupVPN.accept_routes`` keeps them."""
-        entries = [{"prefix": p, "reason": r} for p, r in refused]
-        if entries != peer.routes_refused:
-            for p, r in refused:
-                log.warning("route %s from %s refused: %s", p, peer.jid, r)
-        peer.routes = [str(n) for n in accepted]
-        peer.routes_refused = entries
-
     def exit_peer_uid(self) -> bytes | None:
         """The UID of the linked peer ``exit_node`` names, if any."""
         for peer in self.gv.peers:
             if peer.uid is not None and self.gv.is_exit(peer) and self._link_nets(peer) is not None:
                 return bytes.fromhex(peer.uid)
         return None
+
+
+def record_routes(peer: Peer, accepted: tuple[Net, ...], refused: list[tuple[str, str]]) -> None:
+    """The peer's status: its installed routes, the refused ones and why (logged once per
+    change).  Both the first decision (``GroupVPN.accept_routes``) and a re-decision use it."""
+    entries = [{"prefix": p, "reason": r} for p, r in refused]
+    if entries != peer.routes_refused:
+        for p, r in refused:
+            log.warning("route %s from %s refused: %s", p, peer.jid, r)
+    peer.routes = [str(n) for n in accepted]
+    peer.routes_refused = entries
