@@ -202,8 +202,9 @@ def test_exit_node_set_then_cleared_on_reload(world: World):
     stream = Stream(c, d)
     c.reload({**c.config, "exit_node": "100.64.41.1"})
     wait_for(lambda: "default dev ipop0" in c_host.run(
-        ["ip", "route", "show", "table", "26992"], check=False).stdout, timeout=10,
-        what=f"C's exit route\n{c.log()[-1500:]}")
+        ["ip", "route", "show", "table", "26992"], check=False).stdout
+        and "lookup 26992" in c_host.run(["ip", "rule"]).stdout, timeout=10,
+        what=f"C's exit route and rules\n{c.log()[-1500:]}")
     rules = c_host.run(["ip", "rule"]).stdout
     assert "not from all fwmark 0x6970 lookup 26992" in rules
     assert "suppress_prefixlength 0" in rules and world.server_ip in rules

@@ -77,7 +77,7 @@ class KernelRoutes:
         """Install ``wanted`` (main table) and a default route per family of ``exit_nets``
         (policy routed); remove what was installed and is no longer wanted."""
         if servers is not None and servers != self.servers and self.exit_families:
-            self._set_exit(set())  # the server rules change: redo the exit set-up
+            self._swap_servers(self.servers, set(servers))  # the exit route stays in place
         if servers is not None:
             self.servers = set(servers)
         add = wanted - self.routes
@@ -141,16 +141,41 @@ class KernelRoutes:
                 return
             for ver in families - old:
                 fam = socket.AF_INET if ver == 4 else socket.AF_INET6
-                try:
-                    ipr.route("replace", dst="0.0.0.0/0" if ver == 4 else "::/0",
-                              oif=idx[0], table=EXIT_TABLE, family=fam)
+                try:  # rules first: the default route is the last step, seen as "done"
                     for rule in _exit_rules(fam, servers):
                         ipr.rule("add", family=fam, **rule)
+                    ipr.route("replace", dst="0.0.0.0/0" if ver == 4 else "::/0",
+                              oif=idx[0], table=EXIT_TABLE, family=fam)
                     self.exit_families.add(ver)
                     log.info("default route (IPv%d) through the exit node on %s", ver, iface)
                 except Exception as exc:
                     self.errors += 1
                     log.error("exit node: IPv%d policy routing refused: %s", ver, exc)
+
+        self._run(work)
+
+    def _swap_servers(self, old: set[str], new: set[str]) -> None:
+        """While exiting, keep ``new`` instead of ``old`` on the main table: add the new server
+        rules before the old ones go, so no server is routed through the exit in between."""
+        families = set(self.exit_families)
+
+        def work(ipr: Any) -> None:
+            for ver in families:
+                fam = socket.AF_INET if ver == 4 else socket.AF_INET6
+                for text, verb in [(t, "add") for t in sorted(new - old)] + \
+                        [(t, "del") for t in sorted(old - new)]:
+                    ip = ipaddress.ip_address(text)
+                    if ip.version != ver:
+                        continue
+                    try:
+                        ipr.rule(verb, family=fam, table=MAIN, priority=PRIO_SERVERS,
+                                 dst=str(ip), dst_len=ip.max_prefixlen)
+                    except Exception as exc:
+                        if verb == "add":
+                            self.errors += 1
+                            log.error("exit node: rule for server %s refused: %s", ip, exc)
+                        else:
+                            log.debug("exit rule for server %s: remove: %s", ip, exc)
 
         self._run(work)
 
