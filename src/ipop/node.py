@@ -113,7 +113,7 @@ class Node:
         self.lock_state_dir()
         self.identity = ident.load_or_create(self.state_dir)
         self.keying = Keying(self.identity, rekey_seconds=cfg.rekey_seconds,
-                             on_event=self.link_event)
+                             on_event=self.link_event, on_keys=self._keys_in)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
         from ipop.netinfo import default_mtu
@@ -506,6 +506,10 @@ class Node:
                 self.stop_security(link)
                 log.info("link %s removed", peer_uid[:12],
                          extra=logs.link_extra(peer_uid, _link_text(link)))
+
+    def _keys_in(self, link: Link) -> None:
+        if self.dp is not None:
+            self.dp.release_early(link)
 
     def stop_security(self, link: Link) -> None:
         """Forget a removed link's keys."""

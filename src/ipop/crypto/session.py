@@ -169,6 +169,12 @@ class CryptoSession:
         """Keys are in place: ``seal`` works."""
         return self._sealer is not None
 
+    @property
+    def awaiting_keys(self) -> bool:
+        """A handshake is under way, or none finished yet: a frame under an epoch we do not
+        know may be sealed with keys this end is about to install (any thread)."""
+        return self._handshake is not None or self._sealer is None
+
     def seal(self, aad: Buffer, plaintext: Buffer) -> bytes:
         """Seal one payload under the current keys (any thread).  Raises if not ready."""
         sealer = self._sealer

@@ -299,6 +299,14 @@ class DataPlane:
         send_keepalive(link, wk.OP_PROBE, stamp)
         return None
 
+    def release_early(self, link: Link) -> None:
+        """``link`` has new keys: the rx thread opens the sealed frames it held meanwhile
+        (``Link.early``).  Control thread."""
+        if not link.early or self.stopping.is_set():
+            return
+        self.inbound.replays.put(link)
+        os.write(self._wake_w, b"r")
+
     # ---- held packets for unknown destinations (on-demand links)
     def _on_miss(self, dst: bytes, pkt: bytes) -> None:
         """Data-plane thread (device reads): hold the packet briefly and tell the controller

@@ -21,15 +21,18 @@ from ipop.errors import AuthError, IpopError
 log = logging.getLogger("ipop.dataplane.keying")
 
 LinkEvent = Callable[[bytes, str], None]  # (peer UID, "up" | "failed" | "mismatch")
+KeysIn = Callable[[Link], None]  # a link has new keys (its first, or a rekey's)
 
 
 class Keying:
     """The crypto sessions of one node's encrypted links."""
 
-    def __init__(self, identity: Identity, *, rekey_seconds: float, on_event: LinkEvent) -> None:
+    def __init__(self, identity: Identity, *, rekey_seconds: float, on_event: LinkEvent,
+                 on_keys: KeysIn | None = None) -> None:
         self.identity = identity
         self.rekey_seconds = rekey_seconds
         self.on_event = on_event
+        self.on_keys = on_keys
         self.links: dict[bytes, Link] = {}
         self._ready: dict[bytes, bool] = {}
         self._failures_seen: dict[bytes, int] = {}
@@ -105,6 +108,8 @@ class Keying:
         if session.handshakes > seen:
             self.rekeys += session.handshakes - max(seen, 1)
             self._handshakes[uid] = session.handshakes
+            if self.on_keys is not None:  # frames the peer sealed before we had these keys
+                self.on_keys(link)
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
             sent = link.flush_pending()
