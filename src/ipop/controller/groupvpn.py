@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,6 +44,9 @@ log = logging.getLogger("ipop.controller")
 
 CON_REQ_RATE = 10.0  # con_req per second, at most
 CON_REQ_BURST = 20.0
+RELINK_EAGER = 60.0
+"""For this long after a working link was lost (path lost, keepalive timeout), a failed attempt
+to make it again is retried after 0.5-1.5 s instead of the growing backoff."""
 
 
 class GroupVPN(SignalListener):
@@ -68,6 +72,10 @@ class GroupVPN(SignalListener):
         # each peer's security view from its last con_req/con_resp (by UID): a reload that
         # changes our own view re-decides the link against it
         self._views: dict[str, policy.SecurityView] = {}
+        # peers (UID) whose working link was lost, and when; those whose link ran over a relay
+        # wait until the TURN server answers before a new attempt
+        self._lost_at: dict[str, float] = {}
+        self._relay_lost: set[str] = set()
 
     # ---- helpers
     @property
@@ -155,6 +163,10 @@ class GroupVPN(SignalListener):
                     ip4: str | None = None, *, ip6: str | None = None) -> None:
         if uid == self.my_uid:
             return  # another resource of ourselves
+        if not online:
+            known = self.peers.by_jid.get(bare(jid))
+            if known is not None and known.online and known.jid != jid:
+                return  # an older resource left (the peer restarted); the newer one stays
         peer = self.peers.get(jid)
         now = self._now()
         was_online = peer.online
@@ -173,7 +185,12 @@ class GroupVPN(SignalListener):
                 peer.backoff = 1.0
         else:
             peer.online = False
-            if peer.state is not LinkState.IDLE:
+            if peer.state is LinkState.UP:
+                # Signaling lost the peer (it left, or the server went away): a working link
+                # stays; only the data plane's keepalives end it (``link_down``).
+                log.info("%s went offline; its link stays while the peer answers keepalives",
+                         jid, extra=link_extra(peer.uid))
+            elif peer.state is not LinkState.IDLE:
                 self._drop_link(peer, "peer went offline")
         self.node.notify("peer_state", self.peer_entry(peer))
         if online and not self.cfg.on_demand_connection:
@@ -303,6 +320,12 @@ class GroupVPN(SignalListener):
     async def _request(self, peer: Peer, attempt: int) -> None:
         """Step 4: gather our candidates, then send con_req."""
         assert self.paths is not None and peer.uid is not None
+        if peer.uid in self._relay_lost:
+            if not await self.paths.turn_answers():
+                self._attempt_failed(peer, attempt, "the TURN server does not answer "
+                                     "(the link ran over its relay)")
+                return
+            self._relay_lost.discard(peer.uid)
         try:
             candidates = await self.paths.prepare(peer.uid, self.my_uid)
         except Exception as exc:
@@ -324,8 +347,27 @@ class GroupVPN(SignalListener):
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
             self._spawn(self._close_path(peer.uid))
-        peer.failed(self._now())
+        self._failed(peer)
         self.node.notify("peer_state", self.peer_entry(peer))
+
+    def _failed(self, peer: Peer) -> None:
+        """An attempt failed or a link was lost: back to idle with the peer's backoff, or soon
+        (0.5-1.5 s, jittered) while a link lost recently is being made again."""
+        now = self._now()
+        peer.failed(now)
+        lost = self._lost_at.get(peer.uid or "")
+        if lost is not None and now - lost < RELINK_EAGER:
+            peer.retry_at = now + random.uniform(0.5, 1.5)
+
+    def _lost(self, peer: Peer, why: str) -> None:
+        """A working link went away (its path or its keepalives): drop it, make it again."""
+        uid = peer.uid
+        if uid is not None:
+            self._lost_at[uid] = self._now()
+            if self.paths is not None and self.paths.kind(uid) == "relay":
+                self._relay_lost.add(uid)
+        self._drop_link(peer, why)
+        self._failed(peer)
 
     async def _close_path(self, peer_uid: str) -> None:
         if self.paths is not None:
@@ -482,8 +524,7 @@ class GroupVPN(SignalListener):
     def _ice_failed(self, peer_uid: str, why: str) -> None:
         peer = self.peers.find_uid(peer_uid)
         if peer is not None and peer.state is not LinkState.IDLE:
-            self._drop_link(peer, f"path lost ({why})")
-            peer.failed(self._now())
+            self._lost(peer, f"path lost ({why})")
 
     def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
         """(address this node routes to the peer, the peer's own address if it differs)."""
@@ -522,8 +563,7 @@ class GroupVPN(SignalListener):
         if ev.kind == "link_down":
             peer = self.peers.find_uid(ev.data["peer_uid"].hex())
             if peer is not None and peer.state is not LinkState.IDLE:
-                self._drop_link(peer, "keepalive timeout")
-                peer.failed(self._now())
+                self._lost(peer, "keepalive timeout")
             return False
         return False
 
@@ -534,6 +574,8 @@ class GroupVPN(SignalListener):
             return
         now = self._now()
         if event == "up" and peer.state is not LinkState.UP:
+            self._lost_at.pop(peer_uid, None)
+            self._relay_lost.discard(peer_uid)
             peer.enter(LinkState.UP, now)
             peer.last_activity = now
             self.node.notify("peer_state", self.peer_entry(peer))
@@ -585,7 +627,7 @@ class GroupVPN(SignalListener):
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
-                peer.failed(now)
+                self._failed(peer)
             if (peer.state is LinkState.LINKING and peer.uid is not None
                     and self.node.link_is_up(peer.uid)):
                 self._on_link_event(peer.uid, "up")

@@ -13,7 +13,8 @@ Everything here that reaches into aioice's private state is collected in this mo
   check is still waiting for its retransmission timer (RFC 8445 section 7.3.1.4);
 * ``check_complete`` calls ``on_check_complete`` after aioice has updated its nominated pair;
 * ``data_received`` keeps at most ``EARLY_LIMIT`` non-STUN datagrams (aioice would queue every one
-  for a ``recv()`` that ipop never calls).
+  for a ``recv()`` that ipop never calls);
+* ``query_consent`` does nothing: the data plane's keepalives are the liveness check.
 
 Private attributes read elsewhere: ``_protocols``, ``_nominated``, ``_check_list``,
 ``_remote_candidates``, ``_find_pair``.
@@ -160,6 +161,14 @@ class IpopConnection(Connection):
 
     def data_received(self, data: bytes, component: int) -> None:
         self.early.append(data)
+
+    async def query_consent(self) -> None:
+        """No consent freshness checks (RFC 7675) from aioice.  Once the data plane carries the
+        link, its authenticated keepalives are the link's liveness, and they follow the path
+        the data plane proved: after a NAT rebinding the link moves to the new mapping, while
+        aioice kept checking the old pair and closed the connection some 30 s later, tearing a
+        working link down.  A relayed path is watched by ``IceLink``'s relay probe instead."""
+        return
 
     # ---- read access to private state, in one place
     @property
