@@ -93,7 +93,10 @@ def _lookup(dests: list[str]) -> UnderlayMtu | None:
     try:
         return _lookup_ip(dests)
     except LookupError:
-        pass
+        return _lookup_netlink(dests)
+
+
+def _lookup_netlink(dests: list[str]) -> UnderlayMtu | None:
     from pyroute2 import IPRoute  # heavy: imported only when ``ip`` cannot answer
 
     best: UnderlayMtu | None = None

@@ -83,7 +83,11 @@ def start_pair(world: World, nat_a: str | None = None, nat_b: str | None = None,
     a, b = node(world, nat_a, **extra), node(world, nat_b, **extra)
     a.start()
     b.start()
-    ping_until(a.host, b.config["ip4"], timeout=30)
+    try:
+        ping_until(a.host, b.config["ip4"], timeout=30)
+    except AssertionError:
+        print(f"--- {a.name}\n{a.log()[-3000:]}\n--- {b.name}\n{b.log()[-3000:]}")
+        raise
     return a, b
 
 
@@ -356,7 +360,7 @@ def test_fault_e_coturn_killed_under_a_relayed_pair(world: World):
 
 
 def test_fault_f_rekeys_under_load(world: World):
-    every, seconds = (10, 300) if LONG else (2, 30)
+    every, seconds = (10, 300) if LONG else (5, 30)  # rekey_seconds is 5 at least
     a, b = start_pair(world, rekey_seconds=every)
     s = Stream(a.host, b.host, b.config["ip4"], seconds).start()
     s.wait()
