@@ -187,9 +187,13 @@ class GroupVPN(SignalListener):
             peer.online = False
             if peer.state is LinkState.UP:
                 # Signaling lost the peer (it left, or the server went away): a working link
-                # stays; only the data plane's keepalives end it (``link_down``).
+                # stays; only the data plane's keepalives end it (``link_down``).  They are
+                # asked now: a peer that died stops answering within 1.5 s, and its link goes
+                # (packets for it then wait for a new link instead of being lost).
                 log.info("%s went offline; its link stays while the peer answers keepalives",
                          jid, extra=link_extra(peer.uid))
+                if self.node.dp is not None and peer.uid is not None:
+                    self.node.dp.verify(bytes.fromhex(peer.uid))
             elif peer.state is not LinkState.IDLE:
                 self._drop_link(peer, "peer went offline")
         self.node.notify("peer_state", self.peer_entry(peer))

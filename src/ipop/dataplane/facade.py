@@ -38,6 +38,7 @@ MISS_RATE = 20.0  # unknown-destination notifications per second, at most
 MISS_BURST = 40
 MISS_HOLD = 10.0  # seconds a packet for an unknown destination is held for a link to appear
 DOWN_PERIODS = 3.5  # keepalive periods without a frame from the peer before a link is down
+VERIFY_SECONDS = 1.5  # a liveness check (``DataPlane.verify``) waits this long for any frame
 
 
 @dataclass
@@ -398,6 +399,8 @@ class DataPlane:
         now = time.monotonic() if now is None else now
         period = self.keepalive_seconds
         for link in self.table.links:
+            if link.verify_by and self._verifying(link, now):
+                continue
             quiet = now - link.stats.last_rx_mono
             wait = period if self.uid < link.peer_uid else period * 1.5
             if quiet >= wait and now - link.ka_sent >= period:
@@ -410,6 +413,39 @@ class DataPlane:
                 link.down = False
         with self._held_lock:
             self._expire_held(now)
+
+    def verify(self, peer_uid: bytes, seconds: float = VERIFY_SECONDS) -> bool:
+        """Check the link to ``peer_uid`` now (signaling says the peer left): a probe at once
+        and one every tick after; unless a frame from the peer arrives within ``seconds`` the
+        link is reported down (``link_down``).  A link in use answers at once and stays.
+        False when there is no such link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return False
+        now = time.monotonic()
+        if not link.verify_by:
+            link.verify_since = now
+            link.verify_by = now + seconds
+        link.ka_sent = now
+        send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+        return True
+
+    def _verifying(self, link: Link, now: float) -> bool:
+        """A pending liveness check on ``link`` (tick): True when it ended the link."""
+        if link.stats.last_rx_mono > link.verify_since:
+            link.verify_by = 0.0  # the peer answered: the link stays
+            return False
+        if now < link.verify_by:
+            link.ka_sent = now
+            send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+            return False
+        link.verify_by = 0.0
+        if link.down:
+            return False
+        link.down = True
+        self.on_event(Event("link_down", {"peer_uid": link.peer_uid,
+                                          "idle": now - link.stats.last_rx_mono}))
+        return True
 
     # ---- state
     def counters(self) -> dict[str, Any]:

@@ -175,7 +175,11 @@ class Link:
         self._pending_lock = threading.Lock()
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
-        self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+        self.down = False  # control thread: reported as down (no frame for 3.5 keepalives)
+        # control thread: a liveness check asked for (``DataPlane.verify``): heard nothing since
+        # ``verify_since`` by ``verify_by`` -> down; 0.0: none pending
+        self.verify_since = 0.0
+        self.verify_by = 0.0
         # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the RX thread)
         # with the RTT in ms; the control thread adds, the RX thread pops
         self.pings: dict[int, Callable[[float], None]] = {}

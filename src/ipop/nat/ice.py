@@ -281,9 +281,10 @@ class IceLink:
             raise
         self.counters["connect_ms"] = round((time.monotonic() - start) * 1000)
         self._spawn(self._watch_closed())
-        self._spawn(self._probe_direct())
-        self._spawn(self._refresh_channel())
-        self._spawn(self._watch_relay())
+        if not selected.direct:  # a direct path never falls back: no timers on it
+            self._spawn(self._probe_direct())
+            self._spawn(self._refresh_channel())
+            self._spawn(self._watch_relay())
         return selected
 
     def feed(
@@ -494,7 +495,7 @@ class IceLink:
         while not self._closed:
             await asyncio.sleep(self.probe_interval * (0.8 + 0.4 * random.random()))
             if self.selected is None or self.selected.direct:
-                continue
+                return  # upgraded: nothing more to probe
             pairs = self._direct_pairs(conn)
             self.counters["upgrade_rounds"] += 1
             await asyncio.gather(*(self._probe(conn, p) for p in pairs), return_exceptions=True)
@@ -534,10 +535,11 @@ class IceLink:
             await asyncio.sleep(max(0.0, beat - loop.time()))
             beat = max(beat, loop.time() - self.relay_probe_interval)
             path = self.selected
-            ep = self._endpoints.get(path.sock.fileno()) if path is not None else None
-            if path is None or path.channel is None or ep is None or ep.turn is None:
-                misses = 0
-                continue
+            if path is None or path.direct:
+                return  # upgraded to a direct path: the relay no longer matters
+            ep = self._endpoints.get(path.sock.fileno())
+            if path.channel is None or ep is None or ep.turn is None:
+                return  # the peer's relay, not ours: its end probes it
             gone = False
             try:
                 request = stun.Message(message_method=stun.Method.REFRESH,
@@ -567,7 +569,9 @@ class IceLink:
         while not self._closed:
             await asyncio.sleep(self.channel_refresh)
             path = self.selected
-            if path is None or path.channel is None:
+            if path is None or path.direct:
+                return
+            if path.channel is None:
                 continue
             ep = self._endpoints.get(path.sock.fileno())
             if ep is None or ep.turn is None:
