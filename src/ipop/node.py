@@ -41,6 +41,9 @@ from ipop.wire.prefixes import Net
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
+CALM_EVERY = 4
+"""While nothing is being set up or keyed, the controller and the sessions are ticked on every
+4th tick (once a second); the data plane's liveness checks run on every tick."""
 HELLO_INTERVAL = 1.0  # seconds between hellos on a static link that waits for keys
 
 
@@ -53,6 +56,7 @@ class Controller(Protocol):
     def peers_status(self) -> list[dict[str, Any]]: ...
     def node_status(self) -> dict[str, Any]: ...
     def tick(self, now: float) -> None: ...
+    def busy(self) -> bool: ...
 
 
 class Node:
@@ -78,6 +82,7 @@ class Node:
         self.link_hooks: list[Callable[[str, str], None]] = []
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
+        self._ticks = 0
         self.snat: Snat | None = None
         # static peers whose endpoint is a host name: re-resolved when their link goes down
         self._static_names: dict[bytes, tuple[str, int]] = {}
@@ -193,14 +198,23 @@ class Node:
             await asyncio.sleep(TICK)
             now = time.monotonic()
             self.notifier.watchdog(now)
+            self._ticks += 1
             try:
                 if self.dp is not None:
                     self.dp.tick(now)
+                if self._ticks % CALM_EVERY and not self._busy():
+                    continue
                 if self.controller is not None:
                     self.controller.tick(now)
                 self._tick_sessions(now)
             except Exception:
                 log.exception("tick failed")
+
+    def _busy(self) -> bool:
+        """Something is being set up or keyed: tick everything every time."""
+        if self.keying is not None and self.keying.busy():
+            return True
+        return self.controller is not None and self.controller.busy()
 
     def _tick_sessions(self, now: float) -> None:
         """Drive handshake retransmits and rekeys; report frames that show a sec mismatch;

@@ -623,6 +623,12 @@ class GroupVPN(SignalListener):
         return done
 
     # ---- periodic work
+    def busy(self) -> bool:
+        """A link is being set up or waits for a retry: tick every time, not once a second."""
+        return any(p.state in (LinkState.REQUESTED, LinkState.LINKING)
+                   or (p.state is LinkState.IDLE and p.wanted and p.online)
+                   for p in self.peers)
+
     def tick(self, now: float) -> None:
         idle_limit = self.cfg.on_demand_inactive_timeout
         for peer in self.peers:

@@ -170,6 +170,11 @@ class CryptoSession:
         return self._sealer is not None
 
     @property
+    def handshaking(self) -> bool:
+        """A handshake is under way (first keys, a rekey, or the client retrying)."""
+        return self._handshake is not None or self._retry_at is not None
+
+    @property
     def awaiting_keys(self) -> bool:
         """A handshake is under way, or none finished yet: a frame under an epoch we do not
         know may be sealed with keys this end is about to install (any thread)."""

@@ -77,6 +77,14 @@ class Keying:
         self._check(link, now)
         return True
 
+    def busy(self) -> bool:
+        """A link waits for keys or is rekeying: its handshake wants sub-second ticks."""
+        for link in self.links.values():
+            session = link.session
+            if isinstance(session, CryptoSession) and (session.handshaking or not session.ready):
+                return True
+        return False
+
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for link in list(self.links.values()):
