@@ -11,7 +11,8 @@ Pipeline:
   3. [rx thread] find the link by the source UID, check the destination UID, then either check the
      source address (plain links never follow an unauthenticated address change) or open the
      sealed payload (AEAD + replay window; a sealed link may roam to a new address only on a
-     frame that authenticates);
+     frame that authenticates; a frame under an epoch whose keys this end is still making is
+     held, 16 per link for 2 s, and replayed from step 2 when the keys are in);
   4. [rx thread] answer keepalive probes; check the inner source (cryptokey routing: a peer may
      send only from its overlay addresses and the prefixes its link carries; TAP: from its own
      MACs, and ARP/IP senders inside the overlay prefix must be its own), once per packet on
