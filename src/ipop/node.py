@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -275,6 +276,11 @@ class Node:
                 self.snat.add()
         if cfg.exit_node is not None:
             self.dp.exit_servers = self.underlay_servers()
+        if cfg.exit_node is not None or cfg.advertise_routes or any(
+                p.allowed_ips for p in cfg.peers):
+            # routes will change soon: import the netlink library now, off the control
+            # thread, rather than at the first route change (``ipop up`` does not need it)
+            threading.Thread(target=_import_netlink, name="ipop-preload", daemon=True).start()
 
     def underlay_servers(self) -> set[str]:
         """The addresses of the XMPP, STUN and TURN servers (names resolved now)."""
@@ -676,6 +682,10 @@ class Node:
         if extra is not None:
             return await extra(method, params)
         raise IpopError(f"unknown method {method!r}")
+
+
+def _import_netlink() -> None:
+    import pyroute2  # noqa: F401  (kroutes imports it lazily; this only warms it)
 
 
 def _link_text(link: Link) -> str:
