@@ -359,6 +359,7 @@ def test_fault_e_coturn_killed_under_a_relayed_pair(world: World):
     assert a.link_to(b)["path"] == "relay"
 
 
+@pytest.mark.timeout(600 if LONG else 300)  # the long version streams for 5 minutes
 def test_fault_f_rekeys_under_load(world: World):
     every, seconds = (10, 300) if LONG else (5, 30)  # rekey_seconds is 5 at least
     a, b = start_pair(world, rekey_seconds=every)
