@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -42,6 +43,9 @@ from ipop.wire.prefixes import Net
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
+CALM_EVERY = 4
+"""While nothing is being set up or keyed, the controller and the sessions are ticked on every
+4th tick (once a second); the data plane's liveness checks run on every tick."""
 HELLO_INTERVAL = 1.0  # seconds between hellos on a static link that waits for keys
 
 
@@ -54,6 +58,7 @@ class Controller(Protocol):
     def peers_status(self) -> list[dict[str, Any]]: ...
     def node_status(self) -> dict[str, Any]: ...
     def tick(self, now: float) -> None: ...
+    def busy(self) -> bool: ...
 
 
 class Node:
@@ -79,6 +84,7 @@ class Node:
         self.link_hooks: list[Callable[[str, str], None]] = []
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
+        self._ticks = 0
         self.snat: Snat | None = None
         # static peers whose endpoint is a host name: re-resolved when their link goes down
         self._static_names: dict[bytes, tuple[str, int]] = {}
@@ -115,7 +121,8 @@ class Node:
         self.lock_state_dir()
         self.identity = ident.load_or_create(self.state_dir)
         self.keying = Keying(self.identity, rekey_seconds=cfg.rekey_seconds,
-                             on_event=self.link_event, on_promote=self._promote)
+                             on_event=self.link_event, on_promote=self._promote,
+                             on_keys=self._keys_in)
         self.api = ControlServer(cfg.control_path, self.handle_api)
         await self.api.start()
         from ipop.netinfo import default_mtu
@@ -195,14 +202,23 @@ class Node:
             await asyncio.sleep(TICK)
             now = time.monotonic()
             self.notifier.watchdog(now)
+            self._ticks += 1
             try:
                 if self.dp is not None:
                     self.dp.tick(now)
+                if self._ticks % CALM_EVERY and not self._busy():
+                    continue
                 if self.controller is not None:
                     self.controller.tick(now)
                 self._tick_sessions(now)
             except Exception:
                 log.exception("tick failed")
+
+    def _busy(self) -> bool:
+        """Something is being set up or keyed: tick everything every time."""
+        if self.keying is not None and self.keying.busy():
+            return True
+        return self.controller is not None and self.controller.busy()
 
     def _tick_sessions(self, now: float) -> None:
         """Drive handshake retransmits and rekeys; report frames that show a sec mismatch;
@@ -267,6 +283,11 @@ class Node:
                 self.snat.add()
         if cfg.exit_node is not None:
             self.dp.exit_servers = self.underlay_servers()
+        if cfg.exit_node is not None or cfg.advertise_routes or any(
+                p.allowed_ips for p in cfg.peers):
+            # routes will change soon: import the netlink library now, off the control
+            # thread, rather than at the first route change (``ipop up`` does not need it)
+            threading.Thread(target=_import_netlink, name="ipop-preload", daemon=True).start()
 
     def underlay_servers(self) -> set[str]:
         """The addresses of the XMPP, STUN and TURN servers (names resolved now)."""
@@ -530,6 +551,10 @@ class Node:
                 log.info("link %s removed", peer_uid[:12],
                          extra=logs.link_extra(peer_uid, _link_text(link)))
 
+    def _keys_in(self, link: Link) -> None:
+        if self.dp is not None:
+            self.dp.release_early(link)
+
     def stop_security(self, link: Link) -> None:
         """Forget a removed link's keys."""
         if self.keying is not None:
@@ -692,6 +717,10 @@ class Node:
         if extra is not None:
             return await extra(method, params)
         raise IpopError(f"unknown method {method!r}")
+
+
+def _import_netlink() -> None:
+    import pyroute2  # noqa: F401  (kroutes imports it lazily; this only warms it)
 
 
 def _link_text(link: Link) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import signal
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -222,9 +223,14 @@ def test_unreachable_server_retries_visibly(caplog: Any) -> None:
         rec = run(body)
     lines = [r.getMessage() for r in caplog.records if r.name == "ipop.signal.xmpp"]
     retry = [ln for ln in lines if "cannot reach" in ln]
-    assert len(retry) == 4, lines  # attempts at 0 s, 1 s and 3 s; the other's at 0 s
-    assert retry[0] == f"xmpp: cannot reach 127.0.0.1:{port} (Connection refused); retrying in 1s"
-    assert retry[1].endswith("retrying in 2s") and retry[2].endswith("retrying in 4s")
+    # attempts at 0 s, after 0.5-1 s and after 1-2 s more (backoff 1, 2, 4 s capped at 5, each
+    # wait jittered to 50-100 %); then the other's at 0 s
+    assert len(retry) == 4, lines
+    prefix = f"xmpp: cannot reach 127.0.0.1:{port} (Connection refused); retrying in "
+    assert all(ln.startswith(prefix) and ln.endswith("s") for ln in retry), retry
+    waits = [float(ln[len(prefix):-1]) for ln in retry]
+    for wait, full in zip(waits, (1.0, 2.0, 4.0), strict=False):
+        assert full * 0.5 - 0.05 <= wait <= full + 0.05, waits
     assert [s for s in rec.states if s[0]] == []
     assert all("cannot reach" in (err or "") for _, err in rec.states)
 
@@ -259,7 +265,10 @@ def test_server_restart_reconnects_and_presence_returns(caplog: Any) -> None:
         with caplog.at_level(logging.INFO, logger="ipop.signal.xmpp"):
             run(body)
     lines = [r.getMessage() for r in caplog.records if r.name == "ipop.signal.xmpp"]
-    assert any("lost" in ln and "reconnecting in 1s" in ln for ln in lines), lines
+    # the first reconnect waits 0.5-1.5 s (jittered: a restarted server is not stampeded)
+    waits = [float(m.group(1)) for ln in lines if "lost" in ln
+             for m in [re.search(r"reconnecting in ([\d.]+)s", ln)] if m]
+    assert waits and all(0.5 <= w <= 1.5 for w in waits), lines
 
 
 def test_malformed_bodies_and_strangers_are_ignored(prosody: Prosody, caplog: Any) -> None:
@@ -375,8 +384,9 @@ def test_a_hung_server_is_noticed_by_ping_and_left(caplog: Any) -> None:
             async with nodes((cfg, uid_of(1))) as (a,):
                 os.kill(pid, signal.SIGSTOP)  # the server hangs: TCP stays up, nothing answers
                 try:
-                    took = await until(lambda: not a.signal.connected, "ping timeout", limit=5)
-                    assert took < 3
+                    # two pings in a row go unanswered (a busy server may miss one)
+                    took = await until(lambda: not a.signal.connected, "ping timeout", limit=8)
+                    assert took < 5.5
                     await asyncio.sleep(1.0)
                 finally:
                     os.kill(pid, signal.SIGCONT)

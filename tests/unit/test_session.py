@@ -9,7 +9,7 @@ import pytest
 
 from ipop.crypto.aead import Suite
 from ipop.crypto.identity import Identity
-from ipop.crypto.session import CryptoSession, is_client_for
+from ipop.crypto.session import REKEY_JITTER, CryptoSession, is_client_for
 from ipop.errors import AuthError, LocalProtocolError
 
 ALICE = Identity.generate("alice")
@@ -20,6 +20,7 @@ AAD_BA = b"\x81" + BOB.uid + ALICE.uid
 
 
 def sessions(**kw: object) -> tuple[CryptoSession, CryptoSession]:
+    kw.setdefault("rekey_jitter", 0.0)  # exact rekey times; test_rekeys_are_jittered has it
     client = CryptoSession(
         ALICE, is_client=True, expected_fingerprint=BOB.fingerprint, expected_uid=BOB.uid, **kw
     )  # type: ignore[arg-type]
@@ -84,7 +85,7 @@ def test_initial_handshake_and_traffic() -> None:
     keys = client.keys
     assert keys is not None and keys.peer_uid == BOB.uid and keys.suite is Suite.CHACHA20_POLY1305
     assert client.stats()["state"] == "ready"
-    assert client.next_deadline() == 120.0  # the rekey
+    assert client.next_deadline() == 120.0  # the rekey (no jitter in these tests)
     assert server.next_deadline() is None  # the server never starts a handshake
 
 
@@ -288,3 +289,42 @@ def test_threads_seal_and_open_across_rekeys() -> None:
     assert [int.from_bytes(p, "big") for p in opened] == list(range(total))
     assert server.failures == {}
     assert client.handshakes == server.handshakes >= 3
+
+
+def test_rekeys_are_jittered() -> None:
+    """Keys installed at the same moment expire at different times (0-10 % early), so links
+    keyed together do not rekey in waves."""
+    deadlines = set()
+    for _ in range(8):
+        client, _server = keyed(rekey_jitter=REKEY_JITTER)
+        deadline = client.next_deadline()
+        assert deadline is not None and 108.0 <= deadline <= 120.0
+        deadlines.add(round(deadline, 6))
+    assert len(deadlines) > 1
+
+
+def test_rekeys_leave_no_garbage_cycles() -> None:
+    """A finished handshake is freed by reference counting (no cycle through OpenSSL's verify
+    callback): after many rekeys, with the cycle collector off, no more handshakes are alive
+    than before them (the last finished one per end)."""
+    import gc
+
+    from ipop.crypto.dtls import DtlsHandshake
+
+    def alive() -> int:
+        return sum(isinstance(o, DtlsHandshake) for o in gc.get_objects())
+
+    client, server = keyed()
+    gc.collect()
+    gc.disable()
+    try:
+        before = alive()  # ours: the last finished handshake of each end
+        now = 0.0
+        for _ in range(30):
+            now += 121.0
+            rekey(client, server, now)
+            both_ways(client, server)
+        assert alive() <= before
+    finally:
+        gc.enable()
+    assert client.handshakes == server.handshakes == 31

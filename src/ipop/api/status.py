@@ -58,6 +58,8 @@ def link_entry(link: Link) -> dict[str, Any]:
         "rx_bytes": st.rx_bytes,
         "drops": dict(st.drops),
         "last_rx": last_rx,
+        # DTLS handshakes completed on this link (the first, then one per rekey)
+        "handshakes": getattr(link.session, "handshakes", None) if link.encrypted else None,
         "framing": {
             "mode": link.trains.mode(time.monotonic()),
             "trains_sent": link.trains_sent,

@@ -8,10 +8,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 from pathlib import Path
 
 from ipop.errors import ConfigError, IpopError
+
+# ipop uses no pydantic plugins: spare pydantic the scan of every installed package's entry
+# points when the config model is built (measured with -X importtime)
+os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
 def _load_config(path: str):  # type: ignore[no-untyped-def]

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,9 @@ CON_REQ_BURST = 20.0
 AUTH_HOLD_MIN = 2.0  # seconds an account or UID is ignored after its first failed handshake
 AUTH_HOLD_MAX = 60.0
 CLAIM_LOG_GAP = 10.0  # seconds between two log lines about refused UID claims from one account
+RELINK_EAGER = 60.0
+"""For this long after a working link was lost (path lost, keepalive timeout), a failed attempt
+to make it again is retried after 0.5-1.5 s instead of the growing backoff."""
 
 
 class AuthRecord:
@@ -107,6 +111,10 @@ class GroupVPN(SignalListener):
         self._claim_logged: dict[str, float] = {}
         # peers (UID) whose working link stays while a new one is proven beside it
         self._beside: set[str] = set()
+        # peers (UID) whose working link was lost, and when; those whose link ran over a relay
+        # wait until the TURN server answers before a new attempt
+        self._lost_at: dict[str, float] = {}
+        self._relay_lost: set[str] = set()
 
     # ---- helpers
     @property
@@ -198,6 +206,10 @@ class GroupVPN(SignalListener):
                     ip4: str | None = None, *, ip6: str | None = None) -> None:
         if uid == self.my_uid:
             return  # another resource of ourselves
+        if not online:
+            known = self.peers.by_jid.get(bare(jid))
+            if known is not None and known.online and known.jid != jid:
+                return  # an older resource left (the peer restarted); the newer one stays
         peer = self.peers.get(jid)
         now = self._now()
         was_online = peer.online
@@ -218,7 +230,16 @@ class GroupVPN(SignalListener):
                 peer.backoff = 1.0
         else:
             peer.online = False
-            if peer.state is not LinkState.IDLE:
+            if peer.state is LinkState.UP:
+                # Signaling lost the peer (it left, or the server went away): a working link
+                # stays; only the data plane's keepalives end it (``link_down``).  They are
+                # asked now: a peer that died stops answering within 1.5 s, and its link goes
+                # (packets for it then wait for a new link instead of being lost).
+                log.info("%s went offline; its link stays while the peer answers keepalives",
+                         jid, extra=link_extra(peer.uid))
+                if self.node.dp is not None and peer.uid is not None:
+                    self.node.dp.verify(bytes.fromhex(peer.uid))
+            elif peer.state is not LinkState.IDLE:
                 self._drop_link(peer, "peer went offline")
         self.node.notify("peer_state", self.peer_entry(peer))
         if online and not self.cfg.on_demand_connection:
@@ -383,6 +404,12 @@ class GroupVPN(SignalListener):
     async def _request(self, peer: Peer, attempt: int) -> None:
         """Step 4: gather our candidates, then send con_req."""
         assert self.paths is not None and peer.uid is not None
+        if peer.uid in self._relay_lost:
+            if not await self.paths.turn_answers():
+                self._attempt_failed(peer, attempt, "the TURN server does not answer "
+                                     "(the link ran over its relay)")
+                return
+            self._relay_lost.discard(peer.uid)
         try:
             candidates = await self.paths.prepare(peer.uid, self.my_uid)
         except Exception as exc:
@@ -434,8 +461,27 @@ class GroupVPN(SignalListener):
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
             self._spawn(self._close_path(peer.uid))
-        peer.failed(self._now())
+        self._failed(peer)
         self.node.notify("peer_state", self.peer_entry(peer))
+
+    def _failed(self, peer: Peer) -> None:
+        """An attempt failed or a link was lost: back to idle with the peer's backoff, or soon
+        (0.5-1.5 s, jittered) while a link lost recently is being made again."""
+        now = self._now()
+        peer.failed(now)
+        lost = self._lost_at.get(peer.uid or "")
+        if lost is not None and now - lost < RELINK_EAGER:
+            peer.retry_at = now + random.uniform(0.5, 1.5)
+
+    def _lost(self, peer: Peer, why: str) -> None:
+        """A working link went away (its path or its keepalives): drop it, make it again."""
+        uid = peer.uid
+        if uid is not None:
+            self._lost_at[uid] = self._now()
+            if self.paths is not None and self.paths.kind(uid) == "relay":
+                self._relay_lost.add(uid)
+        self._drop_link(peer, why)
+        self._failed(peer)
 
     async def _close_path(self, peer_uid: str) -> None:
         if self.paths is not None:
@@ -659,8 +705,7 @@ class GroupVPN(SignalListener):
     def _ice_failed(self, peer_uid: str, why: str) -> None:
         peer = self.peers.find_uid(peer_uid)
         if peer is not None and peer.state is not LinkState.IDLE:
-            self._drop_link(peer, f"path lost ({why})")
-            peer.failed(self._now())
+            self._lost(peer, f"path lost ({why})")
 
     def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
         """(address this node routes to the peer, the peer's own address if it differs)."""
@@ -700,8 +745,7 @@ class GroupVPN(SignalListener):
         if ev.kind == "link_down":
             peer = self.peers.find_uid(ev.data["peer_uid"].hex())
             if peer is not None and peer.state is not LinkState.IDLE:
-                self._drop_link(peer, "keepalive timeout")
-                peer.failed(self._now())
+                self._lost(peer, "keepalive timeout")
             return False
         return False
 
@@ -725,6 +769,8 @@ class GroupVPN(SignalListener):
                 self._end_beside(peer, f"handshake failed: {reason}")
             return  # the working link's own events wait until the new one settles
         if event == "up" and peer.state is not LinkState.UP:
+            self._lost_at.pop(peer_uid, None)
+            self._relay_lost.discard(peer_uid)
             peer.enter(LinkState.UP, now)
             peer.last_activity = now
             self.node.notify("peer_state", self.peer_entry(peer))
@@ -785,6 +831,12 @@ class GroupVPN(SignalListener):
         return self.live_routes.exit_peer_uid()
 
     # ---- periodic work
+    def busy(self) -> bool:
+        """A link is being set up or waits for a retry: tick every time, not once a second."""
+        return any(p.state in (LinkState.REQUESTED, LinkState.LINKING)
+                   or (p.state is LinkState.IDLE and p.wanted and p.online)
+                   for p in self.peers)
+
     def tick(self, now: float) -> None:
         idle_limit = self.cfg.on_demand_inactive_timeout
         for peer in self.peers:
@@ -796,7 +848,7 @@ class GroupVPN(SignalListener):
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                     self._spawn(self._close_path(peer.uid))  # its ICE agent and sockets
-                peer.failed(now)
+                self._failed(peer)
             if (peer.state is LinkState.LINKING and peer.uid is not None
                     and peer.uid not in self._beside and self.node.link_is_up(peer.uid)):
                 self._on_link_event(peer.uid, "up")

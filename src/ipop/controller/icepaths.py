@@ -9,14 +9,18 @@ comes back through ``feed``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
+import os
+import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ipop.config import Config, parse_endpoint
 from ipop.dataplane.link import Path
+from ipop.fwmark import mark_socket
 from ipop.nat.params import IceParams, SelectedPath, TurnConf
 
 if TYPE_CHECKING:
@@ -26,6 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipop.controller.ice")
 CONNECT_DEADLINE = 8.0
 DIRECT_PHASE = 1.2  # seconds of direct-only checks before relayed pairs join (LAN/NAT: < 0.1 s)
+TURN_CHECK_TIMEOUT = 0.8  # seconds a TURN server gets to answer a STUN Binding request
 
 
 def to_path(sp: SelectedPath) -> Path:
@@ -104,6 +109,33 @@ class IcePaths:
         self.connected.add(peer_uid)
         log.info("path to %s: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
         return to_path(sp), ice.take_early()
+
+    async def turn_answers(self) -> bool:
+        """Whether the first TURN server answers a STUN Binding request now (True when none is
+        configured).  A link that ran over a relay waits for this before it is made again, so
+        an attempt does not spend its gather and check time on a server that is still away."""
+        if not self.turn:
+            return True
+        from aioice import stun
+
+        host, port = self.turn[0].server
+        request = stun.Message(message_method=stun.Method.BINDING,
+                               message_class=stun.Class.REQUEST,
+                               transaction_id=os.urandom(12))
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.setblocking(False)
+            mark_socket(sock)
+            try:
+                await loop.sock_sendto(sock, bytes(request), (host, port))
+                async with asyncio.timeout(TURN_CHECK_TIMEOUT):
+                    while True:
+                        data, _ = await loop.sock_recvfrom(sock, 2048)
+                        if len(data) >= 20 and data[8:20] == request.transaction_id:
+                            return True
+            except (TimeoutError, OSError):
+                return False
 
     def feed(self, sock: object, data: bytes, addr: tuple[str, int], channel: int | None) -> bool:
         if self._dispatcher is None:

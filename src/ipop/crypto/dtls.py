@@ -52,6 +52,8 @@ Failures never raise out of ``receive``/``on_timeout``: they set ``failure`` (an
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
@@ -90,6 +92,8 @@ MAX_REPEAT_RESENDS = 8
 REPEAT_GAP = 0.25
 """Seconds between two resends triggered by the peer's repeats (one per repeated flight)."""
 SEEN_LIMIT = 64
+CONTEXT_CACHE = 8
+"""SSL contexts kept (one per identity and suite; a node has one identity)."""
 
 _CIPHERS = {
     Suite.AES_256_GCM: b"ECDHE-ECDSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305",
@@ -325,35 +329,22 @@ class DtlsHandshake:
     # -- internals ---------------------------------------------------------------------------
 
     def _connection(self, identity: Identity, suite: Suite) -> SSL.Connection:
-        try:
-            ctx = SSL.Context(SSL.DTLS_METHOD)
-            ctx.set_min_proto_version(DTLS1_2_VERSION)
-            ctx.set_max_proto_version(DTLS1_2_VERSION)
-            ctx.use_certificate(identity.cert)
-            ctx.use_privatekey(identity.key)
-            ctx.check_privatekey()
-            ctx.set_cipher_list(_CIPHERS[suite])
-            ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
-            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, self._verify)
-            if self.confirmation is not None:
-                if self.is_client:
-                    ctx.set_alpn_protos(self.confirmation.offer())
-                else:
-                    ctx.set_alpn_select_callback(self._select_alpn)
-            conn = SSL.Connection(ctx, None)
-            conn.set_ciphertext_mtu(self.mtu)
-        except SSL.Error as exc:
-            raise IdentityError(f"cannot use this identity for DTLS: {exc}") from None
+        ctx = shared_context(identity, suite)
+        conn = SSL.Connection(ctx, None)
+        # The shared context's verify callback finds this handshake through a weak
+        # reference: no cycle (handshake -> connection -> callback -> handshake) keeps a
+        # finished handshake and its OpenSSL objects alive until a full GC pass.
+        conn.set_app_data(weakref.ref(self))
+        conn.set_ciphertext_mtu(self.mtu)
+        if self.confirmation is not None and self.is_client:
+            conn.set_alpn_protos(self.confirmation.offer())
         if self.is_client:
             conn.set_connect_state()
         else:
             conn.set_accept_state()
         return conn
 
-    def _verify(
-        self, conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
-    ) -> bool:
+    def _verify(self, cert: crypto.X509, depth: int) -> bool:
         """OpenSSL's verify callback: accept self-signed, but pin the leaf to the fingerprint."""
         if depth != 0:
             return True
@@ -536,3 +527,59 @@ class DtlsHandshake:
         if self.failure is None:
             self.failure = AuthError(message, reason=reason)
         self._rtx_at = None
+
+
+_contexts: dict[tuple[int, Suite], tuple[weakref.ref[Identity], SSL.Context]] = {}
+_contexts_lock = threading.Lock()
+
+
+def _verify_shared(
+    conn: SSL.Connection, cert: crypto.X509, errnum: int, depth: int, ok: int
+) -> bool:
+    """The shared contexts' verify callback: hands the check to the connection's handshake."""
+    ref = conn.get_app_data()
+    handshake = ref() if isinstance(ref, weakref.ref) else None
+    if not isinstance(handshake, DtlsHandshake):
+        return False
+    return handshake._verify(cert, depth)
+
+
+def _select_alpn_shared(conn: SSL.Connection, offered: list[bytes]) -> bytes:
+    """The shared contexts' ALPN callback (server): hands the choice to the connection's
+    handshake; a handshake that asks for no confirmation selects nothing."""
+    ref = conn.get_app_data()
+    handshake = ref() if isinstance(ref, weakref.ref) else None
+    if not isinstance(handshake, DtlsHandshake) or handshake.confirmation is None:
+        return SSL.NO_OVERLAPPING_PROTOCOLS  # type: ignore[return-value]
+    return handshake._select_alpn(conn, offered)
+
+
+def shared_context(identity: Identity, suite: Suite) -> SSL.Context:
+    """One DTLS context per identity and suite, shared by every handshake (a rekey makes a
+    connection, not a context: building a context per handshake cost tens of KB each time,
+    which the allocator did not give back)."""
+    key = (id(identity), suite)
+    with _contexts_lock:
+        found = _contexts.get(key)
+        if found is not None and found[0]() is identity:
+            return found[1]
+        try:
+            ctx = SSL.Context(SSL.DTLS_METHOD)
+            ctx.set_min_proto_version(DTLS1_2_VERSION)
+            ctx.set_max_proto_version(DTLS1_2_VERSION)
+            ctx.use_certificate(identity.cert)
+            ctx.use_privatekey(identity.key)
+            ctx.check_privatekey()
+            ctx.set_cipher_list(_CIPHERS[suite])
+            ctx.set_options(SSL.OP_NO_QUERY_MTU | SSL.OP_NO_TICKET)
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_shared)
+            ctx.set_alpn_select_callback(_select_alpn_shared)  # clients offer per connection
+        except SSL.Error as exc:
+            raise IdentityError(f"cannot use this identity for DTLS: {exc}") from None
+        for stale in [k for k, (ref, _) in _contexts.items() if ref() is None]:
+            del _contexts[stale]
+        while len(_contexts) >= CONTEXT_CACHE:
+            del _contexts[next(iter(_contexts))]
+        _contexts[key] = (weakref.ref(identity), ctx)
+        return ctx

@@ -15,7 +15,8 @@ Epochs.  Each handshake's keys carry an epoch byte, exported from the handshake 
 same keys alike without counting handshakes (a count would drift apart after a handshake that
 only one end completed).
 
-Rekey, step by step (``rekey_seconds``, default 120, or ``rekey_packets`` sealed or received)::
+Rekey, step by step (``rekey_seconds``, default 120, less a random 0-10 % drawn at each
+install so that links do not rekey in waves; or ``rekey_packets`` sealed or received)::
 
     client                                         server
     tick(): rekey due -> ClientHello  ------>      new handshake; old keys still seal and open
@@ -54,6 +55,7 @@ Threads (the contract with the data plane):
 
 from __future__ import annotations
 
+import random
 import threading
 from collections.abc import Mapping
 
@@ -83,6 +85,9 @@ RETRY_SECONDS = 1.0
 MAX_RETRY_SECONDS = 30.0
 NEW_HELLO_GAP = 0.5
 """A server replaces a handshake in progress by a new ClientHello at most this often."""
+REKEY_JITTER = 0.1
+"""Each rekey comes after ``rekey_seconds`` less up to this share of it, drawn anew each time,
+so links keyed together do not rekey in waves."""
 RX_REASONS = ("truncated", "unknown_epoch", "replay", "bad_tag")
 
 
@@ -103,6 +108,7 @@ class CryptoSession:
         expected_uid: bytes | None = None,
         rekey_seconds: float = REKEY_SECONDS,
         rekey_packets: int = REKEY_PACKETS,
+        rekey_jitter: float = REKEY_JITTER,
         grace_seconds: float = GRACE_SECONDS,
         confirm_seconds: float = CONFIRM_SECONDS,
         handshake_timeout: float = HANDSHAKE_TIMEOUT,
@@ -120,6 +126,7 @@ class CryptoSession:
         self.expected_uid = expected_uid
         self.rekey_seconds = rekey_seconds
         self.rekey_packets = rekey_packets
+        self.rekey_jitter = rekey_jitter
         self.grace_seconds = grace_seconds
         self.confirm_seconds = confirm_seconds
         self.handshake_timeout = handshake_timeout
@@ -147,6 +154,7 @@ class CryptoSession:
         self._confirmed = False  # set by open() when the peer uses the newest keys
         self._retire_at: float | None = None
         self._keyed_at: float | None = None
+        self._rekey_after = rekey_seconds  # this key's lifetime: jittered at each install
         self._retry_at: float | None = None
         self._retry_delay = retry_seconds
         self._keys: KeyMaterial | None = None
@@ -164,6 +172,17 @@ class CryptoSession:
     def ready(self) -> bool:
         """Keys are in place: ``seal`` works."""
         return self._sealer is not None
+
+    @property
+    def handshaking(self) -> bool:
+        """A handshake is under way (first keys, a rekey, or the client retrying)."""
+        return self._handshake is not None or self._retry_at is not None
+
+    @property
+    def awaiting_keys(self) -> bool:
+        """A handshake is under way, or none finished yet: a frame under an epoch we do not
+        know may be sealed with keys this end is about to install (any thread)."""
+        return self._handshake is not None or self._sealer is None
 
     def seal(self, aad: Buffer, plaintext: Buffer) -> bytes:
         """Seal one payload under the current keys (any thread).  Raises if not ready."""
@@ -270,7 +289,7 @@ class CryptoSession:
             if self._pending is not None:
                 times.append(self._pending_until)
             if self.is_client and self._handshake is None and self._keyed_at is not None:
-                times.append(self._keyed_at + self.rekey_seconds)
+                times.append(self._keyed_at + self._rekey_after)
             present = [t for t in times if t is not None]
             return min(present) if present else None
 
@@ -407,6 +426,7 @@ class CryptoSession:
             self._pending, self._pending_until = sealer, now + self.confirm_seconds
         self._keys = keys
         self._keyed_at = now
+        self._rekey_after = self.rekey_seconds * (1.0 - self.rekey_jitter * random.random())
         self._retry_at = None
         self._retry_delay = self.retry_seconds
         self.handshakes += 1
@@ -421,7 +441,7 @@ class CryptoSession:
     def _rekey_due(self, now: float) -> bool:
         if self._keyed_at is None:
             return True  # never keyed and not retrying: (re)start
-        if now - self._keyed_at >= self.rekey_seconds:
+        if now - self._keyed_at >= self._rekey_after:
             return True
         sealer, current = self._sealer, self._current
         if sealer is not None and sealer.counter >= self.rekey_packets:

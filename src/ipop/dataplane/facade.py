@@ -37,6 +37,8 @@ SWITCH_INTERVAL = 0.0002  # seconds; see DataPlane.start
 MISS_RATE = 20.0  # unknown-destination notifications per second, at most
 MISS_BURST = 40
 MISS_HOLD = 10.0  # seconds a packet for an unknown destination is held for a link to appear
+DOWN_PERIODS = 3.5  # keepalive periods without a frame from the peer before a link is down
+VERIFY_SECONDS = 1.5  # a liveness check (``DataPlane.verify``) waits this long for any frame
 
 
 @dataclass
@@ -343,6 +345,14 @@ class DataPlane:
         send_keepalive(link, wk.OP_PROBE, stamp)
         return None
 
+    def release_early(self, link: Link) -> None:
+        """``link`` has new keys: the rx thread opens the sealed frames it held meanwhile
+        (``Link.early``).  Control thread."""
+        if not link.early or self.stopping.is_set():
+            return
+        self.inbound.replays.put(link)
+        os.write(self._wake_w, b"r")
+
     # ---- held packets for unknown destinations (on-demand links)
     def _on_miss(self, dst: bytes, pkt: bytes) -> None:
         """Data-plane thread (device reads): hold the packet briefly and tell the controller
@@ -425,20 +435,65 @@ class DataPlane:
 
     # ---- periodic work (control thread)
     def tick(self, now: float | None = None) -> None:
-        """Send keepalives and report links that went quiet; call about once a second."""
+        """Send keepalives and report links that went quiet; call a few times a second.
+
+        A link that carried something from the peer within the last period needs no probe
+        (as WireGuard, a busy link sends no keepalive).  On a quiet link the lower UID probes
+        once a period and the higher UID only after 1.5 periods of silence, so the peer's
+        probes (and their echoes) usually stand for both ends' and half the probes are spared;
+        either end's NAT mapping still sees traffic every period (a probe or an echo).  A link
+        that heard nothing for ``DOWN_PERIODS`` periods is reported down: with an unanswered
+        probe per period, it leaves ``up`` within 4 periods."""
         now = time.monotonic() if now is None else now
+        period = self.keepalive_seconds
         for link in self.table.links:
-            if now - link.ka_sent >= self.keepalive_seconds:
+            if link.verify_by and self._verifying(link, now):
+                continue
+            quiet = now - link.stats.last_rx_mono
+            wait = period if self.uid < link.peer_uid else period * 1.5
+            if quiet >= wait and now - link.ka_sent >= period:
                 link.ka_sent = now
                 send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
-            idle = now - link.stats.last_rx_mono
-            if idle > 4 * self.keepalive_seconds + 1 and not link.down:
+            if quiet > DOWN_PERIODS * period and not link.down:
                 link.down = True
-                self.on_event(Event("link_down", {"peer_uid": link.peer_uid, "idle": idle}))
-            elif idle <= 4 * self.keepalive_seconds and link.down:
+                self.on_event(Event("link_down", {"peer_uid": link.peer_uid, "idle": quiet}))
+            elif quiet <= DOWN_PERIODS * period and link.down:
                 link.down = False
         with self._held_lock:
             self._expire_held(now)
+
+    def verify(self, peer_uid: bytes, seconds: float = VERIFY_SECONDS) -> bool:
+        """Check the link to ``peer_uid`` now (signaling says the peer left): a probe at once
+        and one every tick after; unless a frame from the peer arrives within ``seconds`` the
+        link is reported down (``link_down``).  A link in use answers at once and stays.
+        False when there is no such link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return False
+        now = time.monotonic()
+        if not link.verify_by:
+            link.verify_since = now
+            link.verify_by = now + seconds
+        link.ka_sent = now
+        send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+        return True
+
+    def _verifying(self, link: Link, now: float) -> bool:
+        """A pending liveness check on ``link`` (tick): True when it ended the link."""
+        if link.stats.last_rx_mono > link.verify_since:
+            link.verify_by = 0.0  # the peer answered: the link stays
+            return False
+        if now < link.verify_by:
+            link.ka_sent = now
+            send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+            return False
+        link.verify_by = 0.0
+        if link.down:
+            return False
+        link.down = True
+        self.on_event(Event("link_down", {"peer_uid": link.peer_uid,
+                                          "idle": now - link.stats.last_rx_mono}))
+        return True
 
     # ---- state
     def count_control_drop(self, reason: str) -> None:

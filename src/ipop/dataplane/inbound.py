@@ -16,7 +16,8 @@ Pipeline:
   3. [rx thread] find the link by the source UID, check the destination UID, then either check the
      source address (plain links never follow an unauthenticated address change) or open the
      sealed payload (AEAD + replay window; a sealed link may roam to a new address only on a
-     frame that authenticates);
+     frame that authenticates; a frame under an epoch whose keys this end is still making is
+     held, 16 per link for 2 s, and replayed from step 2 when the keys are in);
   4. [rx thread] answer keepalive probes; check the inner source (cryptokey routing: a peer may
      send only from its overlay addresses and the prefixes its link carries; TAP: from its own
      MACs, and ARP/IP senders inside the overlay prefix must be its own), once per packet on
@@ -52,7 +53,7 @@ from typing import Any
 
 from ipop.dataplane import sockfilter
 from ipop.dataplane.coalesce import coalesce, coalesce_gro, complete_partial
-from ipop.dataplane.link import CryptoSession, Link, standalone
+from ipop.dataplane.link import EARLY_SECONDS, CryptoSession, Link, standalone
 from ipop.dataplane.sources import SourceCheck
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
@@ -129,6 +130,10 @@ class Inbound:
         for _ in range(SLABS):
             self.free.put(bytearray(slab_size))
         self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
+        # links whose held early frames (``Link.early``) may open now: the control thread puts
+        # them here and writes the wake pipe (``DataPlane.release_early``)
+        self.replays: queue.SimpleQueue[Link] = queue.SimpleQueue()
+        self._replaying = False  # rx thread: frames being replayed are not held again
         self.written = 0
         self.drained = False  # rx thread: the last drain emptied its socket
         self.queued = 0  # batches handed to the writer (written by the rx thread only)
@@ -202,6 +207,15 @@ class Inbound:
                 if fd == wake:
                     if stopped():
                         return
+                    try:
+                        os.read(wake, 4096)
+                    except OSError:
+                        pass
+                    try:
+                        self._replay_early()
+                    except Exception:  # never let one datagram stop the data plane
+                        self.drops["internal_error"] += 1
+                        log.exception("inbound: early frames dropped")
                     continue
                 if fd == dev_fd and pump is not None:
                     try:
@@ -232,16 +246,63 @@ class Inbound:
             else:
                 self._read_datagrams(sock, view, out, partial)
         finally:
-            if not out and not ready:
-                self.free.put(slab)
-            elif self.gro:
-                if out:
-                    ready.extend(self._merge(out, partial))
-                self._hand_over(slab, ready, True)
-            else:
-                if any(partial):
-                    out = self._completed(out, partial)
-                self._hand_over(slab, out, False)
+            self._finish_batch(slab, out, partial, ready)
+
+    def _replay_early(self) -> None:
+        """Open the frames held while their keys were being made (``_hold_early``), now that
+        the keys are in; frames older than ``EARLY_SECONDS`` are dropped."""
+        while True:
+            try:
+                link = self.replays.get_nowait()
+            except queue.Empty:
+                return
+            held = list(link.early)
+            link.early.clear()
+            if not held or link.closed:
+                continue
+            now = time.monotonic()
+            slab = self.free.get()
+            out: list[Pkt] = []
+            partial: list[bool] = []
+            ready: list[list[Any]] = []
+            self._replaying = True
+            try:
+                for at, sock, data, addr, channel in held:
+                    if now - at > EARLY_SECONDS:
+                        link.stats.drops["early_expired"] += 1
+                        continue
+                    self._demux(sock, memoryview(data), addr, channel, out, partial,
+                                ready if self.gro else None)
+            finally:
+                self._replaying = False
+                self.drained = True
+                self._finish_batch(slab, out, partial, ready)
+
+    def _hold_early(self, link: Link, session: CryptoSession, sock: socket.socket,
+                    dgram: memoryview, addr: tuple[str, int], channel: int | None) -> bool:
+        """A sealed frame under an epoch we have no keys for, while this end is still making
+        keys: the peer finished its handshake first (the DTLS server finishes before the
+        client) and sent at once.  Hold a copy, bounded in number and time, for
+        ``_replay_early``; False when it is not that case (then it is dropped)."""
+        if self._replaying or not session.awaiting_keys:
+            return False
+        if len(link.early) == link.early.maxlen:
+            link.stats.drops["early_overflow"] += 1  # the oldest one makes room
+        link.early.append((time.monotonic(), sock, bytes(dgram), addr, channel))
+        return True
+
+    def _finish_batch(self, slab: bytearray, out: list[Pkt], partial: list[bool],
+                      ready: list[list[Any]]) -> None:
+        if not out and not ready:
+            self.free.put(slab)
+        elif self.gro:
+            if out:
+                ready.extend(self._merge(out, partial))
+            self._hand_over(slab, ready, True)
+        else:
+            if any(partial):
+                out = self._completed(out, partial)
+            self._hand_over(slab, out, False)
 
     def _more(self, sock: socket.socket) -> Callable[[int], list[tuple[int, int]]]:
         """``more(0)``: the socket's readiness now, without reading (empty: drained)."""
@@ -496,6 +557,9 @@ class Inbound:
                     dgram[: wh.HEADER_LEN], dgram[wh.HEADER_LEN :]
                 )
             except RemoteProtocolError as exc:
+                if exc.reason == "unknown_epoch" and self._hold_early(
+                        link, session, sock, dgram, addr, channel):
+                    return
                 stats.drops[exc.reason] += 1
                 return
             if not same_path and channel is None:

@@ -31,6 +31,7 @@ log = logging.getLogger("ipop.dataplane.keying")
 PLAIN_REKEY_SECONDS = 10.0 * 365 * 86400
 # (peer UID, "up" | "failed" | "mismatch" | "replaced" | "beside_failed")
 LinkEvent = Callable[[bytes, str], None]
+KeysIn = Callable[[Link], None]  # a link has new keys (its first, or a rekey's)
 SourceKey = tuple[int, tuple[str, int], int | None]
 
 
@@ -41,14 +42,17 @@ class Keying:
     it is not in the forwarding table, its DTLS datagrams are told apart by their path, and only
     once its handshake proved the same UID does ``on_promote`` put it in the table in place of
     the old link (event ``replaced``).  A beside handshake that fails (``beside_failed``) leaves
-    the old link as it was."""
+    the old link as it was.  ``on_keys`` hears of every link's new keys (its first, or a
+    rekey's), so frames the peer sealed before them can be replayed."""
 
     def __init__(self, identity: Identity, *, rekey_seconds: float, on_event: LinkEvent,
-                 on_promote: Callable[[Link], None] | None = None) -> None:
+                 on_promote: Callable[[Link], None] | None = None,
+                 on_keys: KeysIn | None = None) -> None:
         self.identity = identity
         self.rekey_seconds = rekey_seconds
         self.on_event = on_event
         self.on_promote = on_promote
+        self.on_keys = on_keys
         self.links: dict[bytes, Link] = {}
         self.beside: dict[bytes, Link] = {}
         self._beside_paths: dict[SourceKey, bytes] = {}
@@ -145,6 +149,14 @@ class Keying:
         self._check(link, now)
         return True
 
+    def busy(self) -> bool:
+        """A link waits for keys or is rekeying: its handshake wants sub-second ticks."""
+        for link in (*self.links.values(), *self.beside.values()):
+            session = link.session
+            if isinstance(session, CryptoSession) and (session.handshaking or not session.ready):
+                return True
+        return False
+
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for link in list(self.beside.values()):
@@ -240,6 +252,8 @@ class Keying:
                 # a new handshake on a working plain link: a frame at once, so the peer (the
                 # DTLS server, waiting for proof that we finished) may send again
                 send_keepalive(link, wk.OP_PROBE, time.monotonic_ns())
+            if self.on_keys is not None:  # frames the peer sealed before we had these keys
+                self.on_keys(link)
         if session.ready and not self._ready.get(uid):
             self._ready[uid] = True
             if link.encrypted or session.is_client or link.authed:

@@ -30,6 +30,10 @@ from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VnetHdr
 
 CHANNEL_HDR = struct.Struct("!HH")
 PENDING_LIMIT = 256
+EARLY_LIMIT = 16
+"""Sealed frames held at most, per link, while its first keys (or a rekey's) are made."""
+EARLY_SECONDS = 2.0
+"""How long such a frame is held before it is dropped (``early_expired``)."""
 SEAL_BUFFER = 65536 + 64  # a TUN read (vnet header + 64 KB) sealed
 HDR = wh.HEADER_LEN
 _ERRNO_REASON = {errno.EMSGSIZE: "emsgsize", errno.EAGAIN: "sndbuf_full",
@@ -64,6 +68,9 @@ class CryptoSession(Protocol):
              out: bytearray | memoryview | None = None) -> bytes | memoryview: ...
 
     def seal_into(self, aad: bytes, plaintext: memoryview, out: bytearray) -> memoryview: ...
+
+    @property
+    def awaiting_keys(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -163,10 +170,20 @@ class Link:
         self.loss_counted = 0  # RX thread: reassembler.lost already counted and reported
         self.loss_report_at = 0.0
         self._pending: collections.deque[bytes] = collections.deque()
+        # RX thread: sealed frames under an epoch whose keys are still being made (the peer
+        # finished its handshake first and sent at once): (arrival, socket, datagram, source,
+        # TURN channel), opened again once the keys are in (``Inbound.replay_early``)
+        self.early: collections.deque[
+            tuple[float, socket.socket, bytes, tuple[str, int], int | None]
+        ] = collections.deque(maxlen=EARLY_LIMIT)
         self._pending_lock = threading.Lock()
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left
-        self.down = False  # control thread: reported as down (no traffic for 4 keepalives)
+        self.down = False  # control thread: reported as down (no frame for 3.5 keepalives)
+        # control thread: a liveness check asked for (``DataPlane.verify``): heard nothing since
+        # ``verify_since`` by ``verify_by`` -> down; 0.0: none pending
+        self.verify_since = 0.0
+        self.verify_by = 0.0
         # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the RX thread)
         # with the RTT in ms; the control thread adds, the RX thread pops
         self.pings: dict[int, Callable[[float], None]] = {}

@@ -18,6 +18,7 @@ Everything here that reaches into aioice's private state is collected in this mo
   an address that has not answered one yet get ``CHECK_BURST`` sends, then one per
   ``1/CHECK_RATE`` seconds, so a peer's candidate list cannot aim a stream of checks at a
   victim (issue 16: reflection); an address that answered is not limited.
+* ``query_consent`` does nothing: the data plane's keepalives are the liveness check.
 
 Private attributes read elsewhere: ``_protocols``, ``_nominated``, ``_check_list``,
 ``_remote_candidates``, ``_find_pair``.
@@ -197,6 +198,14 @@ class IpopConnection(Connection):
 
     def data_received(self, data: bytes, component: int) -> None:
         self.early.append(data)
+
+    async def query_consent(self) -> None:
+        """No consent freshness checks (RFC 7675) from aioice.  Once the data plane carries the
+        link, its authenticated keepalives are the link's liveness, and they follow the path
+        the data plane proved: after a NAT rebinding the link moves to the new mapping, while
+        aioice kept checking the old pair and closed the connection some 30 s later, tearing a
+        working link down.  A relayed path is watched by ``IceLink``'s relay probe instead."""
+        return
 
     # ---- read access to private state, in one place
     @property

@@ -36,6 +36,10 @@ come ChannelData (the data plane unwraps it; STUN inside goes to ``feed`` with `
 plain STUN: responses to Allocate refresh/ChannelBind and Data indications (to ``feed`` with
 ``channel=None``).
 
+Liveness.  aioice's consent checks are off (``IpopConnection.query_consent``): the data plane's
+keepalives decide whether a link lives.  A path through our own TURN allocation is probed with a
+Refresh every 1.25 s, and three misses (or an error answer) end the session within 5 s.
+
 Upgrade.  While the selected path is relayed, both ends probe the direct pairs every
 ``probe_interval`` seconds; the controlling end nominates the first that answers and the
 controlled end's aioice follows that nomination; both report ``on_path_change``.
@@ -84,6 +88,9 @@ if not aioice.__version__.startswith("0.13."):  # pragma: no cover
 
 MAX_PROBE_PAIRS = 8
 CLOSE_TIMEOUT = 2.0
+RELAY_PROBE_INTERVAL = 1.25  # seconds between two probes of our TURN allocation while relayed
+RELAY_PROBE_TIMEOUT = 1.0
+RELAY_MISSES = 3  # unanswered probes in a row that make the relay dead (within 5 s)
 _STUN_CLASS = {0x0000: "request", 0x0010: "indication", 0x0100: "response", 0x0110: "error"}
 
 
@@ -138,6 +145,8 @@ class IceLink:
         direct_timeout: float = 2.5,
         probe_interval: float = 7.0,
         channel_refresh: float = 240.0,
+        relay_probe_interval: float = RELAY_PROBE_INTERVAL,
+        relay_probe_timeout: float = RELAY_PROBE_TIMEOUT,
         gather_timeout: int = 3,
         on_path_change: Callable[[SelectedPath], None] | None = None,
         on_closed: Callable[[str], None] | None = None,
@@ -150,6 +159,8 @@ class IceLink:
         self.direct_timeout = direct_timeout
         self.probe_interval = probe_interval
         self.channel_refresh = channel_refresh
+        self.relay_probe_interval = relay_probe_interval
+        self.relay_probe_timeout = relay_probe_timeout
         self.gather_timeout = gather_timeout
         self.on_path_change = on_path_change
         self.on_closed = on_closed
@@ -288,8 +299,10 @@ class IceLink:
             raise
         self.counters["connect_ms"] = round((time.monotonic() - start) * 1000)
         self._spawn(self._watch_closed())
-        self._spawn(self._probe_direct())
-        self._spawn(self._refresh_channel())
+        if not selected.direct:  # a direct path never falls back: no timers on it
+            self._spawn(self._probe_direct())
+            self._spawn(self._refresh_channel())
+            self._spawn(self._watch_relay())
         return selected
 
     def feed(
@@ -505,7 +518,7 @@ class IceLink:
         while not self._closed:
             await asyncio.sleep(self.probe_interval * (0.8 + 0.4 * random.random()))
             if self.selected is None or self.selected.direct:
-                continue
+                return  # upgraded: nothing more to probe
             pairs = self._direct_pairs(conn)
             self.counters["upgrade_rounds"] += 1
             await asyncio.gather(*(self._probe(conn, p) for p in pairs), return_exceptions=True)
@@ -531,12 +544,57 @@ class IceLink:
             conn.set_nominated(pair)
             self._on_check_complete()
 
+    async def _watch_relay(self) -> None:
+        """While the selected path runs through our own TURN allocation, ask the server to
+        refresh it every ``RELAY_PROBE_INTERVAL`` s (probes start on a fixed beat, whatever
+        each one takes).  ``RELAY_MISSES`` unanswered probes in a row, or an error answer (the
+        server restarted and forgot the allocation), end the session: ``on_closed("relay
+        lost")``, so the link is made again instead of staying up on a dead relay."""
+        loop = asyncio.get_running_loop()
+        misses = 0
+        beat = loop.time()
+        while not self._closed:
+            beat += self.relay_probe_interval
+            await asyncio.sleep(max(0.0, beat - loop.time()))
+            beat = max(beat, loop.time() - self.relay_probe_interval)
+            path = self.selected
+            if path is None or path.direct:
+                return  # upgraded to a direct path: the relay no longer matters
+            ep = self._endpoints.get(path.sock.fileno())
+            if path.channel is None or ep is None or ep.turn is None:
+                return  # the peer's relay, not ours: its end probes it
+            gone = False
+            try:
+                request = stun.Message(message_method=stun.Method.REFRESH,
+                                       message_class=stun.Class.REQUEST)
+                request.attributes["LIFETIME"] = ep.turn.lifetime
+                await asyncio.wait_for(ep.turn.request_with_retry(request),
+                                       self.relay_probe_timeout)
+                misses = 0
+                self.counters["relay_probe_ok"] += 1
+                continue
+            except stun.TransactionFailed as exc:  # an error answer: the allocation is gone
+                gone = True
+                why = f"TURN server refused the refresh ({exc})"
+            except (TimeoutError, stun.TransactionError, ConnectionError, OSError) as exc:
+                why = f"{RELAY_MISSES} relay probes unanswered ({exc!r})"
+            misses += 1
+            self.counters["relay_probe_missed"] += 1
+            if gone or misses >= RELAY_MISSES:
+                self.counters["relay_lost"] += 1
+                log.warning("relay %s lost: %s", path.remote_addr, why)
+                if self.on_closed is not None and not self._closed:
+                    self.on_closed("relay lost")
+                return
+
     async def _refresh_channel(self) -> None:
         """Re-bind the selected TURN channel before its permission (300 s) can lapse."""
         while not self._closed:
             await asyncio.sleep(self.channel_refresh)
             path = self.selected
-            if path is None or path.channel is None:
+            if path is None or path.direct:
+                return
+            if path.channel is None:
                 continue
             ep = self._endpoints.get(path.sock.fileno())
             if ep is None or ep.turn is None:

@@ -2,9 +2,11 @@
 
     connect() -> attempt ─ok─> session: fetch roster, send presence(uid), on_state(True)
                    │ unreachable/timeout: log "xmpp: cannot reach HOST:PORT (why); retrying in Ns",
-                   │                      on_state(False, why), sleep 1,2,4..30 s, attempt again
+                   │                      on_state(False, why), sleep 1,2,4,5,5.. s (each
+                   │                      jittered to 50-100 %), attempt again
                    │ wrong password / untrusted cert / no usable SASL: raise ConfigError, no retry
-    session lost (server restart, ping timeout) -> on_state(False, why), log, the same loop again
+    session lost (server restart, 2 pings in a row unanswered while the server sent nothing else)
+        -> on_state(False, why), log, wait 0.5-1.5 s, the same loop again
 
 - Presence: ``<presence><status>ipop UID</status>
   <ipop xmlns="urn:ipop:0" uid=".." ip4=".." ip6=".."/>``;
@@ -31,9 +33,11 @@ import contextlib
 import ipaddress
 import logging
 import os
+import random
 import re
 import secrets
 import ssl
+import time
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +86,12 @@ class XmppSettings:
     """Ping the server this often; no answer within half of it means the session is dead."""
     connect_timeout: float = 10.0
     """One attempt (TCP, TLS, SASL, bind) gets this long."""
-    max_backoff: float = 30.0
+    max_backoff: float = 5.0
+    """Reconnect attempts back off 1, 2, 4 s up to this, each wait jittered (50-100 %), so a
+    restarted server is neither waited on long nor stampeded by every node at once."""
+    keepalive_misses: int = 2
+    """Unanswered pings in a row before the session counts as dead (one late answer from a
+    busy node or server is not a dead stream)."""
     presence_settle: float = 5.0
 
     def check(self) -> None:
@@ -148,6 +157,7 @@ class XmppSignal(SignalBackend):
         self._attempt: asyncio.Future[str | None] | None = None
         self._lost = asyncio.Event()
         self._last_error: str | None = None
+        self._seen_at = 0.0  # monotonic time the server last sent us a stanza
         self._tasks: set[asyncio.Task[None]] = set()
         self._supervisor: asyncio.Task[None] | None = None
         self._connecting: asyncio.Task[Any] | None = None
@@ -333,9 +343,10 @@ class XmppSignal(SignalBackend):
             why = await self._attempt_once()
             if why is None:
                 return
-            log.warning("xmpp: cannot reach %s (%s); retrying in %gs", self._where, why, backoff)
+            wait = backoff * random.uniform(0.5, 1.0)
+            log.warning("xmpp: cannot reach %s (%s); retrying in %.1fs", self._where, why, wait)
             self.listener.on_state(False, f"cannot reach {self._where} ({why})")
-            await asyncio.sleep(backoff)
+            await asyncio.sleep(wait)
             backoff = min(backoff * 2, s.max_backoff)
 
     async def _attempt_once(self) -> str | None:
@@ -400,8 +411,10 @@ class XmppSignal(SignalBackend):
             if self._closing:
                 return
             why = self._last_error or "closed"
-            log.warning("xmpp: connection to %s lost (%s); reconnecting in 1s", self._where, why)
-            await asyncio.sleep(1.0)
+            wait = random.uniform(0.5, 1.5)
+            log.warning("xmpp: connection to %s lost (%s); reconnecting in %.1fs", self._where,
+                        why, wait)
+            await asyncio.sleep(wait)
             try:
                 await self._establish()
             except ConfigError as exc:
@@ -413,19 +426,33 @@ class XmppSignal(SignalBackend):
         from slixmpp.exceptions import IqError, IqTimeout
 
         period = self.settings.keepalive_seconds
+        misses = 0
         while True:
-            await asyncio.sleep(period)
+            await asyncio.sleep(period * random.uniform(0.9, 1.1))
             if not self._session_up:
                 return
+            sent = time.monotonic()
             try:
                 await self._client.plugin["xep_0199"].ping(timeout=max(period / 2, 1.0))
+                misses = 0
+                continue
             except IqError:
-                pass  # an error reply is still a reply: the stream is alive
+                misses = 0  # an error reply is still a reply: the stream is alive
+                continue
             except IqTimeout:
-                log.warning("xmpp: server did not answer a ping; dropping the connection")
-                self._last_error = "ping timeout"
-                self._client.abort()
-                return
+                pass
+            if self._seen_at > sent:
+                misses = 0  # the server spoke meanwhile: slow, not dead
+                continue
+            misses += 1
+            if misses < self.settings.keepalive_misses:
+                log.info("xmpp: server did not answer a ping (%d of %d)", misses,
+                         self.settings.keepalive_misses)
+                continue
+            log.warning("xmpp: server did not answer %d pings; dropping the connection", misses)
+            self._last_error = "ping timeout"
+            self._client.abort()
+            return
 
     # -- slixmpp events: connection ---------------------------------------------------------------
     def _ev_connection_failed(self, exc: Any) -> None:
@@ -520,6 +547,7 @@ class XmppSignal(SignalBackend):
         return (uid if _UID_RE.fullmatch(uid) else None), ip4, ip6
 
     def _ev_presence(self, pres: Any) -> None:
+        self._seen_at = time.monotonic()
         frm = pres["from"]
         full = str(frm)
         ptype = pres["type"]
@@ -557,6 +585,7 @@ class XmppSignal(SignalBackend):
 
     # -- messages ---------------------------------------------------------------------------------
     def _ev_message(self, stanza: Any) -> None:
+        self._seen_at = time.monotonic()
         if stanza["type"] not in ("chat", "normal"):
             return
         body = stanza["body"]
