@@ -583,6 +583,7 @@ class GroupVPN(SignalListener):
             if peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
+                self._count("setup_timed_out")
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                 peer.failed(now)
