@@ -122,12 +122,8 @@ def wait_mesh(ov: Overlay, timeout: float, poll: float = 0.5) -> float | None:
     while todo and time.monotonic() < deadline:
         rest = []
         for node in todo:
-            try:
-                state = node.status()
-            except IpopError:
-                rest.append(node)
-                continue
-            if not want[node.name] <= links_up(state):
+            state = ov.state(node)
+            if state is None or not want[node.name] <= links_up(state):
                 rest.append(node)
         todo = rest
         if todo:

@@ -88,20 +88,33 @@ class Overlay:
             node.start(log_level)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        """Until every node answers on its control socket."""
+        """Until every node answers on its control socket (a busy node may take a while)."""
         deadline = time.monotonic() + timeout
-        for node in self.nodes:
-            node.wait_ready(max(1.0, deadline - time.monotonic()))
+        todo = list(self.nodes)
+        while todo:
+            node = todo[0]
+            if node.proc is not None and node.proc.poll() is not None:
+                raise IpopError(f"node {node.name} exited with {node.proc.returncode}:\n"
+                                f"{node.log()[-2000:]}")
+            if self.state(node) is not None:
+                todo.pop(0)
+                continue
+            if time.monotonic() > deadline:
+                raise IpopError(f"{len(todo)} nodes not ready after {timeout:g} s "
+                                f"({', '.join(n.name for n in todo[:8])})", reason="not_ready")
+            time.sleep(0.05)
+
+    @staticmethod
+    def state(node: NodeProc) -> dict[str, Any] | None:
+        """The node's ``get_state``, or None when it does not answer (yet)."""
+        try:
+            return node.status()
+        except (IpopError, OSError, ValueError):
+            return None
 
     def states(self) -> list[dict[str, Any] | None]:
         """Every node's ``get_state`` (None for a node that does not answer)."""
-        out: list[dict[str, Any] | None] = []
-        for node in self.nodes:
-            try:
-                out.append(node.status())
-            except IpopError:
-                out.append(None)
-        return out
+        return [self.state(node) for node in self.nodes]
 
     def close(self) -> None:
         for node in self.nodes:
