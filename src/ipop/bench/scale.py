@@ -6,6 +6,7 @@ prosody, permanent neighbour entries) and then, in proactive mode:
 1. starts every node at once; ``ready_s`` is when the last one answers on its control socket;
 2. polls the nodes until each has N-1 links ``up``: ``mesh_s`` (from the start) and
    ``mesh_after_ready_s``; ``failures`` sums the set-ups the nodes counted as failed or timed out;
+   ``startup_cpu_s`` is the CPU time the nodes had used by then;
 3. pings up to ``pings`` random ordered pairs once each through the overlay (``ping_ok``);
 4. waits ``settle`` seconds, then samples every node's CPU over ``idle_seconds``
    (``idle_cpu_total_pct`` for all nodes, ``idle_cpu_median_pct`` per node) and its PSS
@@ -24,9 +25,11 @@ Result document, schema ``ipop-scale/1``::
      "failures": [text], "notes": [text]}
 
 A proactive ROUND has ``nodes``, ``links`` (N*(N-1), counted from both ends), ``ready_s``,
-``mesh_s``, ``mesh_after_ready_s``, ``failures``, ``ping_ok``, ``ping_total``, ``pss_median_mb``,
-``pss_max_mb``, ``idle_cpu_total_pct``, ``idle_cpu_median_pct``, ``idle_cpu_max_pct``; ``mesh_s``
-is null when the mesh did not complete within ``mesh_timeout``.  An on-demand ROUND has
+``mesh_s``, ``mesh_after_ready_s``, ``failures``, ``startup_cpu_s`` (CPU seconds all nodes
+spent from their start to the mesh; ``startup_cpu_median_s`` per node), ``ping_ok``,
+``ping_total``, ``pss_median_mb``, ``pss_max_mb``, ``idle_cpu_total_pct``,
+``idle_cpu_median_pct``, ``idle_cpu_max_pct``; ``mesh_s`` is null when the mesh did not
+complete within ``mesh_timeout``.  An on-demand ROUND has
 ``nodes``, ``ready_s``, ``pairs``, ``delivered``, ``delivered_low_first``, ``low_first``,
 ``delivered_high_first``, ``high_first``, ``first_reply_median_ms``, ``first_reply_max_ms``,
 ``pss_median_mb``, ``failures``.
@@ -53,9 +56,11 @@ from ipop.testbed.overlay import Overlay, links_up, overlay_ip, peers_online, se
 
 SCHEMA = "ipop-scale/1"
 Mode = Literal["proactive", "on-demand"]
-MEDIAN_KEYS = ("ready_s", "mesh_s", "mesh_after_ready_s", "failures", "pss_median_mb",
+MEDIAN_KEYS = ("ready_s", "mesh_s", "mesh_after_ready_s", "failures", "startup_cpu_s",
+               "startup_cpu_median_s", "pss_median_mb",
                "pss_max_mb", "idle_cpu_total_pct", "idle_cpu_median_pct", "idle_cpu_max_pct",
                "delivered", "first_reply_median_ms", "first_reply_max_ms")
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PSS_RE = re.compile(r"^Pss:\s+(\d+) kB", re.MULTILINE)
 
 
@@ -161,6 +166,7 @@ def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
         ready = time.monotonic()
         step(f"{n} nodes: waiting for the full mesh")
         done = wait_mesh(ov, max(1.0, plan.mesh_timeout - (ready - t0)))
+        spent = [measure.cpu_ticks(pid) / _CLK_TCK for pid in _pids(ov).values()]
         states = ov.states()
         out: dict[str, Any] = {
             "nodes": n, "links": sum(len(links_up(s)) for s in states),
@@ -168,6 +174,8 @@ def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
             "mesh_s": None if done is None else round(done - t0, 2),
             "mesh_after_ready_s": None if done is None else round(done - ready, 2),
             "failures": sum(setup_failures(s) for s in states),
+            "startup_cpu_s": round(sum(spent), 1),
+            "startup_cpu_median_s": _median(spent),
         }
         rng = random.Random(plan.seed * 1000 + n)
         pairs = [(a, b) for a in range(n) for b in range(n) if a != b]
