@@ -18,12 +18,20 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import random
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ipop.controller.icepaths import IcePaths
-from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
+from ipop.controller.peers import (
+    LinkState,
+    Peer,
+    PeerTable,
+    bare,
+    first_request_delay,
+    wins_collision,
+)
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.crypto import policy
 from ipop.dataplane.facade import Event
@@ -170,6 +178,8 @@ class GroupVPN(SignalListener):
             peer.jid = jid
             if not was_online:
                 peer.retry_at = now
+                if not self.cfg.on_demand_connection and peer.uid is not None:
+                    peer.retry_at += first_request_delay(self.my_uid, peer.uid, random.random())
                 peer.backoff = 1.0
         else:
             peer.online = False
@@ -324,7 +334,7 @@ class GroupVPN(SignalListener):
         if peer.uid is not None:
             self.node.remove_link(peer.uid)
             self._spawn(self._close_path(peer.uid))
-        peer.failed(self._now())
+        peer.failed(self._now(), random.random())
         self.node.notify("peer_state", self.peer_entry(peer))
 
     async def _close_path(self, peer_uid: str) -> None:
@@ -483,7 +493,7 @@ class GroupVPN(SignalListener):
         peer = self.peers.find_uid(peer_uid)
         if peer is not None and peer.state is not LinkState.IDLE:
             self._drop_link(peer, f"path lost ({why})")
-            peer.failed(self._now())
+            peer.failed(self._now(), random.random())
 
     def link_addresses(self, peer: Peer, msg: SignalMessage) -> tuple[str | None, str | None]:
         """(address this node routes to the peer, the peer's own address if it differs)."""
@@ -523,7 +533,7 @@ class GroupVPN(SignalListener):
             peer = self.peers.find_uid(ev.data["peer_uid"].hex())
             if peer is not None and peer.state is not LinkState.IDLE:
                 self._drop_link(peer, "keepalive timeout")
-                peer.failed(self._now())
+                peer.failed(self._now(), random.random())
             return False
         return False
 
@@ -539,7 +549,7 @@ class GroupVPN(SignalListener):
             self.node.notify("peer_state", self.peer_entry(peer))
         elif event == "failed":
             self._drop_link(peer, "handshake failed")
-            peer.failed(now)
+            peer.failed(now, random.random())
 
     # ---- live reload
     def reload(self, old: Config, new: Config, plan: Plan) -> list[str]:
@@ -586,7 +596,7 @@ class GroupVPN(SignalListener):
                 self._count("setup_timed_out")
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
-                peer.failed(now)
+                peer.failed(now, random.random())
             if (peer.state is LinkState.LINKING and peer.uid is not None
                     and self.node.link_is_up(peer.uid)):
                 self._on_link_event(peer.uid, "up")

@@ -9,6 +9,7 @@ comes back through ``feed``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import ipaddress
 import logging
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("ipop.controller.ice")
 CONNECT_DEADLINE = 8.0
 DIRECT_PHASE = 1.2  # seconds of direct-only checks before relayed pairs join (LAN/NAT: < 0.1 s)
+GATHER_LIMIT = 6  # ICE gathers at once (each may query STUN and allocate on TURN)
 
 
 def to_path(sp: SelectedPath) -> Path:
@@ -50,6 +52,7 @@ class IcePaths:
         self.turn = [TurnConf(parse_endpoint(t.server, default_port=3478), t.user, t.password)
                      for t in cfg.turn]
         self._dispatcher: IceDispatcher | None = None
+        self._gathers = asyncio.Semaphore(GATHER_LIMIT)
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config: STUN and TURN servers for the ICE sessions made from now on."""
@@ -81,7 +84,11 @@ class IcePaths:
                 on_closed=functools.partial(self._closed, peer_uid),
             )
             self.sessions[peer_uid] = ice
-        params = await ice.gather()
+        if ice.params is None:
+            async with self._gathers:
+                params = await ice.gather()
+        else:
+            params = await ice.gather()
         return params.to_wire()
 
     async def connect(self, peer_uid: str, remote: list[str]) -> tuple[Path, list[bytes]]:
