@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -586,7 +587,7 @@ class Node:
             "controller": cfg.controller if self.controller else None,
             "uptime_s": round(time.time() - self.started, 1),
             "xmpp": None, "counters": self.dp.counters() if self.dp else None,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "runtime": runtime_status(),
         }
         if self.controller is not None:
             node.update(self.controller.node_status())
@@ -658,6 +659,15 @@ class Node:
         if extra is not None:
             return await extra(method, params)
         raise IpopError(f"unknown method {method!r}")
+
+
+def runtime_status() -> dict[str, int]:
+    """What the process holds: threads and asyncio tasks (the soak test watches them grow)."""
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop
+        tasks = 0
+    return {"threads": threading.active_count(), "asyncio_tasks": tasks}
 
 
 def _link_text(link: Link) -> str:

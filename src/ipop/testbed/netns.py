@@ -420,9 +420,10 @@ class Testbed:
                   "burst", str(burst), "latency", "20ms"])  # fmt: skip
         link.rate_mbit = rate_mbit
 
-    def pin_neighbours(self, lan: Lan) -> int:
-        """Give every member of ``lan`` a permanent neighbour entry for every other member and
-        for the gateway; returns how many entries it set.  Call it again after attaching more.
+    def pin_neighbours(self, lan: Lan, only: Iterable[Host] | None = None) -> int:
+        """Give every member of ``lan`` (or those of ``only``) a permanent neighbour entry for
+        every other member and for the gateway; returns how many entries it set.  Call it again
+        after attaching more, or for a host whose interface went down (that flushes them).
 
         The kernel's neighbour table is one for all namespaces, and its garbage collector
         starts evicting at ``gc_thresh3`` (1,024) entries: 32 hosts on one bridge need about
@@ -433,8 +434,11 @@ class Testbed:
         for name, dev in lan.devs.items():
             macs[lan.members[name]] = _mac(self.hosts[name], dev)
         macs[lan.gateway] = _mac(lan.box, lan.bridge)
+        names = set(lan.devs) if only is None else {h.name for h in only}
         count = 0
         for name, dev in lan.devs.items():
+            if name not in names:
+                continue
             own = lan.members[name]
             lines = [f"neigh replace {addr} lladdr {mac} dev {dev} nud permanent"
                      for addr, mac in macs.items() if addr != own]
