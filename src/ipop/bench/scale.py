@@ -25,7 +25,8 @@ Result document, schema ``ipop-scale/1``::
      "failures": [text], "notes": [text]}
 
 A proactive ROUND has ``nodes``, ``links`` (N*(N-1), counted from both ends), ``ready_s``,
-``mesh_s``, ``mesh_after_ready_s``, ``failures``, ``startup_cpu_s`` (CPU seconds all nodes
+``mesh_s``, ``mesh_after_ready_s``, ``failures``, ``failure_reasons`` (from the logs: why, and how
+often), ``startup_cpu_s`` (CPU seconds all nodes
 spent from their start to the mesh; ``startup_cpu_median_s`` per node), ``ping_ok``,
 ``ping_total``, ``pss_median_mb``, ``pss_max_mb``, ``idle_cpu_total_pct``,
 ``idle_cpu_median_pct``, ``idle_cpu_max_pct``; ``mesh_s`` is null when the mesh did not
@@ -61,6 +62,7 @@ MEDIAN_KEYS = ("ready_s", "mesh_s", "mesh_after_ready_s", "failures", "startup_c
                "pss_max_mb", "idle_cpu_total_pct", "idle_cpu_median_pct", "idle_cpu_max_pct",
                "delivered", "first_reply_median_ms", "first_reply_max_ms")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+_SETUP_FAILED = re.compile(r"link set-up with \S+ (?:failed: (.*)|timed out in state (\w+))")
 _PSS_RE = re.compile(r"^Pss:\s+(\d+) kB", re.MULTILINE)
 
 
@@ -136,6 +138,17 @@ def wait_mesh(ov: Overlay, timeout: float, poll: float = 0.5) -> float | None:
     return None if todo else time.monotonic()
 
 
+def failure_reasons(ov: Overlay) -> dict[str, int]:
+    """Why set-ups failed, from the nodes' logs ("link set-up with JID failed: WHY" or "timed
+    out in state S"), counted over all nodes."""
+    out: dict[str, int] = {}
+    for node in ov.nodes:
+        for match in _SETUP_FAILED.finditer(node.log()):
+            why = match.group(1) or f"timed out in state {match.group(2)}"
+            out[why] = out.get(why, 0) + 1
+    return out
+
+
 def _ping_once(ov: Overlay, src: int, dst: int, wait: int = 2) -> tuple[bool, float]:
     t0 = time.monotonic()
     r = ov.host(src).run(["ping", "-n", "-q", "-c", "1", "-W", str(wait), overlay_ip(dst + 1)],
@@ -174,6 +187,7 @@ def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
             "mesh_s": None if done is None else round(done - t0, 2),
             "mesh_after_ready_s": None if done is None else round(done - ready, 2),
             "failures": sum(setup_failures(s) for s in states),
+            "failure_reasons": failure_reasons(ov),
             "startup_cpu_s": round(sum(spent), 1),
             "startup_cpu_median_s": _median(spent),
         }
