@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 from ipop.bench.scale import wait_mesh
 from ipop.testbed.netns import Testbed
-from ipop.testbed.overlay import Overlay, links_up, overlay_ip, setup_failures
+from ipop.testbed.overlay import Overlay, links_up, overlay_ip, peers_online, setup_failures
 
-from .helpers import ping
+from .helpers import ping, wait_for
 
 
 def test_pinned_neighbours_are_permanent_and_carry_traffic(testbed: Testbed) -> None:
@@ -64,5 +65,31 @@ def test_sixteen_nodes_full_mesh_without_a_failed_setup() -> None:
         assert not lost, f"pings lost between {lost}"
         for node in ov.nodes:
             assert "Traceback" not in node.log(), node.log()[-3000:]
+    finally:
+        ov.close()
+
+
+def test_on_demand_trimmed_links_stay_down_without_traffic() -> None:
+    """Both ends wanted the link (traffic went both ways); once it idles out and one end trims
+    it, neither end makes it again until traffic asks (no trim/re-create loop)."""
+    ov = Overlay(2, extra={"sec": True, "on-demand_connection": True,
+                           "on-demand_inactive_timeout": 3})
+    try:
+        ov.start()
+        ov.wait_ready(30)
+        a, b = ov.nodes
+        wait_for(lambda: all(peers_online(s) == 1 for s in ov.states()), timeout=20,
+                 what="presence")
+        assert ping(a.host, overlay_ip(2), count=3)
+        assert ping(b.host, overlay_ip(1), count=3)
+        wait_for(lambda: not any(links_up(s) for s in ov.states()), timeout=20,
+                 what="the idle link trimmed")
+        made = []
+        deadline = time.monotonic() + 8  # more than twice the idle timeout
+        while time.monotonic() < deadline:
+            made += [len(s["links"]) for s in ov.states() if s is not None and s["links"]]
+            time.sleep(0.25)
+        assert not made, f"the trimmed link came back without traffic: {made}"
+        assert ping(b.host, overlay_ip(1), count=3), "traffic makes it again"
     finally:
         ov.close()

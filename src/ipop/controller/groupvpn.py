@@ -204,6 +204,10 @@ class GroupVPN(SignalListener):
             elif msg.type == "trim":
                 peer = self.peers.get(jid)
                 if peer.uid == msg.uid:
+                    if self.cfg.on_demand_connection:
+                        # the link idled out: make it again only when traffic asks (else the
+                        # two ends would trim and re-create it forever)
+                        peer.wanted = False
                     self._drop_link(peer, "trimmed by peer", tell=False)
         except Exception:
             log.exception("signal message from %s failed", jid)
