@@ -26,7 +26,7 @@ Result document, schema ``ipop-scale/1``::
 
 A proactive ROUND has ``nodes``, ``links`` (N*(N-1), counted from both ends), ``ready_s``,
 ``mesh_s``, ``mesh_after_ready_s``, ``failures``, ``failure_reasons`` (from the logs: why, and how
-often), ``startup_cpu_s`` (CPU seconds all nodes
+often), ``xmpp_drops`` (XMPP sessions lost, from the logs), ``startup_cpu_s`` (CPU seconds all nodes
 spent from their start to the mesh; ``startup_cpu_median_s`` per node), ``ping_ok``,
 ``ping_total``, ``pss_median_mb``, ``pss_max_mb``, ``idle_cpu_total_pct``,
 ``idle_cpu_median_pct``, ``idle_cpu_max_pct``; ``mesh_s`` is null when the mesh did not
@@ -57,12 +57,14 @@ from ipop.testbed.overlay import Overlay, links_up, overlay_ip, peers_online, se
 
 SCHEMA = "ipop-scale/1"
 Mode = Literal["proactive", "on-demand"]
-MEDIAN_KEYS = ("ready_s", "mesh_s", "mesh_after_ready_s", "failures", "startup_cpu_s",
+MEDIAN_KEYS = ("ready_s", "mesh_s", "mesh_after_ready_s", "failures", "xmpp_drops",
+               "startup_cpu_s",
                "startup_cpu_median_s", "pss_median_mb",
                "pss_max_mb", "idle_cpu_total_pct", "idle_cpu_median_pct", "idle_cpu_max_pct",
                "delivered", "first_reply_median_ms", "first_reply_max_ms")
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _SETUP_FAILED = re.compile(r"link set-up with \S+ (?:failed: (.*)|timed out in state (\w+))")
+_XMPP_LOST = re.compile(r"xmpp: (?:connection to \S+ lost|server did not answer a ping)")
 _PSS_RE = re.compile(r"^Pss:\s+(\d+) kB", re.MULTILINE)
 
 
@@ -149,6 +151,11 @@ def failure_reasons(ov: Overlay) -> dict[str, int]:
     return out
 
 
+def xmpp_drops(ov: Overlay) -> int:
+    """XMPP sessions the nodes lost (``connection ... lost`` or an unanswered server ping)."""
+    return sum(len(_XMPP_LOST.findall(node.log())) for node in ov.nodes)
+
+
 def _ping_once(ov: Overlay, src: int, dst: int, wait: int = 2) -> tuple[bool, float]:
     t0 = time.monotonic()
     r = ov.host(src).run(["ping", "-n", "-q", "-c", "1", "-W", str(wait), overlay_ip(dst + 1)],
@@ -188,6 +195,7 @@ def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
             "mesh_after_ready_s": None if done is None else round(done - ready, 2),
             "failures": sum(setup_failures(s) for s in states),
             "failure_reasons": failure_reasons(ov),
+            "xmpp_drops": xmpp_drops(ov),
             "startup_cpu_s": round(sum(spent), 1),
             "startup_cpu_median_s": _median(spent),
         }

@@ -26,8 +26,8 @@ def table(doc: dict[str, Any]) -> Table:
     t = Table(title=title)
     if doc["mode"] == "proactive":
         cols = ["nodes", "links", "all ready", "full mesh", "mesh after ready",
-                "failed set-ups", "start-up CPU all / node", "pings ok", "PSS per node",
-                "idle CPU all / median node"]
+                "failed set-ups", "XMPP drops", "start-up CPU all / node", "pings ok",
+                "PSS per node", "idle CPU all / median node"]
     else:
         cols = ["nodes", "all ready", "pairs", "first packet delivered",
                 "low UID sent first", "high UID sent first", "first reply median / max",
@@ -45,7 +45,7 @@ def table(doc: dict[str, Any]) -> Table:
             t.add_row(
                 n, str(last["links"]), _fmt(m.get("ready_s"), unit=" s"),
                 _fmt(m.get("mesh_s"), unit=" s"), _fmt(m.get("mesh_after_ready_s"), unit=" s"),
-                _fmt(m.get("failures"), ".0f"),
+                _fmt(m.get("failures"), ".0f"), _fmt(m.get("xmpp_drops"), ".0f"),
                 f"{_fmt(m.get('startup_cpu_s'), unit=' s')} / "
                 f"{_fmt(m.get('startup_cpu_median_s'), '.2f', ' s')}",
                 f"{last['ping_ok']}/{last['ping_total']}",
