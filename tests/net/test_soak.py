@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from ipop.testbed.overlay import Overlay, overlay_ip
 
 MINUTES = float(os.environ.get("IPOP_SOAK_MINUTES", "2"))
@@ -162,6 +164,7 @@ class Soak:
                    for start, end, _ in self.faults)
 
 
+@pytest.mark.timeout(int(MINUTES * 60) + 240)
 def test_soak() -> None:
     print(f"soak: {MINUTES:g} min, seed {SEED} (IPOP_SOAK_SEED={SEED} replays it)", flush=True)
     duration = MINUTES * 60
