@@ -179,7 +179,11 @@ class GroupVPN(SignalListener):
             if not was_online:
                 peer.retry_at = now
                 if not self.cfg.on_demand_connection and peer.uid is not None:
-                    peer.retry_at += first_request_delay(self.my_uid, peer.uid, random.random())
+                    delay = first_request_delay(self.my_uid, peer.uid, random.random())
+                    peer.retry_at += delay
+                    # ask on time, not at the next tick (up to 0.25 s later)
+                    asyncio.get_running_loop().call_later(
+                        delay, lambda: self._maybe_request(peer, self._now()))
                 peer.backoff = 1.0
         else:
             peer.online = False

@@ -28,7 +28,7 @@ REQUEST_TIMEOUT = 6.0  # seconds a con_req waits for its con_resp
 LINKING_TIMEOUT = 12.0  # seconds from create_link to an up link (handshake, connectivity)
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
-PACE_LOW = (0.0, 0.5)  # seconds (from, to) before the lower UID's first con_req
+PACE_LOW = (0.0, 0.2)  # seconds (from, to) before the lower UID's first con_req
 PACE_HIGH = (1.0, 1.5)  # seconds (from, to) before the higher UID's, if none came meanwhile
 
 
