@@ -17,7 +17,7 @@ logs there.  Topology (``ipop.testbed.overlay``)::
 It passes only when, per node and metric, the least-squares slope over the last half of the run
 stays under its limit (fitted together with the node's link count, since fds and tasks follow
 the links; a restarted node's series starts again at its new process, leaving out its first
-sample, taken while it warms up); when every
+sample, taken while it warms up, and a series of fewer than 4 points is not judged); when every
 ping sequence that overlapped no fault window lost no more than its budget; and when no node's
 log holds a traceback.  It prints the figures as a table.
 """
@@ -49,6 +49,7 @@ LOSS_BUDGET = 4  # echoes of 20: 1 % loss each way (2 % a round trip), a first p
 # for its link's keys, and room so that chance alone fails a run rarely (< 2 % at 2 minutes)
 FAULT_GRACE = 15.0  # seconds after a fault ends that still count as its window
 # growth limits per minute over the last half of the run: "near zero", above sampling noise
+MIN_POINTS = 4  # a series shorter than this (a node restarted late) is shown, not judged
 SLOPE_LIMITS = {"rss_mb": 1.0, "fds": 2.0, "threads": 0.5, "asyncio_tasks": 3.0}
 _SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
@@ -240,9 +241,10 @@ def check(soak: Soak) -> list[str]:
             used = [s for s in half if s[metric] is not None]
             points = [(s["t"], float(s[metric])) for s in used]
             slope = slope_per_minute(points, [float(s["links"]) for s in used])
+            short = len(points) < MIN_POINTS
             print(f"{name:<5} {metric:<14} {mine[0][metric]!s:>8.8} {mine[-1][metric]!s:>8.8} "
-                  f"{slope:>10.3f}")
-            if slope > limit:
+                  f"{slope:>10.3f}{'  (too few points: not judged)' if short else ''}")
+            if slope > limit and not short:
                 problems.append(f"{name} {metric} grows {slope:.3f}/min over the last half "
                                 f"(limit {limit}): {[p[1] for p in points]}")
     clean = [q for q in soak.sequences if not soak.in_fault(q)]
