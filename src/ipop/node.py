@@ -643,7 +643,7 @@ class Node:
             "controller": cfg.controller if self.controller else None,
             "uptime_s": round(time.time() - self.started, 1),
             "xmpp": None, "counters": self.dp.counters() if self.dp else None,
-            "pid": os.getpid(),
+            "pid": os.getpid(), "runtime": runtime_status(),
         }
         if self.controller is not None:
             node.update(self.controller.node_status())
@@ -721,6 +721,15 @@ class Node:
 
 def _import_netlink() -> None:
     import pyroute2  # noqa: F401  (kroutes imports it lazily; this only warms it)
+
+
+def runtime_status() -> dict[str, int]:
+    """What the process holds: threads and asyncio tasks (the soak test watches them grow)."""
+    try:
+        tasks = len(asyncio.all_tasks())
+    except RuntimeError:  # no running loop
+        tasks = 0
+    return {"threads": threading.active_count(), "asyncio_tasks": tasks}
 
 
 def _link_text(link: Link) -> str:

@@ -4,7 +4,7 @@ Schema version 1::
 
     {"version": 1,
      "node":  {uid, fingerprint, ip4, ip6, interface, mode, mtu, listen_port, controller,
-               uptime_s, xmpp, counters},
+               uptime_s, xmpp, counters, pid, runtime: {threads, asyncio_tasks}},
      "links": [{peer_uid, overlay_ip, endpoint, local, state, security, security_reason, path,
                 rtt_ms, tx_packets, tx_bytes, rx_packets, rx_bytes, drops, last_rx,
                 framing: {mode, trains_sent, fallbacks, hold_s}}],

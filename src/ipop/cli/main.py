@@ -126,7 +126,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ipop import __version__
-    from ipop.cli import control, netcheck
+    from ipop.cli import control, netcheck, scale
 
     p = argparse.ArgumentParser(prog="ipop", description="IP-over-P2P overlay VPN")
     p.add_argument("--version", action="version", version=f"ipop {__version__}")
@@ -182,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--png", metavar="FILE", help="write a throughput/packet-size chart")
     bench.set_defaults(func=cmd_bench)
+    scale.add_parser(sub)
     return p
 
 

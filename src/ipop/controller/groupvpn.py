@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any
 
 from ipop.controller.icepaths import IcePaths
 from ipop.controller.liveroutes import LiveRoutes, record_routes
-from ipop.controller.peers import LinkState, Peer, PeerTable, bare, wins_collision
+from ipop.controller.peers import (
+    LinkState,
+    Peer,
+    PeerTable,
+    bare,
+    first_request_delay,
+    wins_collision,
+)
 from ipop.controller.routes import RoutePolicy, decide
 from ipop.controller.siglimits import InboundLimits, peer_address_problem
 from ipop.crypto import policy
@@ -227,6 +234,12 @@ class GroupVPN(SignalListener):
             peer.jid = jid
             if not was_online:
                 peer.retry_at = now
+                if not self.cfg.on_demand_connection and peer.uid is not None:
+                    delay = first_request_delay(self.my_uid, peer.uid, random.random())
+                    peer.retry_at += delay
+                    # ask on time, not at the next tick (up to 0.25 s later)
+                    asyncio.get_running_loop().call_later(
+                        delay, lambda: self._maybe_request(peer, self._now()))
                 peer.backoff = 1.0
         else:
             peer.online = False
@@ -298,6 +311,10 @@ class GroupVPN(SignalListener):
             elif msg.type == "trim":
                 peer = self.peers.get(jid)
                 if peer.uid == msg.uid:
+                    if self.cfg.on_demand_connection:
+                        # the link idled out: make it again only when traffic asks (else the
+                        # two ends would trim and re-create it forever)
+                        peer.wanted = False
                     self._drop_link(peer, "trimmed by peer", tell=False)
         except Exception:
             log.exception("signal message from %s failed", jid)
@@ -468,7 +485,7 @@ class GroupVPN(SignalListener):
         """An attempt failed or a link was lost: back to idle with the peer's backoff, or soon
         (0.5-1.5 s, jittered) while a link lost recently is being made again."""
         now = self._now()
-        peer.failed(now)
+        peer.failed(now, random.random())
         lost = self._lost_at.get(peer.uid or "")
         if lost is not None and now - lost < RELINK_EAGER:
             peer.retry_at = now + random.uniform(0.5, 1.5)
@@ -780,7 +797,7 @@ class GroupVPN(SignalListener):
                 table.setdefault(key, AuthRecord()).fail(reason, now)
             self._count(f"handshake_{reason}")
             self._drop_link(peer, f"handshake failed: {reason}")
-            peer.failed(now)
+            peer.failed(now, random.random())
 
     def _handshake_reason(self, peer_uid: str) -> str:
         link = self.node.dp.link(bytes.fromhex(peer_uid)) if self.node.dp else None
@@ -845,6 +862,7 @@ class GroupVPN(SignalListener):
             elif peer.timed_out(now):
                 log.info("link set-up with %s timed out in state %s", peer.jid, peer.state.value)
                 peer.last_error = f"set-up timed out in state {peer.state.value}"
+                self._count("setup_timed_out")
                 if peer.uid is not None:
                     self.node.remove_link(peer.uid)
                     self._spawn(self._close_path(peer.uid))  # its ICE agent and sockets

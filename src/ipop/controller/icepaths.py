@@ -31,6 +31,7 @@ log = logging.getLogger("ipop.controller.ice")
 CONNECT_DEADLINE = 8.0
 DIRECT_PHASE = 1.2  # seconds of direct-only checks before relayed pairs join (LAN/NAT: < 0.1 s)
 TURN_CHECK_TIMEOUT = 0.8  # seconds a TURN server gets to answer a STUN Binding request
+GATHER_LIMIT = 6  # ICE gathers at once (each may query STUN and allocate on TURN)
 
 
 def to_path(sp: SelectedPath) -> Path:
@@ -58,6 +59,7 @@ class IcePaths:
         self.turn = [TurnConf(parse_endpoint(t.server, default_port=3478), t.user, t.password)
                      for t in cfg.turn]
         self._dispatcher: IceDispatcher | None = None
+        self._gathers = asyncio.Semaphore(GATHER_LIMIT)
 
     def reconfigure(self, cfg: Config) -> None:
         """A reloaded config: STUN and TURN servers for the ICE sessions made from now on."""
@@ -91,7 +93,11 @@ class IcePaths:
             )
             made.append(ice)
             self.sessions[peer_uid] = ice
-        params = await ice.gather()
+        if ice.params is None:
+            async with self._gathers:
+                params = await ice.gather()
+        else:
+            params = await ice.gather()
         return params.to_wire()
 
     async def connect(self, peer_uid: str, remote: list[str]) -> tuple[Path, list[bytes]]:

@@ -10,8 +10,13 @@ A peer's link moves through these states (time comes in as an argument; nothing 
      │          trimmed (idle), peer offline, link down, request timed out    ▼
      └──────────────────────────────────────────────────────────────────────  up
 
-Collisions: when both ends send con_req at once, the lower UID's request wins; the higher UID
-drops its own request and answers the lower's.
+Pacing: when a peer comes online in proactive mode, the lower UID of the pair sends con_req
+within ``PACE_LOW`` seconds and the higher UID holds back for ``PACE_HIGH`` (it asks only if no
+con_req came), so a pair makes one request, not two, and a node that sees 31 peers at login
+spreads its requests.  Collisions: when both ends send con_req at once anyway, the lower UID's
+request wins; the higher UID drops its own request and answers the lower's.  A failed attempt is
+retried after a backoff that doubles up to ``RETRY_MAX``, each wait jittered by +-50 % so that
+the peers of a failed node do not come back in step.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ REQUEST_TIMEOUT = 6.0  # seconds a con_req waits for its con_resp
 LINKING_TIMEOUT = 12.0  # seconds from create_link to an up link (handshake, connectivity)
 RETRY_MIN = 1.0
 RETRY_MAX = 30.0
+PACE_LOW = (0.0, 0.2)  # seconds (from, to) before the lower UID's first con_req
+PACE_HIGH = (1.0, 1.5)  # seconds (from, to) before the higher UID's, if none came meanwhile
 
 
 class LinkState(enum.Enum):
@@ -73,12 +80,13 @@ class Peer:
             self.backoff = RETRY_MIN
             self.attempts = 0
 
-    def failed(self, now: float) -> None:
-        """A set-up attempt failed: back to idle, retry later with a growing backoff."""
+    def failed(self, now: float, jitter: float = 0.5) -> None:
+        """A set-up attempt failed: back to idle, retry later with a growing backoff.
+        ``jitter`` in [0, 1) scales this wait by 0.5 + jitter (0.5: the backoff itself)."""
         self.attempt_id += 1
         self.state = LinkState.IDLE
         self.since = now
-        self.retry_at = now + self.backoff
+        self.retry_at = now + self.backoff * (0.5 + min(max(jitter, 0.0), 1.0))
         self.backoff = min(RETRY_MAX, self.backoff * 2)
 
     def may_request(self, now: float) -> bool:
@@ -93,6 +101,13 @@ class Peer:
         if self.state is LinkState.LINKING:
             return now - self.since > LINKING_TIMEOUT
         return False
+
+
+def first_request_delay(my_uid: str, their_uid: str, jitter: float) -> float:
+    """Seconds to wait before the first con_req to a peer that just came online (proactive
+    mode); ``jitter`` in [0, 1) picks the point within ``PACE_LOW`` or ``PACE_HIGH``."""
+    low, high = PACE_LOW if my_uid < their_uid else PACE_HIGH
+    return low + (high - low) * min(max(jitter, 0.0), 1.0)
 
 
 def wins_collision(my_uid: str, their_uid: str) -> bool:

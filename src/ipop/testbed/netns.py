@@ -236,6 +236,8 @@ class Lan:
     """The .254 address on the bridge: where members route 198.18.0.0/15."""
     members: dict[str, str] = field(default_factory=dict)
     """Host name -> its address on this LAN."""
+    devs: dict[str, str] = field(default_factory=dict)
+    """Host name -> its interface on this LAN."""
     bridge: str = "br0"
     _next: int = 1
 
@@ -245,6 +247,14 @@ class Lan:
 
 
 H = TypeVar("H", bound=Host)
+
+
+def _mac(host: Host, dev: str) -> str:
+    out = cmd(["ip", "-n", host.ns, "-o", "link", "show", "dev", dev]).stdout
+    match = re.search(r"link/ether ([0-9a-f:]{17})", out)
+    if match is None:
+        raise IpopError(f"no MAC address on {dev} in {host.ns}", reason="no_mac")
+    return match.group(1)
 
 _LIVE: set[Testbed] = set()
 _HOOKED = False
@@ -410,6 +420,32 @@ class Testbed:
                   "burst", str(burst), "latency", "20ms"])  # fmt: skip
         link.rate_mbit = rate_mbit
 
+    def pin_neighbours(self, lan: Lan, only: Iterable[Host] | None = None) -> int:
+        """Give every member of ``lan`` (or those of ``only``) a permanent neighbour entry for
+        every other member and for the gateway; returns how many entries it set.  Call it again
+        after attaching more, or for a host whose interface went down (that flushes them).
+
+        The kernel's neighbour table is one for all namespaces, and its garbage collector
+        starts evicting at ``gc_thresh3`` (1,024) entries: 32 hosts on one bridge need about
+        1,056, so a big LAN thrashes ARP and loses packets (about 45 s of a 32-node start-up
+        went that way).  Permanent entries are exempt from that limit (Linux 4.19 and later),
+        and no ARP is sent for them.  The root namespace's limit is left alone."""
+        macs: dict[str, str] = {}
+        for name, dev in lan.devs.items():
+            macs[lan.members[name]] = _mac(self.hosts[name], dev)
+        macs[lan.gateway] = _mac(lan.box, lan.bridge)
+        names = set(lan.devs) if only is None else {h.name for h in only}
+        count = 0
+        for name, dev in lan.devs.items():
+            if name not in names:
+                continue
+            own = lan.members[name]
+            lines = [f"neigh replace {addr} lladdr {mac} dev {dev} nud permanent"
+                     for addr, mac in macs.items() if addr != own]
+            self.hosts[name]._batch(lines)
+            count += len(lines)
+        return count
+
     # -- teardown ------------------------------------------------------------------------
     def close(self) -> None:
         """Kill our processes, then delete our namespaces.  Idempotent; never raises."""
@@ -524,6 +560,7 @@ class Testbed:
         self._up(lan.box, port, None, master=lan.bridge)
         host.addrs.append(addr)
         lan.members[host.name] = addr
+        lan.devs[host.name] = dev
         self._catchall(host, lan.gateway, dev, 3 if isinstance(lan.box, NatBox) else 2)
         return addr, dev
 
