@@ -89,7 +89,8 @@ class Overlay:
         return {
             "ip4": overlay_ip(index), "ip4_mask": 24,
             "xmpp_username": f"n{index}@{DOMAIN}", "xmpp_password": PASSWORD,
-            "xmpp_host": self.server_ip, "xmpp_tls": "none", "group": GROUP,
+            "xmpp_host": self.server_ip, "xmpp_tls": "none", "allow_insecure_signaling": True,
+            "group": GROUP,
             **(extra or {}),
         }
 
