@@ -28,6 +28,7 @@ plausible header) still reaches Python, where it is dropped and counted.
 from __future__ import annotations
 
 import ctypes
+import functools
 import socket
 import struct
 from collections.abc import Iterable
@@ -153,6 +154,15 @@ def program(uid: bytes, peers: Iterable[bytes] | None = None, *,
     return p.build()
 
 
+@functools.lru_cache(maxsize=8)
+def _compiled(uid: bytes, peers: tuple[bytes, ...] | None, channeldata: bool) -> tuple[bytes, int]:
+    """The program packed for the kernel, and its length in instructions: built once per peer
+    set (every socket of a node gets the same one, and a mesh's set-up refreshes them all on each
+    new link)."""
+    prog = program(uid, peers, channeldata=channeldata)
+    return b"".join(struct.pack("HBBI", *i) for i in prog), len(prog)
+
+
 def attach(sock: socket.socket, uid: bytes, peers: Iterable[bytes] | None = None) -> bool:
     """Attach (or replace) the filter on ``sock``; ChannelData passes only on a connected
     socket.  False if the kernel refused (the data plane then drops the same datagrams in
@@ -162,9 +172,10 @@ def attach(sock: socket.socket, uid: bytes, peers: Iterable[bytes] | None = None
         connected = True
     except OSError:
         connected = False
-    prog = program(uid, peers, channeldata=connected)
-    buf = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *i) for i in prog))
-    fprog = struct.pack("HxxxxxxP", len(prog), ctypes.addressof(buf))
+    known = None if peers is None else tuple(sorted(set(peers)))
+    code, count = _compiled(uid, known, connected)
+    buf = ctypes.create_string_buffer(code)
+    fprog = struct.pack("HxxxxxxP", count, ctypes.addressof(buf))
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
     except OSError:
