@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ipop import logs, routing, statedir
+from ipop import logs, memory, routing, statedir
 from ipop import reload as rl
 from ipop.api import status as st
 from ipop.api.server import ControlServer
@@ -44,6 +44,8 @@ from ipop.wire.prefixes import Net
 log = logging.getLogger("ipop.node")
 TICK = 0.25
 CALM_EVERY = 4
+SETTLE_SECONDS = 3.0  # calm this long after set-up work: the freed heap goes back
+TRIM_GAP = 60.0  # seconds between two such returns at least
 """While nothing is being set up or keyed, the controller and the sessions are ticked on every
 4th tick (once a second); the data plane's liveness checks run on every tick."""
 HELLO_INTERVAL = 1.0  # seconds between hellos on a static link that waits for keys
@@ -85,6 +87,8 @@ class Node:
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
         self._ticks = 0
+        self._busy_at = time.monotonic()  # start-up counts as busy: trim once it settles
+        self._trimmed_at = -TRIM_GAP
         self.snat: Snat | None = None
         # static peers whose endpoint is a host name: re-resolved when their link goes down
         self._static_names: dict[bytes, tuple[str, int]] = {}
@@ -206,13 +210,26 @@ class Node:
             try:
                 if self.dp is not None:
                     self.dp.tick(now)
-                if self._ticks % CALM_EVERY and not self._busy():
+                busy = self._busy()
+                self._settle(now, busy)
+                if self._ticks % CALM_EVERY and not busy:
                     continue
                 if self.controller is not None:
                     self.controller.tick(now)
                 self._tick_sessions(now)
             except Exception:
                 log.exception("tick failed")
+
+    def _settle(self, now: float, busy: bool) -> None:
+        """After a burst of set-up work has been calm for ``SETTLE_SECONDS``, give the freed
+        heap back (``ipop.memory``), at most once every ``TRIM_GAP`` seconds."""
+        if busy:
+            self._busy_at = now
+        elif (self._busy_at and now - self._busy_at >= SETTLE_SECONDS
+              and now - self._trimmed_at >= TRIM_GAP):
+            self._busy_at = 0.0
+            self._trimmed_at = now
+            memory.give_back()
 
     def _busy(self) -> bool:
         """Something is being set up or keyed: tick everything every time."""

@@ -29,6 +29,9 @@ def _load_config(path: str):  # type: ignore[no-untyped-def]
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    # slixmpp colours its XML debug lines with pygments when it finds it (rich brings it in):
+    # a node's logs stay plain text, and it spares 27 modules (~3 MB) per node
+    sys.modules.setdefault("pygments", None)  # type: ignore[arg-type]
     from ipop import logs
     from ipop.node import Node
 
