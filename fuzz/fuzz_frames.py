@@ -146,7 +146,7 @@ class Harness:
 
     def _on_control(self, sock: socket.socket, data: bytes, addr: tuple[str, int],
                     channel: int | None, link: Link | None) -> None:
-        if 20 <= data[0] <= 63:  # DTLS: the node hands it to the link's session
+        if wh.is_dtls(data):  # DTLS: the node hands it to the link's session
             self.handshake_session.handle_handshake_datagram(data, self.clock())
 
     def _on_roam(self, link: Link, *where: Any) -> None:  # (sock,) addr: the peer moved

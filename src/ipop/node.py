@@ -37,6 +37,7 @@ from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
 from ipop.service import Notifier
+from ipop.wire import header as wh
 from ipop.wire import hello
 from ipop.wire.nat44 import Translator
 from ipop.wire.prefixes import Net
@@ -532,7 +533,7 @@ class Node:
                      peer_uid[:12])
         self.start_security(link, fingerprint, confirmation, beside=beside)
         for d in early or []:
-            if d and 20 <= d[0] <= 63 and self.keying is not None:
+            if wh.is_dtls(d) and self.keying is not None:
                 self.keying.on_dtls(None if beside else link.peer_uid, d,
                                     source=link.path.source_key)
         if beside:
@@ -596,10 +597,10 @@ class Node:
                 return
             if ev.kind == "control_datagram":
                 data: bytes = ev.data["data"]
-                if data and data[0] <= 3 and self._on_hello(ev):
+                if wh.is_stun(data) and self._on_hello(ev):
                     return
                 sock = ev.data["sock"]
-                if (20 <= data[0] <= 63 and self.keying is not None
+                if (wh.is_dtls(data) and self.keying is not None
                         and self.keying.on_dtls(ev.data["peer_uid"], data, source=(
                             sock.fileno(), ev.data["addr"], ev.data["channel"]))):
                     return
@@ -608,7 +609,7 @@ class Node:
                         return
                 if self.dp is not None:  # nobody took it: every drop has a counter
                     self.dp.count_control_drop(
-                        "control_unhandled_stun" if data[0] <= 3 else "control_unhandled_dtls")
+                        "control_unhandled_stun" if wh.is_stun(data) else "control_unhandled_dtls")
                 return
             if ev.kind == "unknown_destination":
                 dst: bytes = ev.data["dst"]

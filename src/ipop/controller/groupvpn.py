@@ -49,6 +49,7 @@ from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.logs import link_extra
 from ipop.nat.params import cap_candidates
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
+from ipop.wire.header import is_stun
 from ipop.wire.prefixes import Net, parse_prefix
 from ipop.wire.signal import FEATURE_ROUTE_UPDATE, FEATURE_TRAINS, SignalMessage
 
@@ -711,7 +712,7 @@ class GroupVPN(SignalListener):
 
     def _on_stun(self, ev: Event) -> bool:
         data: bytes = ev.data["data"]
-        if self.paths is None or not data or data[0] > 3:
+        if self.paths is None or not is_stun(data):
             return False
         return self.paths.feed(ev.data["sock"], data, ev.data["addr"], ev.data["channel"])
 

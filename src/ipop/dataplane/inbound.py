@@ -63,6 +63,7 @@ from ipop.ratelimit import TokenBucket
 from ipop.wire import header as wh
 from ipop.wire import keepalive as wk
 from ipop.wire import train as wt
+from ipop.wire.turn import parse_channel_data
 from ipop.wire.vnet import F_NEEDS_CSUM, VNET_HDR_LEN
 from ipop.wire.vnet import PLAIN as PLAIN_VNET
 from ipop.wire.vnet import parse as vnet_parse
@@ -80,6 +81,8 @@ UNKNOWN_CONTROL_RATE = 500.0  # STUN/DTLS datagrams a second from no link's path
 UNKNOWN_CONTROL_BURST = 200.0
 
 log = logging.getLogger("ipop.dataplane")
+_KIND = wh.KIND_BY_FIRST_BYTE  # RFC 7983 demultiplexing (``ipop.wire.header.classify``)
+_OVERLAY, _CHANNEL_DATA, _STUN, _DTLS = wh.Kind.OVERLAY, wh.Kind.TURN, wh.Kind.STUN, wh.Kind.DTLS
 _ICMP_ERRNOS = frozenset({errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH})
 # (socket, datagram copy, source address, TURN channel or None, link or None)
 ControlHandler = Callable[[socket.socket, bytes, tuple[str, int], int | None, Link | None], None]
@@ -469,20 +472,17 @@ class Inbound:
         if not dgram:
             self.drops["empty"] += 1
             return
-        first = dgram[0]
-        if 128 <= first <= 191:
+        kind = _KIND[dgram[0]]
+        if kind is _OVERLAY:
             self._frame(sock, dgram, addr, channel, out, partial, ready)
-        elif 64 <= first <= 79 and channel is None:
-            if len(dgram) < 4:
-                self.drops["truncated_channeldata"] += 1
+        elif kind is _CHANNEL_DATA and channel is None:
+            try:
+                chan, inner = parse_channel_data(dgram)
+            except RemoteProtocolError as exc:
+                self.drops[exc.reason] += 1
                 return
-            chan = (dgram[0] << 8) | dgram[1]
-            length = (dgram[2] << 8) | dgram[3]
-            if length > len(dgram) - 4:
-                self.drops["truncated_channeldata"] += 1
-                return
-            self._demux(sock, dgram[4 : 4 + length], addr, chan, out, partial, ready)
-        elif first <= 3 or 20 <= first <= 63:
+            self._demux(sock, inner, addr, chan, out, partial, ready)
+        elif kind is _STUN or kind is _DTLS:
             link = self.table.by_source.get((sock.fileno(), addr, channel))
             if link is None and not self.unknown_control.take(time.monotonic()):
                 self.drops["control_unknown_source"] += 1  # links' own upkeep goes first
