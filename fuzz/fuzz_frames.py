@@ -1,6 +1,6 @@
 """Fuzz target: underlay datagrams through the data plane's receive path, with no sockets.
 
-One input is one datagram, handed to ``Inbound._demux`` exactly as the RX thread hands it a
+One input is one datagram, handed to ``Inbound._demux`` exactly as the poll thread hands it a
 datagram it read: first-byte demultiplexing (RFC 7983), TURN ChannelData unwrapping, the frame
 header, the source check of a plain link, AEAD opening and the replay window of an encrypted link
 (a real ``CryptoSession``, keyed by a real DTLS handshake at start-up), keepalive parsing and the
@@ -27,10 +27,8 @@ Run it (libFuzzer options after the script; a corpus directory is optional)::
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
-import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -138,11 +136,9 @@ class Harness:
                           wh.pack(wh.T_TRAIN_SEALED, SEALED_PEER, LOCAL)),
         }
         self.roamed = 0
-        self._wake_r, self._wake_w = os.pipe()
         dev: Any = SimpleNamespace(tap=False, fd=-1, vnet_hdr=False)
         self.inbound = Inbound(dev, self.table, LOCAL, on_control=self._on_control,
-                               on_roam=self._on_roam, stopping=threading.Event(),
-                               wake_fd=self._wake_r)
+                               on_roam=self._on_roam)
 
     def _on_control(self, sock: socket.socket, data: bytes, addr: tuple[str, int],
                     channel: int | None, link: Link | None) -> None:

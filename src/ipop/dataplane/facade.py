@@ -24,6 +24,7 @@ from ipop.dataplane.inbound import Inbound, send_keepalive
 from ipop.dataplane.kroutes import KernelRoutes, local_networks
 from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.outbound import Outbound
+from ipop.dataplane.poller import Poller
 from ipop.dataplane.table import ForwardingTable
 from ipop.fwmark import mark_socket
 from ipop.ratelimit import TokenBucket
@@ -106,8 +107,12 @@ class DataPlane:
         self.outbound = Outbound(self.dev, self.table, mss=self.mss, on_miss=self._on_miss)
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
-            stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
             on_confirm=self._on_confirm,
+        )
+        self.poller = Poller(
+            wake_fd=self._wake_r, stopping=self.stopping, on_wake=self.inbound.replay_early,
+            on_socket=self.inbound.drain, drops=self.inbound.drops,
+            device_fd=self.dev.fd, on_device=self.outbound.pump,
         )
         overlay: list[Net] = [ipaddress.ip_network(f"{ip4}/{prefixlen}", strict=False)]
         if ip6:
@@ -129,6 +134,7 @@ class DataPlane:
         # packet in its queue) waiting that long, which TCP sees as a 5-10 ms longer RTT.
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.inbound.start()
+        self.poller.start()
 
     @property
     def offloads(self) -> dict[str, bool]:
@@ -142,7 +148,7 @@ class DataPlane:
         self.stopping.set()
         os.write(self._wake_w, b"x")
         self.inbound.stop()
-        for th in (self.inbound.rx_thread, self.inbound.wr_thread):
+        for th in (self.poller.thread, self.inbound.tun_writer):
             if th.is_alive():
                 th.join(timeout=2.0)
         self.kroutes.clear()
@@ -163,7 +169,7 @@ class DataPlane:
         return sock
 
     def adopt_socket(self, sock: socket.socket, *, owned: bool = False) -> None:
-        """Serve ``sock`` from the rx thread (e.g. the socket ICE selected); it gets the
+        """Serve ``sock`` from the poll thread (e.g. the socket ICE selected); it gets the
         underlay mark (``ipop.fwmark``), so an exit node's default route never captures it."""
         mark_socket(sock)
         for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
@@ -171,12 +177,14 @@ class DataPlane:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
-        self.inbound.add_socket(sock)
+        if self.inbound.add_socket(sock):
+            self.poller.watch(sock.fileno())
         if owned:
             self.sockets.append(sock)
 
     def release_socket(self, sock: socket.socket) -> None:
-        self.inbound.remove_socket(sock)
+        if self.inbound.remove_socket(sock):
+            self.poller.unwatch(sock.fileno())
 
     # ---- links
     def add_link(
@@ -346,7 +354,7 @@ class DataPlane:
         return None
 
     def release_early(self, link: Link) -> None:
-        """``link`` has new keys: the rx thread opens the sealed frames it held meanwhile
+        """``link`` has new keys: the poll thread opens the sealed frames it held meanwhile
         (``Link.early``).  Control thread."""
         if not link.early or self.stopping.is_set():
             return
@@ -406,7 +414,7 @@ class DataPlane:
                 else:
                     link.send_packet(pkt)
 
-    # ---- control datagrams and roaming (called from the rx thread)
+    # ---- control datagrams and roaming (called from the poll thread)
     def _on_control(
         self, sock: socket.socket, data: bytes, addr: tuple[str, int], channel: int | None,
         link: Link | None,
@@ -418,7 +426,7 @@ class DataPlane:
         self.call_soon(self.on_event, ev)
 
     def _on_confirm(self, link: Link) -> None:
-        """RX thread: the peer of a plain link sent its first frame after our handshake."""
+        """Poll thread: the peer of a plain link sent its first frame after our handshake."""
         self.call_soon(self.on_event, Event("confirmed", {"peer_uid": link.peer_uid}))
 
     def _on_roam(self, link: Link, sock: socket.socket, addr: tuple[str, int]) -> None:

@@ -1,36 +1,37 @@
-"""UDP → TUN: the inbound pipeline, run by two threads joined by a bounded queue; the rx thread
-also pumps the outbound pipeline (``Outbound.pump``) whenever the device is readable.
+"""UDP → TUN: the inbound pipeline, run by the poll thread (``Poller``) and the TUN writer
+thread, joined by a bounded queue.
 
 Pipeline:
-  1. [rx thread] wait in epoll on every link socket, the device (its reads go to ``Outbound``)
-     and a wake pipe; drain each ready socket into slots of a preallocated slab until it is
-     empty (a zero-timeout poll() per socket says so, with no failing read) or the slab is full;
   0. [kernel] a classic BPF filter on every socket (``sockfilter``) drops datagrams whose
      first byte is in no valid range, STUN without its cookie, non-DTLS, and frames for
      another UID, before they are queued: a garbage flood costs no Python;
-  2. [rx thread] demultiplex each datagram by its first byte (RFC 7983): ipop frames go on;
-     TURN ChannelData is unwrapped and demultiplexed again; STUN and DTLS are copied and handed
-     to the control thread (from a source that is no link's path: at most
-     ``UNKNOWN_CONTROL_RATE`` a second, the rest counted as ``control_unknown_source``, so a
-     flood cannot starve the control thread); anything else is dropped and counted;
-  3. [rx thread] find the link by the source UID, check the destination UID, then either check the
-     source address (plain links never follow an unauthenticated address change) or open the
+  1. [poll thread] a socket is readable (``drain``): drain it into slots of a preallocated slab
+     until it is empty (a zero-timeout poll() per socket says so, with no failing read) or the
+     slab is full;
+  2. [poll thread] demultiplex each datagram by its first byte (``ipop.wire.header.classify``,
+     RFC 7983): ipop frames go on; TURN ChannelData is unwrapped (``ipop.wire.turn``) and
+     demultiplexed again; STUN and DTLS are copied and handed to the control thread (from a
+     source that is no link's path: at most ``UNKNOWN_CONTROL_RATE`` a second, the rest counted
+     as ``control_unknown_source``, so a flood cannot starve the control thread); anything else
+     is dropped and counted;
+  3. [poll thread] find the link by the source UID, check the destination UID, then either check
+     the source address (plain links never follow an unauthenticated address change) or open the
      sealed payload (AEAD + replay window; a sealed link may roam to a new address only on a
      frame that authenticates; a frame under an epoch whose keys this end is still making is
      held, 16 per link for 2 s, and replayed from step 2 when the keys are in);
-  4. [rx thread] answer keepalive probes; check the inner source (cryptokey routing: a peer may
+  4. [poll thread] answer keepalive probes; check the inner source (cryptokey routing: a peer may
      send only from its overlay addresses and the prefixes its link carries; TAP: from its own
      MACs, and ARP/IP senders inside the overlay prefix must be its own), once per packet on
      the per-datagram path and once per super-packet or train on the others; learn source MACs;
-  5. [writer thread] write the batch's packets to the device, then give the slab back; when the
-     rx thread has drained its socket and the writer has nothing queued, the rx thread writes
-     the batch itself (the hand-over would cost a wake-up and buy no overlap).
+  5. [TUN writer thread] write the batch's packets to the device, then give the slab back; when
+     the poll thread has drained its socket and the writer has nothing queued, the poll thread
+     writes the batch itself (the hand-over would cost a wake-up and buy no overlap).
 With offloads the sockets have UDP_GRO on: one read brings a train of datagrams, which step 2
 splits; the packets of a batch that continue one TCP flow are merged again into super-packets
 (``coalesce``) and written with a ``virtio_net_hdr`` in one ``writev`` each.  Without a vnet
 header on the device, partial inner packets (frame type 0x84) get their checksums completed.
 Ordering: one socket is drained in order and batches are written in order, so a flow's order holds.
-Backpressure: slabs are bounded; when the writer falls behind, the rx thread waits for a free slab
+Backpressure: slabs are bounded; when the writer falls behind, the poll thread waits for a free slab
 and the kernel's socket buffers absorb the burst (and drop, if they must) — a slow TUN write never
 blocks the control thread and never grows memory.
 Buffers: a slab is lent to the writer with its batch and comes back once every packet in it is
@@ -89,7 +90,8 @@ ControlHandler = Callable[[socket.socket, bytes, tuple[str, int], int | None, Li
 
 
 class Inbound:
-    """Owns the rx and writer threads and the set of sockets they serve."""
+    """The receive pipeline: the sockets the poll thread drains, their slabs, and the TUN
+    writer thread."""
 
     def __init__(
         self,
@@ -99,9 +101,6 @@ class Inbound:
         *,
         on_control: ControlHandler,
         on_roam: Callable[[Link, socket.socket, tuple[str, int]], None],
-        stopping: threading.Event,
-        wake_fd: int,
-        pump: Callable[[], None] | None = None,
         on_confirm: Callable[[Link], None] | None = None,
     ) -> None:
         self.dev = dev
@@ -110,18 +109,6 @@ class Inbound:
         self.uid = local_uid
         self.on_control = on_control
         self.on_roam = on_roam
-        self.stopping = stopping
-        self.wake_fd = wake_fd
-        self.epoll = select.epoll()
-        self.epoll.register(wake_fd, select.EPOLLIN)
-        # The device is read by this thread too: what a write makes the kernel answer (a TCP ACK,
-        # an echo reply, the next segments the peer's ACK released) is read without waking
-        # another thread, and no GIL passes between a reader and a receiver (measured on 2
-        # cores: plain TCP 2.6 -> 3.3 Gbit/s, encrypted 2.05 -> 2.3).  None: no device here
-        # (the fuzz harness).
-        self.pump = pump
-        if pump is not None:
-            self.epoll.register(dev.fd, select.EPOLLIN)
         self.socks: dict[int, socket.socket] = {}
         # one zero-timeout poll() per socket tells whether more is queued: cheaper than a read
         # that fails with EAGAIN, whose exception is the costliest step of a lone packet's way
@@ -136,31 +123,33 @@ class Inbound:
         # links whose held early frames (``Link.early``) may open now: the control thread puts
         # them here and writes the wake pipe (``DataPlane.release_early``)
         self.replays: queue.SimpleQueue[Link] = queue.SimpleQueue()
-        self._replaying = False  # rx thread: frames being replayed are not held again
+        self._replaying = False  # poll thread: frames being replayed are not held again
         self.written = 0
-        self.drained = False  # rx thread: the last drain emptied its socket
-        self.queued = 0  # batches handed to the writer (written by the rx thread only)
+        self.drained = False  # poll thread: the last drain emptied its socket
+        self.queued = 0  # batches handed to the writer (written by the poll thread only)
         self.done = 0  # batches the writer finished (written by the writer thread only)
         self.gro_missing = False
         self.sources = SourceCheck(dev, table, self.drops)  # cryptokey routing
         self.unknown_control = TokenBucket(UNKNOWN_CONTROL_RATE, UNKNOWN_CONTROL_BURST)
         self.socket_filter = True  # every socket so far took the kernel filter
         self.kernel_drops_gone = 0
-        self.rx_thread = threading.Thread(target=self._rx_loop, name="ipop-rx", daemon=True)
-        self.wr_thread = threading.Thread(target=self._write_loop, name="ipop-tun-tx", daemon=True)
+        # the TUN writer: writes batches the poll thread hands over (``_hand_over``)
+        self.tun_writer = threading.Thread(target=self._write_loop, name="ipop-tun-write",
+                                           daemon=True)
 
     def start(self) -> None:
-        self.rx_thread.start()
-        self.wr_thread.start()
+        self.tun_writer.start()
 
     def stop(self) -> None:
         self.work.put(None)
 
-    def add_socket(self, sock: socket.socket) -> None:
+    def add_socket(self, sock: socket.socket) -> bool:
+        """Serve ``sock`` (GRO on, the kernel filter attached); False if it was served already.
+        The caller has the poll thread watch it (``Poller.watch``)."""
         sock.setblocking(False)
         fd = sock.fileno()
         if fd in self.socks:
-            return
+            return False
         if self.gro and not enable_gro(sock):
             self.gro_missing = True
         if not sockfilter.attach(sock, self.uid, list(self.table.by_uid)):
@@ -169,7 +158,7 @@ class Inbound:
         probe.register(fd, select.POLLIN)
         self.probes[fd] = probe
         self.socks[fd] = sock
-        self.epoll.register(fd, select.EPOLLIN)
+        return True
 
     def refresh_filters(self) -> None:
         """The links changed: frames may come from their peers' UIDs (``sockfilter``)."""
@@ -184,57 +173,23 @@ class Inbound:
         return self.kernel_drops_gone + sum(
             sockfilter.kernel_drops(s) for s in list(self.socks.values()))
 
-    def remove_socket(self, sock: socket.socket) -> None:
+    def remove_socket(self, sock: socket.socket) -> bool:
+        """Stop serving ``sock``; False if it was not served.  The caller has the poll thread
+        stop watching it (``Poller.unwatch``)."""
         fd = sock.fileno()
         self.probes.pop(fd, None)
-        if self.socks.pop(fd, None) is not None:
-            self.kernel_drops_gone += sockfilter.kernel_drops(sock)
-            sockfilter.detach(sock)  # given back to its owner as it came
-            try:
-                self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+        if self.socks.pop(fd, None) is None:
+            return False
+        self.kernel_drops_gone += sockfilter.kernel_drops(sock)
+        sockfilter.detach(sock)  # given back to its owner as it came
+        return True
 
-    # ---- rx thread
-    def _rx_loop(self) -> None:
-        wake = self.wake_fd
-        pump = self.pump
-        dev_fd = self.dev.fd if pump is not None else -1
-        stopped = self.stopping.is_set
-        while True:
-            try:
-                events = self.epoll.poll(1.0)
-            except OSError:
-                return
-            for fd, _ev in events:
-                if fd == wake:
-                    if stopped():
-                        return
-                    try:
-                        os.read(wake, 4096)
-                    except OSError:
-                        pass
-                    try:
-                        self._replay_early()
-                    except Exception:  # never let one datagram stop the data plane
-                        self.drops["internal_error"] += 1
-                        log.exception("inbound: early frames dropped")
-                    continue
-                if fd == dev_fd and pump is not None:
-                    try:
-                        pump()
-                    except Exception:  # never let one packet stop the data plane
-                        self.drops["internal_error"] += 1
-                        log.exception("outbound: read dropped")
-                    continue
-                sock = self.socks.get(fd)
-                if sock is None:
-                    continue
-                try:
-                    self._drain(sock)
-                except Exception:  # never let one datagram stop the data plane
-                    self.drops["internal_error"] += 1
-                    log.exception("inbound: batch dropped")
+    # ---- poll thread
+    def drain(self, fd: int) -> None:
+        """Socket ``fd`` is readable (``Poller``): read it into a slab and pass the batch on."""
+        sock = self.socks.get(fd)
+        if sock is not None:
+            self._drain(sock)
 
     def _drain(self, sock: socket.socket) -> None:
         slab = self.free.get()
@@ -251,7 +206,7 @@ class Inbound:
         finally:
             self._finish_batch(slab, out, partial, ready)
 
-    def _replay_early(self) -> None:
+    def replay_early(self) -> None:
         """Open the frames held while their keys were being made (``_hold_early``), now that
         the keys are in; frames older than ``EARLY_SECONDS`` are dropped."""
         while True:
@@ -286,7 +241,7 @@ class Inbound:
         """A sealed frame under an epoch we have no keys for, while this end is still making
         keys: the peer finished its handshake first (the DTLS server finishes before the
         client) and sent at once.  Hold a copy, bounded in number and time, for
-        ``_replay_early``; False when it is not that case (then it is dropped)."""
+        ``replay_early``; False when it is not that case (then it is dropped)."""
         if self._replaying or not session.awaiting_keys:
             return False
         if len(link.early) == link.early.maxlen:

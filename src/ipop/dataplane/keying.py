@@ -8,7 +8,7 @@ fingerprint signaling carried, and confirms the security verdict (``ipop.crypto.
 verdict that signaling changed on the way fails it with ``downgrade_detected``.
 
 Only then does the link carry data (``Link.authed``): until that moment both kinds of link queue
-what they would send, and the RX thread drops plain frames.  An encrypted link then seals with
+what they would send, and the poll thread drops plain frames.  An encrypted link then seals with
 the exported keys; a plain link sends frames without AEAD, so it costs no per-packet crypto.
 """
 
@@ -215,7 +215,7 @@ class Keying:
             self.on_event(uid, "beside_failed")
 
     def confirmed(self, peer_uid: bytes) -> None:
-        """The peer of a plain link sent a frame after our handshake (the RX thread saw it)."""
+        """The peer of a plain link sent a frame after our handshake (the poll thread saw it)."""
         link = self.links.get(peer_uid)
         if link is not None and self._ready.get(peer_uid):
             self._open(link)

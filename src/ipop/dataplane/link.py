@@ -1,9 +1,9 @@
 """A link to one peer: its underlay path, its crypto session (if encrypted) and its counters.
 
-Threads: the data-plane thread (``Inbound``'s rx thread, which also pumps the device: the "TX"
-and "RX" sides below) writes the ``tx_*`` and ``rx_*`` counters and ``last_rx`` and calls
-``send``; the control thread swaps ``path`` and ``session`` (plain attribute stores, atomic under
-the GIL) and sends keepalives.  Counters have one writer each and need no lock.
+Threads: the poll thread (``Poller``: it reads the device and the sockets, so it both sends
+and receives) writes the ``tx_*`` and ``rx_*`` counters and ``last_rx_mono`` and calls ``send_*``;
+the control thread swaps ``path`` and ``session`` (plain attribute stores, atomic under the GIL)
+and sends keepalives.  Counters have one writer each and need no lock.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ class Path:
 
     @property
     def source_key(self) -> tuple[int, tuple[str, int], int | None]:
-        """The key the RX thread computes for datagrams arriving on this path."""
+        """The key the poll thread computes for datagrams arriving on this path."""
         return (self.sock.fileno(), self.addr, self.channel)
 
     def local(self) -> str:
@@ -102,8 +102,7 @@ class LinkStats:
     rx_packets: int = 0
     rx_bytes: int = 0
     drops: collections.Counter[str] = field(default_factory=collections.Counter)
-    last_rx: float | None = None  # time.time() of the last frame received
-    last_rx_mono: float = 0.0
+    last_rx_mono: float = 0.0  # time.monotonic() of the last frame received
     rtt_ms: float | None = None
 
 
@@ -140,7 +139,7 @@ class Link:
         self.session: CryptoSession | None = None
         # every link, plain ones too, carries data only after its DTLS handshake proved the
         # peer's UID and fingerprint and confirmed the verdict (``ipop.crypto.verdict``); set
-        # by the control thread (``Keying``), read by the TX and RX threads
+        # by the control thread (``Keying``), read by the poll thread
         self.authed = False
         self.xlat: Translator | None = None  # SocialVPN: this friend's address in our view
         self.stats = LinkStats()
@@ -165,12 +164,12 @@ class Link:
         self.trains = wt.TrainPolicy(not trains_off, trains_off)
         self.reassembler = wt.Reassembler()  # RX side: trains that came datagram by datagram
         self.train_seq = 0
-        self._seal_buf: bytearray | None = None  # TX thread: trains are sealed into it
+        self._seal_buf: bytearray | None = None  # poll thread: trains are sealed into it
         self.trains_sent = 0
-        self.loss_counted = 0  # RX thread: reassembler.lost already counted and reported
+        self.loss_counted = 0  # poll thread: reassembler.lost already counted and reported
         self.loss_report_at = 0.0
         self._pending: collections.deque[bytes] = collections.deque()
-        # RX thread: sealed frames under an epoch whose keys are still being made (the peer
+        # poll thread: sealed frames under an epoch whose keys are still being made (the peer
         # finished its handshake first and sent at once): (arrival, socket, datagram, source,
         # TURN channel), opened again once the keys are in (``Inbound.replay_early``)
         self.early: collections.deque[
@@ -184,8 +183,8 @@ class Link:
         # ``verify_since`` by ``verify_by`` -> down; 0.0: none pending
         self.verify_since = 0.0
         self.verify_by = 0.0
-        # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the RX thread)
-        # with the RTT in ms; the control thread adds, the RX thread pops
+        # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the poll thread)
+        # with the RTT in ms; the control thread adds, the poll thread pops
         self.pings: dict[int, Callable[[float], None]] = {}
         # a road-warrior peer (static, no endpoint): its address is not known yet; set on the
         # control thread, cleared when the link is keyed
@@ -194,7 +193,7 @@ class Link:
 
     def set_nets(self, nets: tuple[Net, ...]) -> None:
         """The prefixes this link carries besides the peer's own addresses (control thread;
-        the rx thread sees the old or the new set, each whole)."""
+        the poll thread sees the old or the new set, each whole)."""
         self.nets = nets
         self.src_exact = frozenset(a for a in (self.overlay_ip4, self.overlay_ip6) if a)
         self.src_nets = PrefixSet(nets) if nets else None
@@ -214,7 +213,7 @@ class Link:
         nets = self.src_nets
         return nets is not None and src in nets
 
-    # ---- sending (TX thread, and the control thread for keepalives and flushes)
+    # ---- sending (poll thread, and the control thread for keepalives and flushes)
     def send_frame(self, parts: list[bytes | bytearray | memoryview]) -> bool:
         """Send one datagram made of ``parts``; counts and swallows underlay errors."""
         path = self.path

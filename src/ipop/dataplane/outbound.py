@@ -1,8 +1,9 @@
-"""TUN → UDP: the outbound pipeline, pumped by the data-plane thread when the device is readable.
+"""TUN → UDP: the outbound pipeline, pumped by the poll thread (``Poller``) when the device is
+readable.
 
 Pipeline (sequential, in that thread; one flow's order is the device's read order):
   1. read packets from the device into one preallocated buffer (non-blocking; the thread waits
-     in ``Inbound``'s epoll, which holds the device beside the sockets: no busy waiting; after a
+     in ``Poller``'s epoll, which holds the device beside the sockets: no busy waiting; after a
      small read, a zero-timeout poll() tells whether more is queued, sparing a failing read's
      exception; at most ``PUMP_READS`` reads per turn, so that the sockets are served too);
   2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP); a
@@ -44,8 +45,8 @@ BATCH_AREA = 128 * 1024  # where small reads pack; a full read always fits behin
 
 
 class Outbound:
-    """Reads the device and sends what it reads.  It has no thread of its own: the data-plane
-    thread calls ``pump`` whenever its epoll finds the device readable (``Inbound``), so a
+    """Reads the device and sends what it reads.  It has no thread of its own: the poll
+    thread calls ``pump`` whenever its epoll finds the device readable (``Poller``), so a
     packet read, an answer written and the next read are one thread's work, with no hand-over
     (and no GIL hand-over) between a reader and a receiver."""
 

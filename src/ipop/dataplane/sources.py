@@ -5,7 +5,7 @@ TUN: ``Link.source_ok`` (the peer's overlay addresses, then the prefixes its lin
 TAP: a member sends only from MACs no other member (nor this node) holds, and an ARP or IP
 sender inside the overlay prefix must be one of its own addresses.  The inbound pipeline calls
 these once per packet on its per-datagram path, and once per whole train or merged GRO run
-(whose segments all share one header) on the others.  Runs on the rx thread.
+(whose segments all share one header) on the others.  Runs on the poll thread.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The forwarding table: overlay IP, MAC and UID to link, read lock-free by the data path.
 
-Writers (the control thread) build new dicts and swap them in; readers (TX and RX threads) take
+Writers (the control thread) build new dicts and swap them in; readers (the poll thread) take
 one attribute read and see a consistent snapshot.  MAC learning writes single dict entries from
-the RX thread, which is safe under the GIL.
+the poll thread, which is safe under the GIL.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class ForwardingTable:
         self.links = tuple(by_uid.values())
 
     def learn_mac(self, mac: bytes, link: Link) -> bool:
-        """Remember that ``mac`` lives behind ``link`` (called by the RX thread); False when
+        """Remember that ``mac`` lives behind ``link`` (called by the poll thread); False when
         another live link holds it already (the first holder keeps it)."""
         held = self.by_mac.get(mac)
         if held is link:
