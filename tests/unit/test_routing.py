@@ -172,15 +172,15 @@ def test_table_routes_longest_prefix_and_ownership(sock):
     e.set_nets((parse_prefix("0.0.0.0/0"), parse_prefix("198.18.200.0/24")))
     t.add(r)
     t.add(e)
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is r  # older link keeps it
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.1.1").packed) is e  # the exit
-    assert t.lookup_ip(ipaddress.IPv4Address("100.64.0.3").packed) is e  # its own address
+    assert t.route(ipaddress.IPv4Address("198.18.200.9").packed) is r  # older link keeps it
+    assert t.route(ipaddress.IPv4Address("198.18.1.1").packed) is e  # the exit
+    assert t.route(ipaddress.IPv4Address("100.64.0.3").packed) is e  # its own address
     # a newcomer claiming an address another link holds does not take it over
     claim = mk(sock, b"\x04" * 20, "100.64.0.2", port=5002)
     t.add(claim)
     assert t.owner_of(ipaddress.IPv4Address("100.64.0.2").packed) is r
     t.remove(r.peer_uid)
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is e
+    assert t.route(ipaddress.IPv4Address("198.18.200.9").packed) is e
 
 
 def test_learned_mac_stays_with_its_first_live_holder(sock):

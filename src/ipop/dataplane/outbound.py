@@ -6,9 +6,9 @@ Pipeline (sequential, in that thread; one flow's order is the device's read orde
      in ``Poller``'s epoll, which holds the device beside the sockets: no busy waiting; after a
      small read, a zero-timeout poll() tells whether more is queued, sparing a failing read's
      exception; at most ``PUMP_READS`` reads per turn, so that the sockets are served too);
-  2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP); a
-     destination no peer owns exactly goes to the link whose prefix matches it longest
-     (subnet routes, exit nodes: ``ForwardingTable.routes``), looked up only on that miss;
+  2. find the destination (``ipop.wire.packet.destination``: IPv4/IPv6 destination address;
+     TAP: destination MAC) and its link (``ForwardingTable.route``: the peer that owns the
+     address, else the link whose prefix matches it longest: subnet routes, exit nodes);
   3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
      no link → held in a small per-destination queue and reported to the controller;
@@ -33,6 +33,7 @@ from ipop.dataplane.link import Link, standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.wire import packet as wp
+from ipop.wire.packet import destination
 from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VNET, VNET_HDR_LEN, VnetHdr
 
 VNET_LEN = VNET_HDR_LEN
@@ -111,22 +112,14 @@ class Outbound:
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
-        ver = buf[0] >> 4
-        if ver == 4 and n >= 20:
-            dst = bytes(buf[16:20])
-            is_group = buf[16] >= 224 or dst == b"\xff\xff\xff\xff"
-        elif ver == 6 and n >= 40:
-            dst = bytes(buf[24:40])
-            is_group = buf[24] == 0xFF
-        else:
+        dest = destination(buf, 0, n)
+        if dest is None:
             self.counters["not_ip"] += 1
             return
-        if buf[9 if ver == 4 else 6] == wp.IPPROTO_TCP:
+        dst, is_group, ver, proto = dest
+        if proto == wp.IPPROTO_TCP:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20)
-        table = self.table
-        link = table.by_ip.get(dst)
-        if link is None and not is_group and table.routes:
-            link = table.routes.lookup(dst)  # a subnet route or an exit node
+        link = self.table.route(dst, is_group)
         if link is not None:
             if link.xlat is not None:
                 link.xlat.tx(pkt)
@@ -195,30 +188,17 @@ class Outbound:
         its link (None: none); the MSS of a TCP SYN clamped, the packet translated for a
         SocialVPN link.  None when the read is not IP (counted)."""
         n = len(view)
-        if n < VNET_LEN + 20:
+        dest = destination(view, VNET_LEN, n)
+        if dest is None:
             self.counters["not_ip"] += 1
             return None
+        dst, is_group, ver, proto = dest
         vh = VnetHdr._make(VNET.unpack_from(view))
         pkt = view[VNET_LEN:n]
-        ver = view[VNET_LEN] >> 4
-        if ver == 4:
-            dst = bytes(view[VNET_LEN + 16 : VNET_LEN + 20])
-            is_group = view[VNET_LEN + 16] >= 224 or dst == b"\xff\xff\xff\xff"
-            proto = view[VNET_LEN + 9]
-        elif ver == 6 and n >= VNET_LEN + 40:
-            dst = bytes(view[VNET_LEN + 24 : VNET_LEN + 40])
-            is_group = view[VNET_LEN + 24] == 0xFF
-            proto = view[VNET_LEN + 6]
-        else:
-            self.counters["not_ip"] += 1
-            return None
         partial = bool(vh.flags & F_NEEDS_CSUM)
         if proto == wp.IPPROTO_TCP and vh.gso_type == GSO_NONE:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
-        table = self.table
-        link = table.by_ip.get(dst)
-        if link is None and not is_group and table.routes:
-            link = table.routes.lookup(dst)  # a subnet route or an exit node
+        link = self.table.route(dst, is_group)
         if link is not None and link.xlat is not None:
             link.xlat.tx(pkt, partial)
         return vh, pkt, dst, is_group, link
@@ -257,14 +237,16 @@ class Outbound:
                 arp = wp.arp_parse(frame[wp.ETH_HLEN:])
                 if arp is not None and arp[0] == wp.ARP_REQUEST:
                     target = arp[4]
-                    if target not in self.table.by_ip and arp[2] != target:
+                    if self.table.owner_of(target) is None and arp[2] != target:
                         self.counters["no_route"] += 1
                         self.on_miss(target, bytes(frame))
             self._flood(frame)
             return
         link = self.table.by_mac.get(dst_mac)
-        if link is None and ethertype == wp.ETH_P_IP and n >= wp.ETH_HLEN + 20:
-            link = self.table.by_ip.get(bytes(buf[wp.ETH_HLEN + 16 : wp.ETH_HLEN + 20]))
+        if link is None and ethertype == wp.ETH_P_IP:
+            dest = destination(buf, wp.ETH_HLEN, n)
+            if dest is not None and dest[2] == 4:
+                link = self.table.owner_of(dest[0])
         if link is not None:
             link.send_packet(frame)
         else:

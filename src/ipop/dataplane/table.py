@@ -1,4 +1,5 @@
-"""The forwarding table: overlay IP, MAC and UID to link, read lock-free by the data path.
+"""The forwarding table: overlay IP, MAC and UID to link, read lock-free by the data path, and
+the one route verdict (``ForwardingTable.route``: exact owner, then longest-prefix match).
 
 Writers (the control thread) build new dicts and swap them in; readers (the poll thread) take
 one attribute read and see a consistent snapshot.  MAC learning writes single dict entries from
@@ -81,11 +82,14 @@ class ForwardingTable:
         self.by_mac[mac] = link
         return True
 
-    def lookup_ip(self, addr: bytes) -> Link | None:
-        """The link for a destination: the peer that owns it, else the longest prefix."""
-        link = self.by_ip.get(addr)
-        if link is None and self.routes:
-            link = self.routes.lookup(addr)
+    def route(self, dst: bytes, group: bool = False) -> Link | None:
+        """The route verdict for a destination address: the link whose peer owns it, else (for
+        an address that is no ``group`` one) the link whose prefix matches it longest (subnet
+        routes, exit nodes), looked up only on that miss.  None: no link; the caller floods a
+        group address and holds and reports any other (``Outbound``)."""
+        link = self.by_ip.get(dst)
+        if link is None and not group and self.routes:
+            link = self.routes.lookup(dst)
         return link
 
     def owner_of(self, addr: bytes) -> Link | None:
