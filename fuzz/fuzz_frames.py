@@ -1,6 +1,6 @@
 """Fuzz target: underlay datagrams through the data plane's receive path, with no sockets.
 
-One input is one datagram, handed to ``Inbound._demux`` exactly as the poll thread hands it a
+One input is one datagram, handed to ``Inbound.receive`` exactly as the poll thread hands it a
 datagram it read: first-byte demultiplexing (RFC 7983), TURN ChannelData unwrapping, the frame
 header, the source check of a plain link, AEAD opening and the replay window of an encrypted link
 (a real ``CryptoSession``, keyed by a real DTLS handshake at start-up), keepalive parsing and the
@@ -47,6 +47,7 @@ with _instrumented():
     from ipop.crypto.session import CryptoSession
     from ipop.dataplane.inbound import Inbound
     from ipop.dataplane.link import Link, Path
+    from ipop.dataplane.link_rx import WRITES, Result
     from ipop.dataplane.table import ForwardingTable
     from ipop.errors import RemoteProtocolError
     from ipop.wire import header as wh
@@ -190,22 +191,23 @@ class Harness:
             may = may and mode == 3 and not cut
         return dgram, addr, may
 
-    def feed(self, data: bytes) -> list[bytes | memoryview]:
+    def feed(self, data: bytes) -> Result | None:
+        """One input: the receive path's result (None when a ``RemoteProtocolError`` escaped,
+        which the poll thread counts and drops)."""
         for parse in (wh.parse, wk.parse):
             try:
                 parse(data)
             except RemoteProtocolError:
                 pass
         dgram, addr, may = self.datagram(data)
-        out: list[bytes | memoryview] = []
         sock: Any = self.sock
         try:
-            self.inbound._demux(sock, memoryview(dgram), addr, None, out, [], None)
+            result = self.inbound.receive(sock, memoryview(dgram), addr)
         except RemoteProtocolError:
-            pass
-        if out and not may:
+            return None
+        if result[0] in WRITES and not may:
             raise AssertionError(f"a payload reached the device from {addr}: {dgram.hex()}")
-        return out
+        return result
 
 
 _HARNESS: Harness | None = None

@@ -232,7 +232,7 @@ class Node:
                         and (not link.usable or link.down)
                         and now - link.hello_at >= HELLO_INTERVAL):
                     link.hello_at = now
-                    link.send_frame([hello.pack(self.dp.uid, link.peer_uid)])
+                    link.tx.send_frame([hello.pack(self.dp.uid, link.peer_uid)])
 
     def _on_hello(self, ev: Event) -> bool:
         """A hello (``ipop.wire.hello``) on the static port: if it names a road-warrior peer

@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipop.dataplane import tun
-from ipop.dataplane.inbound import Inbound, send_keepalive
+from ipop.dataplane.inbound import Inbound
 from ipop.dataplane.kroutes import KernelRoutes, local_networks
 from ipop.dataplane.link import CryptoSession, Link, Path
+from ipop.dataplane.link_tx import send_keepalive
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.poller import Poller
 from ipop.dataplane.table import ForwardingTable
@@ -355,8 +356,8 @@ class DataPlane:
 
     def release_early(self, link: Link) -> None:
         """``link`` has new keys: the poll thread opens the sealed frames it held meanwhile
-        (``Link.early``).  Control thread."""
-        if not link.early or self.stopping.is_set():
+        (``LinkReceiver.early``).  Control thread."""
+        if not link.rx.early or self.stopping.is_set():
             return
         self.inbound.replays.put(link)
         os.write(self._wake_w, b"r")
@@ -410,9 +411,9 @@ class DataPlane:
                 if link.xlat is not None:  # held before the link (and its view) existed
                     held = bytearray(pkt)
                     link.xlat.tx(held)
-                    link.send_packet(held)
+                    link.tx.send_packet(held)
                 else:
-                    link.send_packet(pkt)
+                    link.tx.send_packet(pkt)
 
     # ---- control datagrams and roaming (called from the poll thread)
     def _on_control(

@@ -21,8 +21,8 @@ from collections.abc import Callable
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession, is_client_for
 from ipop.crypto.verdict import Confirmation
-from ipop.dataplane.inbound import send_keepalive
 from ipop.dataplane.link import Link
+from ipop.dataplane.link_tx import send_keepalive
 from ipop.errors import AuthError, IpopError
 from ipop.wire import keepalive as wk
 
@@ -207,7 +207,7 @@ class Keying:
             self._check(link, time.monotonic())
         elif sum(session.handshake_failures.values()):
             for reason, count in session.handshake_failures.items():
-                link.stats.drops[f"handshake_{reason}"] = count
+                link.stats.handshake_drops[f"handshake_{reason}"] = count
             log.warning("link %s: a new link failed its handshake (%s); the working link stays",
                         uid.hex()[:12], session.last_failure)
             self.beside_failure = session.last_failure.reason if session.last_failure else ""
@@ -227,7 +227,7 @@ class Keying:
             return
         self._opened.add(uid)
         link.authed = True
-        sent = link.flush_pending()
+        sent = link.tx.flush_pending()
         session = link.session
         if link.encrypted:
             keys = session.keys if isinstance(session, CryptoSession) else None
@@ -265,7 +265,7 @@ class Keying:
             self._failures_seen[uid] = failures
             err: AuthError | None = session.last_failure
             for reason, count in session.handshake_failures.items():
-                link.stats.drops[f"handshake_{reason}"] = count
+                link.stats.handshake_drops[f"handshake_{reason}"] = count
             log.warning("link %s: handshake failed: %s", uid.hex()[:12], err)
             self.on_event(uid, "failed")
 
@@ -274,4 +274,4 @@ class Keying:
         if not link.path.addr[1]:
             return  # a road-warrior peer whose address is not known yet: nowhere to send
         for d in datagrams:
-            link.send_frame([d])
+            link.tx.send_frame([d])

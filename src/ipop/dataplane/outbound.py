@@ -9,17 +9,18 @@ Pipeline (sequential, in that thread; one flow's order is the device's read orde
   2. find the destination (``ipop.wire.packet.destination``: IPv4/IPv6 destination address;
      TAP: destination MAC) and its link (``ForwardingTable.route``: the peer that owns the
      address, else the link whose prefix matches it longest: subnet routes, exit nodes);
-  3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
+  3. unicast with a link → ``LinkSender.send_packet`` (plain, sealed, or queued while keys
+     are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
      no link → held in a small per-destination queue and reported to the controller;
   4. clamp the MSS of TCP SYNs to the overlay MTU on the way out.
 With offloads (a TUN opened with IFF_VNET_HDR) a read is a 10-byte ``virtio_net_hdr`` and up to
 64 KB of TCP super-packet: step 3 sends it whole as one UDP GSO train while the link shows no
-loss, else cuts it into standalone packets first (``Link.send_super``); packets held for later
+loss, else cuts it into standalone packets first (``LinkSender.send_super``); packets held for later
 are completed copies.  Small packets (no GSO) are read back to back into one buffer until the
 device is empty (or 64 of them), then sent together: each run of equal-sized datagrams to one
-peer in one UDP GSO send (``Link.send_small``), which is what lifts the small-packet rate.
-The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
+peer in one UDP GSO send (``LinkSender.send_small``), which is what lifts the small-packet rate.
+The buffer is reused for the next read: ``LinkSender.send_packet`` must copy anything it keeps
 (it does: queued packets are copied with ``bytes()``).
 """
 
@@ -29,7 +30,8 @@ import os
 import select
 from collections.abc import Callable
 
-from ipop.dataplane.link import Link, standalone
+from ipop.dataplane.link import Link
+from ipop.dataplane.link_tx import standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.wire import packet as wp
@@ -123,7 +125,7 @@ class Outbound:
         if link is not None:
             if link.xlat is not None:
                 link.xlat.tx(pkt)
-            link.send_packet(pkt)
+            link.tx.send_packet(pkt)
         elif is_group:
             self._flood(pkt)
         else:
@@ -134,7 +136,7 @@ class Outbound:
     def _take_vnet(self, area: memoryview, n: int) -> None:
         """One read with a ``virtio_net_hdr``: a small one (no GSO) is kept back in the batch
         buffer, to go with the next ones (the device is read until it is empty or the buffer
-        full; ``Link.send_small`` then sends each peer's run of equal sizes in one GSO send);
+        full; ``LinkSender.send_small`` then sends each peer's run of equal sizes in one GSO send);
         anything else goes at once, after what was kept back."""
         read = area[:n]
         if n <= SMALL_READ and n > VNET_LEN and read[1] == GSO_NONE:
@@ -155,7 +157,7 @@ class Outbound:
 
     def _send_small(self, reads: list[memoryview]) -> None:
         """Route a run of small reads; runs of packets for one directly reachable peer go out
-        together (``Link.send_small``), anything else one by one, all in read order."""
+        together (``LinkSender.send_small``), anything else one by one, all in read order."""
         run: list[tuple[VnetHdr, memoryview]] = []
         run_link: Link | None = None
         for read in reads:
@@ -165,17 +167,17 @@ class Outbound:
             vh, pkt, dst, is_group, link = parsed
             if link is not None and link.path.channel is None:
                 if link is not run_link and run_link is not None:
-                    run_link.send_small(run)
+                    run_link.tx.send_small(run)
                     run = []
                 run_link = link
                 run.append((vh, pkt))
                 continue
             if run_link is not None:
-                run_link.send_small(run)
+                run_link.tx.send_small(run)
                 run, run_link = [], None
             self._deliver_vnet(read, vh, pkt, dst, is_group, link)
         if run_link is not None:
-            run_link.send_small(run)
+            run_link.tx.send_small(run)
 
     def _handle_vnet(self, view: memoryview) -> None:
         parsed = self._parse_vnet(view)
@@ -208,14 +210,14 @@ class Outbound:
         """Send a parsed read (``view`` is all of it) to its link, to every link (group), or
         hold it and report the miss."""
         if link is not None:
-            link.send_super(vh, pkt, view)
+            link.tx.send_super(vh, pkt, view)
             return
         if is_group:
             links: tuple[Link, ...] = self.table.links
             if links:
                 self.counters["flooded"] += 1
             for one in links:
-                one.send_super(vh, pkt)
+                one.tx.send_super(vh, pkt)
             return
         self.counters["no_route"] += 1
         for one_pkt in standalone(vh, pkt):
@@ -248,7 +250,7 @@ class Outbound:
             if dest is not None and dest[2] == 4:
                 link = self.table.owner_of(dest[0])
         if link is not None:
-            link.send_packet(frame)
+            link.tx.send_packet(frame)
         else:
             self._flood(frame)  # unknown unicast: flood, as a switch does
 
@@ -257,4 +259,4 @@ class Outbound:
         if links:
             self.counters["flooded"] += 1
         for link in links:
-            link.send_packet(pkt)
+            link.tx.send_packet(pkt)
