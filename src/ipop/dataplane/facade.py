@@ -334,6 +334,40 @@ class DataPlane:
     def link(self, peer_uid: bytes) -> Link | None:
         return self.table.by_uid.get(peer_uid)
 
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """The links in the forwarding table (an immutable tuple, swapped whole)."""
+        return self.table.links
+
+    @property
+    def mac(self) -> bytes | None:
+        """The NIC's MAC address (TAP), None for a TUN."""
+        return self.dev.mac
+
+    def set_remote_ip(self, peer_uid: bytes, ip4: bytes) -> Link | None:
+        """The peer's overlay IPv4 address is now ``ip4`` (the Tincan ``set_remote_ip``): its
+        allowed sources follow it, and traffic to it goes to this link.  None: no link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return None
+        link.overlay_ip4 = ip4
+        link.set_nets(link.nets)
+        self.table.reindex()
+        return link
+
+    def set_security_reason(self, peer_uid: bytes, reason: str) -> Link | None:
+        """The link's security verdict was decided again with the same outcome (a reload):
+        only its reason changes.  None: no link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is not None:
+            link.security_reason = reason
+        return link
+
+    def send_datagram(self, link: Link, data: bytes) -> bool:
+        """Send ``data`` as it is on ``link``'s path (a hello hint, ``ipop.wire.hello``);
+        False when the underlay refused it (counted on the link)."""
+        return link.tx.send_frame([data])
+
     def probe(self, peer_uid: bytes, on_echo: Callable[[float], None]) -> str | None:
         """Send one keepalive probe on the link to ``peer_uid`` (``ipop ping``): the peer's
         data plane echoes it, and ``on_echo(rtt_ms)`` runs on the control thread when the echo

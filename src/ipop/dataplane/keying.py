@@ -112,6 +112,14 @@ class Keying:
             self._handshakes.pop(link.peer_uid, None)
             self._opened.discard(link.peer_uid)
 
+    def set_rekey_seconds(self, seconds: float) -> None:
+        """A reload changed ``rekey_seconds``: new encrypted links and every running one rekey
+        at the new interval."""
+        self.rekey_seconds = seconds
+        for link in self.links.values():
+            if link.encrypted and isinstance(link.session, CryptoSession):
+                link.session.rekey_seconds = seconds
+
     def rekey(self, link: Link, now: float | None = None) -> None:
         """Start a new handshake on ``link`` at once, if this end is its DTLS client (a static
         peer that restarted asks for one with a hello); the link keeps working meanwhile."""

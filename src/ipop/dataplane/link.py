@@ -141,10 +141,6 @@ class Link:
         # ``ipop ping``: probe stamps awaiting their echo -> what to call (from the poll thread)
         # with the RTT in ms; the control thread adds, the poll thread pops
         self.pings: dict[int, Callable[[float], None]] = {}
-        # a road-warrior peer (static, no endpoint): its address is not known yet; set on the
-        # control thread, cleared when the link is keyed
-        self.awaiting_endpoint = False
-        self.hello_at = 0.0  # control thread: when the last hello hint went out or came in
 
     def set_nets(self, nets: tuple[Net, ...]) -> None:
         """The prefixes this link carries besides the peer's own addresses (control thread;
