@@ -50,6 +50,7 @@ with _instrumented():
     from ipop.dataplane.link_rx import WRITES, Result
     from ipop.dataplane.table import ForwardingTable
     from ipop.errors import RemoteProtocolError
+    from ipop.testing import Clock, FakeSocket, keyed_pair
     from ipop.wire import header as wh
     from ipop.wire import keepalive as wk
     from ipop.wire import train as wt
@@ -63,57 +64,13 @@ SEALED_ADDR = ("::ffff:198.19.1.3", 5800)
 OTHER_ADDR = ("::ffff:198.19.1.9", 5800)
 
 
-class FakeSocket:
-    """Stands in for the link socket: a file number, and sends that go nowhere."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def fileno(self) -> int:
-        return 1000
-
-    def sendmsg(self, parts: Any, *_: Any) -> int:
-        self.sent += 1
-        return sum(len(p) for p in parts)
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("::", 5800)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 0.01
-        return self.now
-
-
-def _keyed_pair(clock: Clock) -> tuple[CryptoSession, CryptoSession]:
-    """Two sessions keyed by a real DTLS handshake in memory (ours is the server)."""
-    ours_id, theirs_id = Identity.generate(), Identity.generate()
-    ours = CryptoSession(ours_id, is_client=False, expected_fingerprint=theirs_id.fingerprint,
-                         expected_uid=theirs_id.uid, suite=None)
-    theirs = CryptoSession(theirs_id, is_client=True, expected_fingerprint=ours_id.fingerprint,
-                           expected_uid=ours_id.uid, suite=None)
-    to_ours = theirs.start(clock())
-    for _ in range(20):
-        to_theirs = [d for x in to_ours for d in ours.handle_handshake_datagram(x, clock())]
-        to_ours = [d for x in to_theirs for d in theirs.handle_handshake_datagram(x, clock())]
-        if ours.ready and theirs.ready and not to_ours:
-            break
-    if not (ours.ready and theirs.ready):
-        raise RuntimeError("the in-memory DTLS handshake did not complete")
-    return ours, theirs
-
-
 class Harness:
     """An ``Inbound`` with one plain and one encrypted link, and a device that only counts."""
 
     def __init__(self) -> None:
         self.clock = Clock()
-        self.sock = FakeSocket()
-        self.session, self.peer_session = _keyed_pair(self.clock)
+        self.sock = FakeSocket(record=False)
+        self.session, self.peer_session = keyed_pair(self.clock)
         self.handshake_session = CryptoSession(
             Identity.generate(), is_client=False,
             expected_fingerprint=Identity.generate().fingerprint, suite=None)
