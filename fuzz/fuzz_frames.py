@@ -1,6 +1,6 @@
 """Fuzz target: underlay datagrams through the data plane's receive path, with no sockets.
 
-One input is one datagram, handed to ``Inbound._demux`` exactly as the RX thread hands it a
+One input is one datagram, handed to ``Inbound.receive`` exactly as the poll thread hands it a
 datagram it read: first-byte demultiplexing (RFC 7983), TURN ChannelData unwrapping, the frame
 header, the source check of a plain link, AEAD opening and the replay window of an encrypted link
 (a real ``CryptoSession``, keyed by a real DTLS handshake at start-up), keepalive parsing and the
@@ -27,10 +27,8 @@ Run it (libFuzzer options after the script; a corpus directory is optional)::
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import sys
-import threading
 from types import SimpleNamespace
 from typing import Any
 
@@ -49,8 +47,10 @@ with _instrumented():
     from ipop.crypto.session import CryptoSession
     from ipop.dataplane.inbound import Inbound
     from ipop.dataplane.link import Link, Path
+    from ipop.dataplane.link_rx import WRITES, Result
     from ipop.dataplane.table import ForwardingTable
     from ipop.errors import RemoteProtocolError
+    from ipop.testing import Clock, FakeSocket, keyed_pair
     from ipop.wire import header as wh
     from ipop.wire import keepalive as wk
     from ipop.wire import train as wt
@@ -64,57 +64,13 @@ SEALED_ADDR = ("::ffff:198.19.1.3", 5800)
 OTHER_ADDR = ("::ffff:198.19.1.9", 5800)
 
 
-class FakeSocket:
-    """Stands in for the link socket: a file number, and sends that go nowhere."""
-
-    def __init__(self) -> None:
-        self.sent = 0
-
-    def fileno(self) -> int:
-        return 1000
-
-    def sendmsg(self, parts: Any, *_: Any) -> int:
-        self.sent += 1
-        return sum(len(p) for p in parts)
-
-    def getsockname(self) -> tuple[str, int]:
-        return ("::", 5800)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        self.now += 0.01
-        return self.now
-
-
-def _keyed_pair(clock: Clock) -> tuple[CryptoSession, CryptoSession]:
-    """Two sessions keyed by a real DTLS handshake in memory (ours is the server)."""
-    ours_id, theirs_id = Identity.generate(), Identity.generate()
-    ours = CryptoSession(ours_id, is_client=False, expected_fingerprint=theirs_id.fingerprint,
-                         expected_uid=theirs_id.uid, suite=None)
-    theirs = CryptoSession(theirs_id, is_client=True, expected_fingerprint=ours_id.fingerprint,
-                           expected_uid=ours_id.uid, suite=None)
-    to_ours = theirs.start(clock())
-    for _ in range(20):
-        to_theirs = [d for x in to_ours for d in ours.handle_handshake_datagram(x, clock())]
-        to_ours = [d for x in to_theirs for d in theirs.handle_handshake_datagram(x, clock())]
-        if ours.ready and theirs.ready and not to_ours:
-            break
-    if not (ours.ready and theirs.ready):
-        raise RuntimeError("the in-memory DTLS handshake did not complete")
-    return ours, theirs
-
-
 class Harness:
     """An ``Inbound`` with one plain and one encrypted link, and a device that only counts."""
 
     def __init__(self) -> None:
         self.clock = Clock()
-        self.sock = FakeSocket()
-        self.session, self.peer_session = _keyed_pair(self.clock)
+        self.sock = FakeSocket(record=False)
+        self.session, self.peer_session = keyed_pair(self.clock)
         self.handshake_session = CryptoSession(
             Identity.generate(), is_client=False,
             expected_fingerprint=Identity.generate().fingerprint, suite=None)
@@ -138,15 +94,13 @@ class Harness:
                           wh.pack(wh.T_TRAIN_SEALED, SEALED_PEER, LOCAL)),
         }
         self.roamed = 0
-        self._wake_r, self._wake_w = os.pipe()
         dev: Any = SimpleNamespace(tap=False, fd=-1, vnet_hdr=False)
         self.inbound = Inbound(dev, self.table, LOCAL, on_control=self._on_control,
-                               on_roam=self._on_roam, stopping=threading.Event(),
-                               wake_fd=self._wake_r)
+                               on_roam=self._on_roam)
 
     def _on_control(self, sock: socket.socket, data: bytes, addr: tuple[str, int],
                     channel: int | None, link: Link | None) -> None:
-        if 20 <= data[0] <= 63:  # DTLS: the node hands it to the link's session
+        if wh.is_dtls(data):  # DTLS: the node hands it to the link's session
             self.handshake_session.handle_handshake_datagram(data, self.clock())
 
     def _on_roam(self, link: Link, *where: Any) -> None:  # (sock,) addr: the peer moved
@@ -194,22 +148,23 @@ class Harness:
             may = may and mode == 3 and not cut
         return dgram, addr, may
 
-    def feed(self, data: bytes) -> list[bytes | memoryview]:
+    def feed(self, data: bytes) -> Result | None:
+        """One input: the receive path's result (None when a ``RemoteProtocolError`` escaped,
+        which the poll thread counts and drops)."""
         for parse in (wh.parse, wk.parse):
             try:
                 parse(data)
             except RemoteProtocolError:
                 pass
         dgram, addr, may = self.datagram(data)
-        out: list[bytes | memoryview] = []
         sock: Any = self.sock
         try:
-            self.inbound._demux(sock, memoryview(dgram), addr, None, out, [], None)
+            result = self.inbound.receive(sock, memoryview(dgram), addr)
         except RemoteProtocolError:
-            pass
-        if out and not may:
+            return None
+        if result[0] in WRITES and not may:
             raise AssertionError(f"a payload reached the device from {addr}: {dgram.hex()}")
-        return out
+        return result
 
 
 _HARNESS: Harness | None = None

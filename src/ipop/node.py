@@ -20,6 +20,7 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from ipop.dataplane.link import Link
 from ipop.dataplane.link import Path as LinkPath
 from ipop.errors import ConfigError, IpopError, StateLockedError
 from ipop.service import Notifier
+from ipop.wire import header as wh
 from ipop.wire import hello
 from ipop.wire.nat44 import Translator
 from ipop.wire.prefixes import Net
@@ -94,6 +96,10 @@ class Node:
         self._static_names: dict[bytes, tuple[str, int]] = {}
         self._resolving: set[bytes] = set()
         self._static_fpr: dict[bytes, str | None] = {}  # static peers' fingerprints
+        # static links: when a hello hint last went out or came in (``_tick_sessions``,
+        # ``_on_hello``), and those of road-warrior peers (no endpoint: their address is learnt)
+        self._hello_at: weakref.WeakKeyDictionary[Link, float] = weakref.WeakKeyDictionary()
+        self._awaiting_endpoint: weakref.WeakSet[Link] = weakref.WeakSet()
         self._tasks: set[asyncio.Task[Any]] = set()
         self.notifier = Notifier()
         # called after a reload was applied, with (old, new) configs: later layers
@@ -242,13 +248,13 @@ class Node:
         say hello on static links that wait for keys (a road-warrior peer learns where we are)."""
         if self.keying is not None and self.dp is not None:
             self.keying.tick(now)
-            self.keying.watch_plain(self.dp.table.links)
-            for link in self.dp.table.links:
+            self.keying.watch_plain(self.dp.links)
+            for link in self.dp.links:
                 if (link.path.kind == "static" and link.path.addr[1]
                         and (not link.usable or link.down)
-                        and now - link.hello_at >= HELLO_INTERVAL):
-                    link.hello_at = now
-                    link.send_frame([hello.pack(self.dp.uid, link.peer_uid)])
+                        and now - self._hello_at.get(link, 0.0) >= HELLO_INTERVAL):
+                    self._hello_at[link] = now
+                    self.dp.send_datagram(link, hello.pack(self.dp.uid, link.peer_uid))
 
     def _on_hello(self, ev: Event) -> bool:
         """A hello (``ipop.wire.hello``) on the static port: if it names a road-warrior peer
@@ -269,17 +275,18 @@ class Node:
         if keyed and addr == link.path.addr and ev.data["sock"] is link.path.sock:
             # the peer waits for a handshake although ours is done: it restarted.  Its DTLS
             # client (if that is us) starts a new one; the link keeps working meanwhile
-            if now - link.hello_at >= HELLO_INTERVAL / 2 and self.keying is not None:
-                link.hello_at = now
+            if now - self._hello_at.get(link, 0.0) >= HELLO_INTERVAL / 2 and (
+                    self.keying is not None):
+                self._hello_at[link] = now
                 self.keying.rekey(link)
             return True
-        if not link.awaiting_endpoint or (keyed and not link.down):
+        if link not in self._awaiting_endpoint or (keyed and not link.down):
             return True  # a peer with a known endpoint, or keyed and alive: nothing to learn
         if addr == link.path.addr and not link.down:
             return True  # the handshake there is under way
-        if now - link.hello_at < HELLO_INTERVAL / 2:
+        if now - self._hello_at.get(link, 0.0) < HELLO_INTERVAL / 2:
             return True  # at most two tries a second
-        link.hello_at = now
+        self._hello_at[link] = now
         log.info("road-warrior peer %s: trying %s:%d for its handshake", uid.hex()[:12],
                  addr[0], addr[1])
         self.dp.set_path(uid, LinkPath(ev.data["sock"], addr, None, "static"))
@@ -385,12 +392,7 @@ class Node:
             self.dp.held_limit = new.ondemand_queue
             self.dp.keepalive_seconds = new.keepalive_seconds
         if self.keying is not None and new.rekey_seconds != old.rekey_seconds:
-            self.keying.rekey_seconds = new.rekey_seconds
-            from ipop.crypto.session import CryptoSession
-
-            for link in self.keying.links.values():
-                if link.encrypted and isinstance(link.session, CryptoSession):
-                    link.session.rekey_seconds = new.rekey_seconds
+            self.keying.set_rekey_seconds(new.rekey_seconds)
         rebuilt += self._reload_static_peers(old, new)
         apply = getattr(self.controller, "reload", None)
         if apply is not None:
@@ -457,7 +459,8 @@ class Node:
             encrypted=encrypted, security_reason=reason,
             nets=tuple(ipaddress.ip_network(n) for n in peer.allowed_ips),
         )
-        link.awaiting_endpoint = peer.endpoint is None
+        if peer.endpoint is None:
+            self._awaiting_endpoint.add(link)
         self._static_fpr[link.peer_uid] = peer.fingerprint
         # as wg-quick: a /0 in allowed_ips (or exit_node naming the peer) routes the default
         # through it, by policy routing
@@ -517,9 +520,10 @@ class Node:
 
     # ---- links made by a controller
     def mac_text(self) -> str | None:
-        if self.dp is None or self.dp.dev.mac is None:
+        mac = self.dp.mac if self.dp is not None else None
+        if mac is None:
             return None
-        return ":".join(f"{b:02x}" for b in self.dp.dev.mac)
+        return ":".join(f"{b:02x}" for b in mac)
 
     def create_link_on_path(
         self, *, peer_uid: str, ip4: str | None, path: LinkPath, fingerprint: str | None,
@@ -549,7 +553,7 @@ class Node:
                      peer_uid[:12])
         self.start_security(link, fingerprint, confirmation, beside=beside)
         for d in early or []:
-            if d and 20 <= d[0] <= 63 and self.keying is not None:
+            if wh.is_dtls(d) and self.keying is not None:
                 self.keying.on_dtls(None if beside else link.peer_uid, d,
                                     source=link.path.source_key)
         if beside:
@@ -613,10 +617,10 @@ class Node:
                 return
             if ev.kind == "control_datagram":
                 data: bytes = ev.data["data"]
-                if data and data[0] <= 3 and self._on_hello(ev):
+                if wh.is_stun(data) and self._on_hello(ev):
                     return
                 sock = ev.data["sock"]
-                if (20 <= data[0] <= 63 and self.keying is not None
+                if (wh.is_dtls(data) and self.keying is not None
                         and self.keying.on_dtls(ev.data["peer_uid"], data, source=(
                             sock.fileno(), ev.data["addr"], ev.data["channel"]))):
                     return
@@ -625,7 +629,7 @@ class Node:
                         return
                 if self.dp is not None:  # nobody took it: every drop has a counter
                     self.dp.count_control_drop(
-                        "control_unhandled_stun" if data[0] <= 3 else "control_unhandled_dtls")
+                        "control_unhandled_stun" if wh.is_stun(data) else "control_unhandled_dtls")
                 return
             if ev.kind == "unknown_destination":
                 dst: bytes = ev.data["dst"]
@@ -667,7 +671,7 @@ class Node:
         return node
 
     def get_state(self) -> dict[str, Any]:
-        links = [st.link_entry(lk) for lk in self.dp.table.links] if self.dp else []
+        links = [st.link_entry(lk) for lk in self.dp.links] if self.dp else []
         peers = self.controller.peers_status() if self.controller else []
         return {"version": st.SCHEMA_VERSION, "node": self.node_status(), "links": links,
                 "peers": peers}
@@ -712,12 +716,12 @@ class Node:
             self.notify("con_stat", {"peer_uid": gone.peer_uid.hex(), "event": "trimmed"})
             return {"trimmed": gone.peer_uid.hex()}
         if method == "set_remote_ip":
-            found = dp.link(_uid_param(params))
+            uid = _uid_param(params)
+            if dp.link(uid) is None:
+                raise IpopError("no such link")
+            found = dp.set_remote_ip(uid, ipaddress.IPv4Address(str(params["ip4"])).packed)
             if found is None:
                 raise IpopError("no such link")
-            found.overlay_ip4 = ipaddress.IPv4Address(str(params["ip4"])).packed
-            found.set_nets(found.nets)  # its allowed sources follow its address
-            dp.table.reindex()
             return st.link_entry(found)
         if method == "reload":
             try:

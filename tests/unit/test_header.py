@@ -50,6 +50,40 @@ def test_classify_rfc7983(first, kind):
     assert wh.classify(bytes([first, 0])) is kind
 
 
+def _old_rules(b: int) -> wh.Kind:
+    """The ranges as the demultiplexers wrote them out before ``classify`` (RFC 7983)."""
+    if b <= 3:
+        return wh.Kind.STUN
+    if 20 <= b <= 63:
+        return wh.Kind.DTLS
+    if 64 <= b <= 79:
+        return wh.Kind.TURN
+    if 128 <= b <= 191:
+        return wh.Kind.OVERLAY
+    return wh.Kind.UNKNOWN
+
+
+@given(st.integers(0, 255), st.binary(max_size=8))
+def test_every_first_byte_has_exactly_one_kind(first, rest):
+    data = bytes([first]) + rest
+    kind = wh.classify(data)
+    assert kind is _old_rules(first)
+    assert kind is wh.KIND_BY_FIRST_BYTE[first]
+    ranges = {wh.Kind.STUN: wh.STUN_FIRST, wh.Kind.DTLS: wh.DTLS_FIRST,
+              wh.Kind.TURN: wh.CHANNEL_DATA_FIRST, wh.Kind.OVERLAY: wh.FRAME_FIRST}
+    holders = [k for k, r in ranges.items() if first in r]
+    assert holders == ([] if kind is wh.Kind.UNKNOWN else [kind])
+    assert wh.is_stun(data) is (kind is wh.Kind.STUN)
+    assert wh.is_dtls(data) is (kind is wh.Kind.DTLS)
+
+
+def test_classify_empty_and_views():
+    assert wh.classify(b"") is wh.Kind.UNKNOWN
+    assert not wh.is_stun(b"") and not wh.is_dtls(bytearray())
+    assert wh.classify(memoryview(b"\x17\xfe\xfd")) is wh.Kind.DTLS
+    assert wh.classify(bytearray(b"\x01\x01")) is wh.Kind.STUN
+
+
 def test_frame_types_are_in_our_range():
     for t in wh.KNOWN_TYPES:
         assert wh.classify(bytes([t])) is wh.Kind.OVERLAY

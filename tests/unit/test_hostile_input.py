@@ -40,7 +40,6 @@ from ipop.crypto import aead
 from ipop.crypto.dtls import DtlsHandshake, client_hello_random, is_client_hello
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession
-from ipop.dataplane.table import ForwardingTable
 from ipop.errors import AuthError, ConfigError, MalformedFrame, MalformedMessage
 from ipop.node import Node
 from ipop.wire import header as wh
@@ -298,8 +297,7 @@ METHODS = ["get_state", "register_svc", "set_logging", "create_link", "trim_link
 class FakeDataPlane:
     """Just enough of a data plane for ``Node.handle_api``: no links, no sockets."""
 
-    def __init__(self) -> None:
-        self.table = ForwardingTable()
+    links: tuple[Any, ...] = ()  # the facade's view of its links: none
 
     def link(self, uid: bytes) -> None:
         return None

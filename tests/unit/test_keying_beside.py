@@ -83,7 +83,7 @@ def test_a_plain_link_carries_nothing_before_its_handshake(net: Net):
     assert not old_a.authed and not old_b.authed and not old_a.usable
     net.pump()
     # the DTLS client (lower UID) opens at once; the server once the client's first frame shows
-    # it finished (the RX thread reports that: ``confirmed``)
+    # it finished (the poll thread reports that: ``confirmed``)
     client, server = (old_a, old_b) if A.uid < B.uid else (old_b, old_a)
     ks = net.kb if server is old_b else net.ka
     assert client.authed and not server.authed

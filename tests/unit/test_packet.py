@@ -79,3 +79,45 @@ def test_arp_round_trip():
     assert op == wp.ARP_REPLY and spa == bytes([100, 64, 0, 1]) and tpa == bytes([100, 64, 0, 2])
     assert wp.arp_parse(b"\x00" * 5) is None
     assert wp.is_multicast_mac(wp.BROADCAST_MAC) and not wp.is_multicast_mac(b"\x02" * 6)
+
+
+# ---- the one destination parser (outbound: TUN, TUN with a vnet header, TAP)
+def _old_destination(buf: bytes, off: int, n: int) -> tuple[bytes, bool, int, int] | None:
+    """The rules the three parsers of ``outbound`` wrote out before ``destination``."""
+    if n - off < 20:
+        return None
+    ver = buf[off] >> 4
+    if ver == 4:
+        dst = bytes(buf[off + 16 : off + 20])
+        return dst, buf[off + 16] >= 224 or dst == b"\xff\xff\xff\xff", 4, buf[off + 9]
+    if ver == 6 and n - off >= 40:
+        return bytes(buf[off + 24 : off + 40]), buf[off + 24] == 0xFF, 6, buf[off + 6]
+    return None
+
+
+def test_destination_vectors():
+    syn = bytes(tcp_syn_v4(1460))
+    assert wp.destination(syn, 0, len(syn)) == (bytes([100, 64, 0, 2]), False, 4, 6)
+    vnet = bytes(10) + syn
+    assert wp.destination(vnet, 10, len(vnet)) == (bytes([100, 64, 0, 2]), False, 4, 6)
+    assert wp.destination(memoryview(vnet), 10, len(vnet))[0] == bytes([100, 64, 0, 2])
+    bcast = bytearray(syn)
+    bcast[16:20] = b"\xff" * 4
+    assert wp.destination(bcast, 0, len(bcast))[1] is True
+    mcast = bytearray(syn)
+    mcast[16:20] = bytes([224, 0, 0, 251])
+    assert wp.destination(mcast, 0, len(mcast))[1] is True
+    v6 = bytes([0x60, 0, 0, 0, 0, 8, 17, 64]) + bytes(16) + bytes([0xFF, 2]) + bytes(14) + bytes(8)
+    assert wp.destination(v6, 0, len(v6)) == (bytes([0xFF, 2]) + bytes(14), True, 6, 17)
+    assert wp.destination(v6[:39], 0, 39) is None  # an IPv6 header cut short
+    assert wp.destination(syn[:19], 0, 19) is None
+    assert wp.destination(b"\x00" * 40, 0, 40) is None  # no IP version
+    frame = bytes(14) + syn  # TAP: after the Ethernet header
+    assert wp.destination(frame, wp.ETH_HLEN, len(frame))[0] == bytes([100, 64, 0, 2])
+
+
+@given(st.binary(max_size=80), st.integers(0, 20))
+def test_destination_is_the_old_rules(data, off):
+    n = len(data)
+    assert wp.destination(data, off, n) == _old_destination(data, off, n)
+    assert wp.destination(bytearray(data), off, n) == _old_destination(data, off, n)

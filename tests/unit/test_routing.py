@@ -172,15 +172,15 @@ def test_table_routes_longest_prefix_and_ownership(sock):
     e.set_nets((parse_prefix("0.0.0.0/0"), parse_prefix("198.18.200.0/24")))
     t.add(r)
     t.add(e)
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is r  # older link keeps it
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.1.1").packed) is e  # the exit
-    assert t.lookup_ip(ipaddress.IPv4Address("100.64.0.3").packed) is e  # its own address
+    assert t.route(ipaddress.IPv4Address("198.18.200.9").packed) is r  # older link keeps it
+    assert t.route(ipaddress.IPv4Address("198.18.1.1").packed) is e  # the exit
+    assert t.route(ipaddress.IPv4Address("100.64.0.3").packed) is e  # its own address
     # a newcomer claiming an address another link holds does not take it over
     claim = mk(sock, b"\x04" * 20, "100.64.0.2", port=5002)
     t.add(claim)
     assert t.owner_of(ipaddress.IPv4Address("100.64.0.2").packed) is r
     t.remove(r.peer_uid)
-    assert t.lookup_ip(ipaddress.IPv4Address("198.18.200.9").packed) is e
+    assert t.route(ipaddress.IPv4Address("198.18.200.9").packed) is e
 
 
 def test_learned_mac_stays_with_its_first_live_holder(sock):
@@ -257,6 +257,9 @@ def test_hello_vectors():
 
 
 # ---- the inbound checks, driven in memory (the fuzz harness's Inbound, links and sessions)
+from ipop.dataplane.link_rx import DELIVER, SUPER  # noqa: E402
+
+
 def _harness():
     import importlib.util
     import sys
@@ -291,9 +294,8 @@ def test_a_sealed_train_is_source_checked_once(src, delivered):
     hdr = wh.pack(wh.T_TRAIN_SEALED, fz.SEALED_PEER, fz.LOCAL)
     sealed = h.peer_session.seal(hdr, _super(src))
     dgram = hdr + wt.TRAIN.pack(7, 0, 1) + sealed
-    out: list = []
-    h.inbound._demux(h.sock, memoryview(dgram), fz.SEALED_ADDR, None, out, [], None)
-    assert bool(out) is delivered
+    kind, _ = h.inbound.receive(h.sock, memoryview(dgram), fz.SEALED_ADDR)
+    assert (kind == SUPER) is delivered
     spoofed = h.sealed.stats.drops.get("spoofed_source", 0)
     assert spoofed == (0 if delivered else 1)
     assert h.inbound.drops.get("spoofed_source", 0) == spoofed
@@ -307,9 +309,8 @@ def test_a_carried_prefix_lets_a_train_through():
     h.sealed.set_nets((parse_prefix("198.18.200.0/24"),))
     hdr = wh.pack(wh.T_TRAIN_SEALED, fz.SEALED_PEER, fz.LOCAL)
     dgram = hdr + wt.TRAIN.pack(8, 0, 1) + h.peer_session.seal(hdr, _super("198.18.200.9"))
-    out: list = []
-    h.inbound._demux(h.sock, memoryview(dgram), fz.SEALED_ADDR, None, out, [], None)
-    assert out and not h.sealed.stats.drops.get("spoofed_source")
+    kind, _ = h.inbound.receive(h.sock, memoryview(dgram), fz.SEALED_ADDR)
+    assert kind == SUPER and not h.sealed.stats.drops.get("spoofed_source")
 
 
 def test_a_plain_datagram_is_source_checked():
@@ -319,9 +320,8 @@ def test_a_plain_datagram_is_source_checked():
     hdr = wh.pack(wh.T_DATA, fz.PLAIN_PEER, fz.LOCAL)
     for src, ok in (("100.64.0.2", True), ("100.64.0.3", False), ("2001:db8::9", False)):
         pkt = ip6_packet(src) if ":" in src else ip4_packet(src)
-        out: list = []
-        h.inbound._demux(h.sock, memoryview(hdr + pkt), fz.PLAIN_ADDR, None, out, [], None)
-        assert bool(out) is ok, src
+        kind, _ = h.inbound.receive(h.sock, memoryview(hdr + pkt), fz.PLAIN_ADDR)
+        assert (kind == DELIVER) is ok, src
     assert h.plain.stats.drops["spoofed_source"] == 2
 
 

@@ -26,12 +26,12 @@ def test_add_lookup_remove(sock):
     b = mk(sock, b"\x03" * 20, bytes([100, 64, 0, 3]), 5001)
     t.add(a)
     t.add(b)
-    assert t.lookup_ip(bytes([100, 64, 0, 2])) is a
+    assert t.route(bytes([100, 64, 0, 2])) is a
     assert t.by_uid[b"\x03" * 20] is b
     assert t.by_source[(sock.fileno(), ("198.18.0.2", 5001), None)] is b
     assert set(t.links) == {a, b}
     assert t.remove(b"\x02" * 20) is a
-    assert t.lookup_ip(bytes([100, 64, 0, 2])) is None
+    assert t.route(bytes([100, 64, 0, 2])) is None
     assert t.remove(b"\x02" * 20) is None
 
 
@@ -41,8 +41,8 @@ def test_replace_returns_old(sock):
     a2 = mk(sock, b"\x02" * 20, bytes([100, 64, 0, 9]))
     assert t.add(a1) is None
     assert t.add(a2) is a1
-    assert t.lookup_ip(bytes([100, 64, 0, 2])) is None
-    assert t.lookup_ip(bytes([100, 64, 0, 9])) is a2
+    assert t.route(bytes([100, 64, 0, 2])) is None
+    assert t.route(bytes([100, 64, 0, 9])) is a2
 
 
 def test_mac_learning_forgets_removed_links(sock):
@@ -62,3 +62,22 @@ def test_reindex_after_path_change(sock):
     a.path = Path(sock, ("198.18.0.7", 6000))
     t.reindex()
     assert t.by_source[(sock.fileno(), ("198.18.0.7", 6000), None)] is a
+
+
+def test_route_verdict_owner_then_longest_prefix_not_for_groups(sock):
+    import ipaddress
+
+    t = ForwardingTable()
+    a = mk(sock, b"\x02" * 20, bytes([100, 64, 0, 2]))
+    b = mk(sock, b"\x03" * 20, bytes([100, 64, 0, 3]), 5001)
+    a.set_nets((ipaddress.ip_network("198.18.200.0/24"),))
+    b.set_nets((ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("224.0.0.0/4")))
+    t.add(a)
+    t.add(b)
+    ip = ipaddress.IPv4Address
+    assert t.route(ip("100.64.0.2").packed) is a  # the owner, though b's /0 covers it
+    assert t.route(ip("198.18.200.9").packed) is a  # the longest prefix
+    assert t.route(ip("198.18.201.9").packed) is b  # the default
+    assert t.route(ip("224.0.0.251").packed, group=True) is None  # groups are flooded
+    assert t.route(ip("224.0.0.251").packed) is b
+    assert t.route(ip("100.64.0.3").packed, group=True) is b  # an owner still wins

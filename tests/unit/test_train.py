@@ -288,14 +288,14 @@ def test_a_link_whose_mtu_needs_too_many_chunks_sends_segments_without_a_train_n
                      overlay_ip4=bytes([100, 64, 0, 2]), mtu=576)
         small.authed = True
         raw = memoryview(bytes(60_000))
-        assert not small._send_whole(raw)  # 60 KB in 595-byte chunks: over 64
-        assert small.train_seq == 0 and small.trains_sent == 0
+        assert not small.tx.send_whole(raw)  # 60 KB in 595-byte chunks: over 64
+        assert small.tx.train_seq == 0 and small.tx.trains_sent == 0
         big = Link(local_uid=SRC, peer_uid=DST, path=Path(tx, rx.getsockname()),
                    overlay_ip4=bytes([100, 64, 0, 2]))
-        assert not big._send_whole(memoryview(bytes(20_000)))  # no handshake yet: no train
+        assert not big.tx.send_whole(memoryview(bytes(20_000)))  # no handshake yet: no train
         big.authed = True
-        assert big._send_whole(memoryview(bytes(20_000)))
-        assert big.train_seq == 1 and big.trains_sent == 1
+        assert big.tx.send_whole(memoryview(bytes(20_000)))
+        assert big.tx.train_seq == 1 and big.tx.trains_sent == 1
     finally:
         rx.close()
         tx.close()

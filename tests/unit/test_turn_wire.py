@@ -60,6 +60,22 @@ def test_is_channel_data_matches_first_byte():
     assert not wt.is_channel_data(b"")
 
 
+@given(st.integers(0, 255), st.binary(max_size=6))
+def test_is_channel_data_is_the_classifier(first, rest):
+    from ipop.wire import header as wh
+
+    data = bytes([first]) + rest
+    assert wt.is_channel_data(data) is (wh.classify(data) is wh.Kind.TURN)
+    assert wt.is_channel_data(data) is (64 <= first <= 79)
+
+
+def test_parse_channel_data_takes_views_and_ignores_padding():
+    view = memoryview(bytes.fromhex("40010002") + b"hi\0\0")
+    channel, payload = wt.parse_channel_data(view[:])
+    assert channel == 0x4001 and bytes(payload) == b"hi"
+    assert payload.obj is view.obj  # no copy
+
+
 @given(st.integers(0x4000, 0x7FFF), st.binary(max_size=1500))
 def test_round_trip(channel, payload):
     got_channel, got = wt.parse_channel_data(wt.pack_channel_data(channel, payload))

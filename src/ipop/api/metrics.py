@@ -76,7 +76,7 @@ class NodeCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         node = self.node
         dp = node.dp
-        links = dp.table.links if dp is not None else ()  # an immutable tuple, swapped whole
+        links = dp.links if dp is not None else ()  # an immutable tuple, swapped whole
         lbl = ["peer_uid"]
         rx_b = CounterMetricFamily("ipop_link_rx_bytes", "Bytes received on the link", labels=lbl)
         tx_b = CounterMetricFamily("ipop_link_tx_bytes", "Bytes sent on the link", labels=lbl)

@@ -60,7 +60,7 @@ def resolve(node: Node, text: str) -> Target:
     if not text:
         raise IpopError("ping: name a peer (UID, unique UID prefix, JID or overlay address)")
     peers = _controller_peers(node)
-    links = node.dp.table.links if node.dp is not None else []
+    links = node.dp.links if node.dp is not None else ()
     candidates: dict[str, Target] = {}
 
     def add(uid: str | None, peer: Peer | None, ip: str | None) -> None:

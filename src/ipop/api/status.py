@@ -61,10 +61,10 @@ def link_entry(link: Link) -> dict[str, Any]:
         # DTLS handshakes completed on this link (the first, then one per rekey)
         "handshakes": getattr(link.session, "handshakes", None) if link.encrypted else None,
         "framing": {
-            "mode": link.trains.mode(time.monotonic()),
-            "trains_sent": link.trains_sent,
-            "fallbacks": link.trains.fallbacks,
-            "hold_s": link.trains.hold,
+            "mode": link.tx.trains.mode(time.monotonic()),
+            "trains_sent": link.tx.trains_sent,
+            "fallbacks": link.tx.trains.fallbacks,
+            "hold_s": link.tx.trains.hold,
         },
     }
 

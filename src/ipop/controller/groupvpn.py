@@ -49,6 +49,7 @@ from ipop.errors import ConfigError, IpopError, LocalProtocolError
 from ipop.logs import link_extra
 from ipop.nat.params import cap_candidates
 from ipop.signal.base import SignalBackend, SignalListener, TokenBucket
+from ipop.wire.header import is_stun
 from ipop.wire.prefixes import Net, parse_prefix
 from ipop.wire.signal import FEATURE_ROUTE_UPDATE, FEATURE_TRAINS, SignalMessage
 
@@ -146,7 +147,9 @@ class GroupVPN(SignalListener):
             self.backend = self._make_backend()
         self.node.link_hooks.append(self._on_link_event)
         assert self.node.dp is not None
-        self.paths = IcePaths(self.cfg, self.node.dp, on_path_change=self._path_changed,
+        self.paths = IcePaths(self.cfg, adopt=self.node.dp.adopt_socket,
+                              release=self.node.dp.release_socket,
+                              on_path_change=self._path_changed,
                               on_failed=self._ice_failed)
         self.node.control_datagram_hooks.append(self._on_stun)
         state = self.node.get_state()  # step 1: the data plane's view
@@ -391,7 +394,7 @@ class GroupVPN(SignalListener):
         def owner(net: Net) -> str | None:
             if dp is None:
                 return None
-            for link in dp.table.links:
+            for link in dp.links:
                 if link.peer_uid == me:
                     continue
                 for mine in link.nets:
@@ -711,7 +714,7 @@ class GroupVPN(SignalListener):
 
     def _on_stun(self, ev: Event) -> bool:
         data: bytes = ev.data["data"]
-        if self.paths is None or not data or data[0] > 3:
+        if self.paths is None or not is_stun(data):
             return False
         return self.paths.feed(ev.data["sock"], data, ev.data["addr"], ev.data["channel"])
 
@@ -836,9 +839,10 @@ class GroupVPN(SignalListener):
                 done.append(f"{peer.uid[:12]} rebuilt ({verdict.reason})")
             elif verdict.reason != peer.security_reason:
                 peer.security_reason = verdict.reason
-                link = self.node.dp.link(bytes.fromhex(peer.uid)) if self.node.dp else None
+                dp = self.node.dp
+                link = dp.set_security_reason(bytes.fromhex(peer.uid), verdict.reason) if (
+                    dp is not None) else None
                 if link is not None:
-                    link.security_reason = verdict.reason
                     self.node.link_event(link.peer_uid, "re-decided")
                 done.append(f"{peer.uid[:12]} re-decided ({verdict.reason})")
         return done

@@ -24,7 +24,6 @@ from ipop.fwmark import mark_socket
 from ipop.nat.params import IceParams, SelectedPath, TurnConf
 
 if TYPE_CHECKING:
-    from ipop.dataplane.facade import DataPlane
     from ipop.nat.ice import IceDispatcher, IceLink
 
 log = logging.getLogger("ipop.controller.ice")
@@ -42,12 +41,17 @@ class IcePaths:
     """The ICE sessions of one node, by peer UID (hex)."""
 
     def __init__(
-        self, cfg: Config, dp: DataPlane, *,
+        self, cfg: Config, *,
+        adopt: Callable[[socket.socket], None],
+        release: Callable[[socket.socket], None],
         on_path_change: Callable[[str, Path], None],
         on_failed: Callable[[str, str], None],
     ) -> None:
         self.cfg = cfg
-        self.dp = dp
+        # the data plane serves a session's sockets from ``adopt`` until ``release``
+        # (``DataPlane.adopt_socket``, ``release_socket``)
+        self.adopt = adopt
+        self.release = release
         self.on_path_change = on_path_change
         self.on_failed = on_failed
         self.sessions: dict[str, IceLink] = {}
@@ -110,7 +114,7 @@ class IcePaths:
         if self.sessions.get(peer_uid) is not ice:
             raise LookupError("ICE session was closed meanwhile")
         for sock in ice.sockets:  # nothing reads them now: adopt before the next await
-            self.dp.adopt_socket(sock)
+            self.adopt(sock)
         self.dispatcher.add(ice)
         self.connected.add(peer_uid)
         log.info("path to %s: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
@@ -184,7 +188,7 @@ class IcePaths:
 
     async def _end(self, ice: IceLink) -> None:
         for sock in ice.sockets:
-            self.dp.release_socket(sock)
+            self.release(sock)
         if self._dispatcher is not None:
             self._dispatcher.remove(ice)
         await ice.close()
@@ -208,10 +212,10 @@ class IcePaths:
         if ice is None:
             if made and made[0] is self.sessions.get(peer_uid):
                 for sock in made[0].sockets:  # an attempt beside a working link: later
-                    self.dp.adopt_socket(sock)
+                    self.adopt(sock)
             return
         for sock in ice.sockets:
-            self.dp.adopt_socket(sock)
+            self.adopt(sock)
         log.info("path to %s moved: %s %s -> %s", peer_uid[:12], sp.kind, sp.local, sp.remote)
         self.on_path_change(peer_uid, to_path(sp))
 

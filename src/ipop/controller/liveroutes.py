@@ -175,7 +175,7 @@ class LiveRoutes:
         peers = {p.uid: p for p in gv.peers if p.uid is not None}
         offers: list[Offer] = []
         fixed: dict[str, tuple[Net, ...]] = {}
-        for link in dp.table.links:
+        for link in dp.links:
             peer = peers.get(link.peer_uid.hex())
             if peer is None:
                 fixed[link.peer_uid.hex()] = link.nets  # a static link: its allowed_ips

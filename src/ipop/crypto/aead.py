@@ -19,11 +19,11 @@ the key is chosen by the epoch, and the AAD binds the header: a change to any by
 Suites: AES-256-GCM (default) and ChaCha20-Poly1305, picked by :func:`choose_suite` on CPUs
 without AES instructions.  One cipher object is built per key and reused for every packet.
 
-Threads: a :class:`Sealer` may be shared by several sending threads (the TX thread, the RX
-thread echoing keepalives, a timer): each payload's counter comes from ``next()`` on an
-``itertools.count``, which is atomic under the GIL, so no two payloads ever share a nonce, and no
-lock is taken.  An :class:`Opener` belongs to one receiving thread (its replay window has a
-single consumer).
+Threads: a :class:`Sealer` may be shared by several sending threads (the data plane's poll
+thread, which sends data and echoes keepalives; the control thread's keepalives): each payload's
+counter comes from ``next()`` on an ``itertools.count``, which is atomic under the GIL, so no two
+payloads ever share a nonce, and no lock is taken.  An :class:`Opener` belongs to one receiving
+thread (its replay window has a single consumer).
 """
 
 from __future__ import annotations
@@ -167,7 +167,8 @@ class Sealer:
 
 
 class Opener:
-    """Opens payloads sealed under one key, rejecting forgeries and replays (one RX thread)."""
+    """Opens payloads sealed under one key, rejecting forgeries and replays (one receiving
+    thread)."""
 
     __slots__ = ("_aead", "_salt", "accepted", "epoch", "suite", "window")
 

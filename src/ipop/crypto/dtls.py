@@ -63,9 +63,8 @@ from ipop.crypto.aead import DEFAULT_SUITE, KEY_LEN, SALT_LEN, Suite
 from ipop.crypto.identity import Identity, fingerprint_of, uid_of
 from ipop.crypto.verdict import Confirmation
 from ipop.errors import AuthError, IdentityError, LocalProtocolError
+from ipop.wire.header import KIND_BY_FIRST_BYTE, Kind
 
-DTLS_FIRST_BYTE_MIN = 20
-DTLS_FIRST_BYTE_MAX = 63
 RECORD_HEADER_LEN = 13
 """type(1) version(2) epoch(2) sequence(6) length(2)."""
 CT_CHANGE_CIPHER_SPEC = 20
@@ -102,8 +101,8 @@ _CIPHERS = {
 
 
 def is_dtls(first_byte: int) -> bool:
-    """True if a datagram starting with this byte is DTLS (RFC 7983: 20..63)."""
-    return DTLS_FIRST_BYTE_MIN <= first_byte <= DTLS_FIRST_BYTE_MAX
+    """True if a datagram starting with this byte is DTLS (``ipop.wire.header.classify``)."""
+    return KIND_BY_FIRST_BYTE[first_byte] is Kind.DTLS
 
 
 def is_client_hello(datagram: bytes | bytearray | memoryview) -> bool:

@@ -14,7 +14,7 @@ Counters run from 0 to ``COUNTER_LIMIT - 1`` (= 2**64 - 2); ``COUNTER_LIMIT`` it
 above is always rejected, so a sender must rekey before it gets there.
 
 Concurrency contract: a window has exactly one consumer, the thread that receives on its link
-(the RX thread).  It takes no lock; calling it from two threads at once is a bug.
+(the data plane's poll thread).  It takes no lock; calling it from two threads at once is a bug.
 """
 
 from __future__ import annotations

@@ -40,17 +40,18 @@ keys, if any, stay in use meanwhile.
 
 Threads (the contract with the data plane):
 
-- ``seal`` may be called from any thread (the TX thread; the RX thread echoing keepalives; a
-  timer): the Sealer hands out counters atomically.  ``open`` is called by one RX thread only
-  (the replay window has a single consumer).  Neither takes a lock per packet: ``seal`` reads
-  ``self._sealer`` and ``open`` reads ``self._openers`` (a dict that is replaced, never
-  changed) — single attribute reads of objects that are swapped whole.
+- ``seal`` may be called from any thread (the data plane's poll thread, sending and echoing
+  keepalives; the control thread's keepalives): the Sealer hands out counters atomically.
+  ``open`` is called by the poll thread only (the replay window has a single consumer).
+  Neither takes a lock per packet: ``seal`` reads ``self._sealer`` and ``open`` reads
+  ``self._openers`` (a dict that is replaced, never changed) — single attribute reads of
+  objects that are swapped whole.
 - ``start``, ``handle_handshake_datagram``, ``tick``, ``rekey`` and ``stats`` run on the control
   thread and take ``self._lock``; so does the rare step in ``open`` that notices the peer using
   new keys (once per epoch).
-- A Sealer swapped out while the TX thread is using it still seals correctly: the peer keeps the
+- A Sealer swapped out while the poll thread is using it still seals correctly: the peer keeps the
   previous Opener for ``grace_seconds``.  Call ``tick`` at ``next_deadline()`` and at least every
-  second or so, since the RX thread's observations are acted on there.
+  second or so, since the poll thread's observations are acted on there.
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class CryptoSession:
         self.last_failure: AuthError | None = None
         self.handshake_failures: dict[str, int] = {}
         self.handshake_drops: dict[str, int] = {}
-        # Written by the RX thread only; fixed keys, so readers never see the dict resize.
+        # Written by the poll thread only; fixed keys, so readers never see the dict resize.
         self.rx_drops: dict[str, int] = dict.fromkeys(RX_REASONS, 0)
 
     # -- hot path ------------------------------------------------------------------------------
@@ -202,7 +203,7 @@ class CryptoSession:
         self, aad: bytes | bytearray | memoryview, sealed: bytes | bytearray | memoryview,
         out: bytearray | memoryview | None = None,
     ) -> bytes | memoryview:
-        """Open one sealed payload (RX thread), into ``out`` if given (see ``Opener.open``);
+        """Open one sealed payload (poll thread), into ``out`` if given (see ``Opener.open``);
         raises :class:`AuthError` and counts why."""
         if len(sealed) < OVERHEAD:
             self.rx_drops["truncated"] += 1
@@ -450,7 +451,7 @@ class CryptoSession:
         return highest is not None and highest + 1 >= self.rekey_packets
 
     def _peer_uses(self, opener: Opener) -> None:
-        """RX thread: the peer sealed with the newest keys; promote a pending Sealer."""
+        """Poll thread: the peer sealed with the newest keys; promote a pending Sealer."""
         with self._lock:
             if opener is not self._unconfirmed:
                 return

@@ -20,10 +20,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ipop.dataplane import tun
-from ipop.dataplane.inbound import Inbound, send_keepalive
+from ipop.dataplane.inbound import Inbound
 from ipop.dataplane.kroutes import KernelRoutes, local_networks
 from ipop.dataplane.link import CryptoSession, Link, Path
+from ipop.dataplane.link_tx import send_keepalive
 from ipop.dataplane.outbound import Outbound
+from ipop.dataplane.poller import Poller
 from ipop.dataplane.table import ForwardingTable
 from ipop.fwmark import mark_socket
 from ipop.ratelimit import TokenBucket
@@ -106,8 +108,12 @@ class DataPlane:
         self.outbound = Outbound(self.dev, self.table, mss=self.mss, on_miss=self._on_miss)
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
-            stopping=self.stopping, wake_fd=self._wake_r, pump=self.outbound.pump,
             on_confirm=self._on_confirm,
+        )
+        self.poller = Poller(
+            wake_fd=self._wake_r, stopping=self.stopping, on_wake=self.inbound.replay_early,
+            on_socket=self.inbound.drain, drops=self.inbound.drops,
+            device_fd=self.dev.fd, on_device=self.outbound.pump,
         )
         overlay: list[Net] = [ipaddress.ip_network(f"{ip4}/{prefixlen}", strict=False)]
         if ip6:
@@ -129,6 +135,7 @@ class DataPlane:
         # packet in its queue) waiting that long, which TCP sees as a 5-10 ms longer RTT.
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.inbound.start()
+        self.poller.start()
 
     @property
     def offloads(self) -> dict[str, bool]:
@@ -142,7 +149,7 @@ class DataPlane:
         self.stopping.set()
         os.write(self._wake_w, b"x")
         self.inbound.stop()
-        for th in (self.inbound.rx_thread, self.inbound.wr_thread):
+        for th in (self.poller.thread, self.inbound.tun_writer):
             if th.is_alive():
                 th.join(timeout=2.0)
         self.kroutes.clear()
@@ -163,7 +170,7 @@ class DataPlane:
         return sock
 
     def adopt_socket(self, sock: socket.socket, *, owned: bool = False) -> None:
-        """Serve ``sock`` from the rx thread (e.g. the socket ICE selected); it gets the
+        """Serve ``sock`` from the poll thread (e.g. the socket ICE selected); it gets the
         underlay mark (``ipop.fwmark``), so an exit node's default route never captures it."""
         mark_socket(sock)
         for opt, size in ((socket.SO_RCVBUF, 4 << 20), (socket.SO_SNDBUF, 4 << 20)):
@@ -171,12 +178,14 @@ class DataPlane:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
-        self.inbound.add_socket(sock)
+        if self.inbound.add_socket(sock):
+            self.poller.watch(sock.fileno())
         if owned:
             self.sockets.append(sock)
 
     def release_socket(self, sock: socket.socket) -> None:
-        self.inbound.remove_socket(sock)
+        if self.inbound.remove_socket(sock):
+            self.poller.unwatch(sock.fileno())
 
     # ---- links
     def add_link(
@@ -325,6 +334,40 @@ class DataPlane:
     def link(self, peer_uid: bytes) -> Link | None:
         return self.table.by_uid.get(peer_uid)
 
+    @property
+    def links(self) -> tuple[Link, ...]:
+        """The links in the forwarding table (an immutable tuple, swapped whole)."""
+        return self.table.links
+
+    @property
+    def mac(self) -> bytes | None:
+        """The NIC's MAC address (TAP), None for a TUN."""
+        return self.dev.mac
+
+    def set_remote_ip(self, peer_uid: bytes, ip4: bytes) -> Link | None:
+        """The peer's overlay IPv4 address is now ``ip4`` (the Tincan ``set_remote_ip``): its
+        allowed sources follow it, and traffic to it goes to this link.  None: no link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None:
+            return None
+        link.overlay_ip4 = ip4
+        link.set_nets(link.nets)
+        self.table.reindex()
+        return link
+
+    def set_security_reason(self, peer_uid: bytes, reason: str) -> Link | None:
+        """The link's security verdict was decided again with the same outcome (a reload):
+        only its reason changes.  None: no link."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is not None:
+            link.security_reason = reason
+        return link
+
+    def send_datagram(self, link: Link, data: bytes) -> bool:
+        """Send ``data`` as it is on ``link``'s path (a hello hint, ``ipop.wire.hello``);
+        False when the underlay refused it (counted on the link)."""
+        return link.tx.send_frame([data])
+
     def probe(self, peer_uid: bytes, on_echo: Callable[[float], None]) -> str | None:
         """Send one keepalive probe on the link to ``peer_uid`` (``ipop ping``): the peer's
         data plane echoes it, and ``on_echo(rtt_ms)`` runs on the control thread when the echo
@@ -346,9 +389,9 @@ class DataPlane:
         return None
 
     def release_early(self, link: Link) -> None:
-        """``link`` has new keys: the rx thread opens the sealed frames it held meanwhile
-        (``Link.early``).  Control thread."""
-        if not link.early or self.stopping.is_set():
+        """``link`` has new keys: the poll thread opens the sealed frames it held meanwhile
+        (``LinkReceiver.early``).  Control thread."""
+        if not link.rx.early or self.stopping.is_set():
             return
         self.inbound.replays.put(link)
         os.write(self._wake_w, b"r")
@@ -402,11 +445,11 @@ class DataPlane:
                 if link.xlat is not None:  # held before the link (and its view) existed
                     held = bytearray(pkt)
                     link.xlat.tx(held)
-                    link.send_packet(held)
+                    link.tx.send_packet(held)
                 else:
-                    link.send_packet(pkt)
+                    link.tx.send_packet(pkt)
 
-    # ---- control datagrams and roaming (called from the rx thread)
+    # ---- control datagrams and roaming (called from the poll thread)
     def _on_control(
         self, sock: socket.socket, data: bytes, addr: tuple[str, int], channel: int | None,
         link: Link | None,
@@ -418,7 +461,7 @@ class DataPlane:
         self.call_soon(self.on_event, ev)
 
     def _on_confirm(self, link: Link) -> None:
-        """RX thread: the peer of a plain link sent its first frame after our handshake."""
+        """Poll thread: the peer of a plain link sent its first frame after our handshake."""
         self.call_soon(self.on_event, Event("confirmed", {"peer_uid": link.peer_uid}))
 
     def _on_roam(self, link: Link, sock: socket.socket, addr: tuple[str, int]) -> None:

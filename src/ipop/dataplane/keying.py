@@ -8,7 +8,7 @@ fingerprint signaling carried, and confirms the security verdict (``ipop.crypto.
 verdict that signaling changed on the way fails it with ``downgrade_detected``.
 
 Only then does the link carry data (``Link.authed``): until that moment both kinds of link queue
-what they would send, and the RX thread drops plain frames.  An encrypted link then seals with
+what they would send, and the poll thread drops plain frames.  An encrypted link then seals with
 the exported keys; a plain link sends frames without AEAD, so it costs no per-packet crypto.
 """
 
@@ -21,8 +21,8 @@ from collections.abc import Callable
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession, is_client_for
 from ipop.crypto.verdict import Confirmation
-from ipop.dataplane.inbound import send_keepalive
 from ipop.dataplane.link import Link
+from ipop.dataplane.link_tx import send_keepalive
 from ipop.errors import AuthError, IpopError
 from ipop.wire import keepalive as wk
 
@@ -111,6 +111,14 @@ class Keying:
             self._failures_seen.pop(link.peer_uid, None)
             self._handshakes.pop(link.peer_uid, None)
             self._opened.discard(link.peer_uid)
+
+    def set_rekey_seconds(self, seconds: float) -> None:
+        """A reload changed ``rekey_seconds``: new encrypted links and every running one rekey
+        at the new interval."""
+        self.rekey_seconds = seconds
+        for link in self.links.values():
+            if link.encrypted and isinstance(link.session, CryptoSession):
+                link.session.rekey_seconds = seconds
 
     def rekey(self, link: Link, now: float | None = None) -> None:
         """Start a new handshake on ``link`` at once, if this end is its DTLS client (a static
@@ -207,7 +215,7 @@ class Keying:
             self._check(link, time.monotonic())
         elif sum(session.handshake_failures.values()):
             for reason, count in session.handshake_failures.items():
-                link.stats.drops[f"handshake_{reason}"] = count
+                link.stats.handshake_drops[f"handshake_{reason}"] = count
             log.warning("link %s: a new link failed its handshake (%s); the working link stays",
                         uid.hex()[:12], session.last_failure)
             self.beside_failure = session.last_failure.reason if session.last_failure else ""
@@ -215,7 +223,7 @@ class Keying:
             self.on_event(uid, "beside_failed")
 
     def confirmed(self, peer_uid: bytes) -> None:
-        """The peer of a plain link sent a frame after our handshake (the RX thread saw it)."""
+        """The peer of a plain link sent a frame after our handshake (the poll thread saw it)."""
         link = self.links.get(peer_uid)
         if link is not None and self._ready.get(peer_uid):
             self._open(link)
@@ -227,7 +235,7 @@ class Keying:
             return
         self._opened.add(uid)
         link.authed = True
-        sent = link.flush_pending()
+        sent = link.tx.flush_pending()
         session = link.session
         if link.encrypted:
             keys = session.keys if isinstance(session, CryptoSession) else None
@@ -265,7 +273,7 @@ class Keying:
             self._failures_seen[uid] = failures
             err: AuthError | None = session.last_failure
             for reason, count in session.handshake_failures.items():
-                link.stats.drops[f"handshake_{reason}"] = count
+                link.stats.handshake_drops[f"handshake_{reason}"] = count
             log.warning("link %s: handshake failed: %s", uid.hex()[:12], err)
             self.on_event(uid, "failed")
 
@@ -274,4 +282,4 @@ class Keying:
         if not link.path.addr[1]:
             return  # a road-warrior peer whose address is not known yet: nowhere to send
         for d in datagrams:
-            link.send_frame([d])
+            link.tx.send_frame([d])

@@ -1,24 +1,26 @@
-"""TUN → UDP: the outbound pipeline, pumped by the data-plane thread when the device is readable.
+"""TUN → UDP: the outbound pipeline, pumped by the poll thread (``Poller``) when the device is
+readable.
 
 Pipeline (sequential, in that thread; one flow's order is the device's read order):
   1. read packets from the device into one preallocated buffer (non-blocking; the thread waits
-     in ``Inbound``'s epoll, which holds the device beside the sockets: no busy waiting; after a
+     in ``Poller``'s epoll, which holds the device beside the sockets: no busy waiting; after a
      small read, a zero-timeout poll() tells whether more is queued, sparing a failing read's
      exception; at most ``PUMP_READS`` reads per turn, so that the sockets are served too);
-  2. find the destination: IPv4/IPv6 destination address (TUN) or destination MAC (TAP); a
-     destination no peer owns exactly goes to the link whose prefix matches it longest
-     (subnet routes, exit nodes: ``ForwardingTable.routes``), looked up only on that miss;
-  3. unicast with a link → ``Link.send_packet`` (plain, sealed, or queued while keys are made);
+  2. find the destination (``ipop.wire.packet.destination``: IPv4/IPv6 destination address;
+     TAP: destination MAC) and its link (``ForwardingTable.route``: the peer that owns the
+     address, else the link whose prefix matches it longest: subnet routes, exit nodes);
+  3. unicast with a link → ``LinkSender.send_packet`` (plain, sealed, or queued while keys
+     are made);
      broadcast/multicast → every link (TAP: ARP requests are flooded so the owner answers);
      no link → held in a small per-destination queue and reported to the controller;
   4. clamp the MSS of TCP SYNs to the overlay MTU on the way out.
 With offloads (a TUN opened with IFF_VNET_HDR) a read is a 10-byte ``virtio_net_hdr`` and up to
 64 KB of TCP super-packet: step 3 sends it whole as one UDP GSO train while the link shows no
-loss, else cuts it into standalone packets first (``Link.send_super``); packets held for later
+loss, else cuts it into standalone packets first (``LinkSender.send_super``); packets held for later
 are completed copies.  Small packets (no GSO) are read back to back into one buffer until the
 device is empty (or 64 of them), then sent together: each run of equal-sized datagrams to one
-peer in one UDP GSO send (``Link.send_small``), which is what lifts the small-packet rate.
-The buffer is reused for the next read: ``Link.send_packet`` must copy anything it keeps
+peer in one UDP GSO send (``LinkSender.send_small``), which is what lifts the small-packet rate.
+The buffer is reused for the next read: ``LinkSender.send_packet`` must copy anything it keeps
 (it does: queued packets are copied with ``bytes()``).
 """
 
@@ -28,10 +30,12 @@ import os
 import select
 from collections.abc import Callable
 
-from ipop.dataplane.link import Link, standalone
+from ipop.dataplane.link import Link
+from ipop.dataplane.link_tx import standalone
 from ipop.dataplane.table import ForwardingTable
 from ipop.dataplane.tun import Device
 from ipop.wire import packet as wp
+from ipop.wire.packet import destination
 from ipop.wire.vnet import F_NEEDS_CSUM, GSO_NONE, VNET, VNET_HDR_LEN, VnetHdr
 
 VNET_LEN = VNET_HDR_LEN
@@ -44,8 +48,8 @@ BATCH_AREA = 128 * 1024  # where small reads pack; a full read always fits behin
 
 
 class Outbound:
-    """Reads the device and sends what it reads.  It has no thread of its own: the data-plane
-    thread calls ``pump`` whenever its epoll finds the device readable (``Inbound``), so a
+    """Reads the device and sends what it reads.  It has no thread of its own: the poll
+    thread calls ``pump`` whenever its epoll finds the device readable (``Poller``), so a
     packet read, an answer written and the next read are one thread's work, with no hand-over
     (and no GIL hand-over) between a reader and a receiver."""
 
@@ -110,26 +114,18 @@ class Outbound:
 
     # ---- L3 (TUN)
     def _handle_tun(self, pkt: memoryview, buf: bytearray, n: int) -> None:
-        ver = buf[0] >> 4
-        if ver == 4 and n >= 20:
-            dst = bytes(buf[16:20])
-            is_group = buf[16] >= 224 or dst == b"\xff\xff\xff\xff"
-        elif ver == 6 and n >= 40:
-            dst = bytes(buf[24:40])
-            is_group = buf[24] == 0xFF
-        else:
+        dest = destination(buf, 0, n)
+        if dest is None:
             self.counters["not_ip"] += 1
             return
-        if buf[9 if ver == 4 else 6] == wp.IPPROTO_TCP:
+        dst, is_group, ver, proto = dest
+        if proto == wp.IPPROTO_TCP:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20)
-        table = self.table
-        link = table.by_ip.get(dst)
-        if link is None and not is_group and table.routes:
-            link = table.routes.lookup(dst)  # a subnet route or an exit node
+        link = self.table.route(dst, is_group)
         if link is not None:
             if link.xlat is not None:
                 link.xlat.tx(pkt)
-            link.send_packet(pkt)
+            link.tx.send_packet(pkt)
         elif is_group:
             self._flood(pkt)
         else:
@@ -140,7 +136,7 @@ class Outbound:
     def _take_vnet(self, area: memoryview, n: int) -> None:
         """One read with a ``virtio_net_hdr``: a small one (no GSO) is kept back in the batch
         buffer, to go with the next ones (the device is read until it is empty or the buffer
-        full; ``Link.send_small`` then sends each peer's run of equal sizes in one GSO send);
+        full; ``LinkSender.send_small`` then sends each peer's run of equal sizes in one GSO send);
         anything else goes at once, after what was kept back."""
         read = area[:n]
         if n <= SMALL_READ and n > VNET_LEN and read[1] == GSO_NONE:
@@ -161,7 +157,7 @@ class Outbound:
 
     def _send_small(self, reads: list[memoryview]) -> None:
         """Route a run of small reads; runs of packets for one directly reachable peer go out
-        together (``Link.send_small``), anything else one by one, all in read order."""
+        together (``LinkSender.send_small``), anything else one by one, all in read order."""
         run: list[tuple[VnetHdr, memoryview]] = []
         run_link: Link | None = None
         for read in reads:
@@ -171,17 +167,17 @@ class Outbound:
             vh, pkt, dst, is_group, link = parsed
             if link is not None and link.path.channel is None:
                 if link is not run_link and run_link is not None:
-                    run_link.send_small(run)
+                    run_link.tx.send_small(run)
                     run = []
                 run_link = link
                 run.append((vh, pkt))
                 continue
             if run_link is not None:
-                run_link.send_small(run)
+                run_link.tx.send_small(run)
                 run, run_link = [], None
             self._deliver_vnet(read, vh, pkt, dst, is_group, link)
         if run_link is not None:
-            run_link.send_small(run)
+            run_link.tx.send_small(run)
 
     def _handle_vnet(self, view: memoryview) -> None:
         parsed = self._parse_vnet(view)
@@ -194,30 +190,17 @@ class Outbound:
         its link (None: none); the MSS of a TCP SYN clamped, the packet translated for a
         SocialVPN link.  None when the read is not IP (counted)."""
         n = len(view)
-        if n < VNET_LEN + 20:
+        dest = destination(view, VNET_LEN, n)
+        if dest is None:
             self.counters["not_ip"] += 1
             return None
+        dst, is_group, ver, proto = dest
         vh = VnetHdr._make(VNET.unpack_from(view))
         pkt = view[VNET_LEN:n]
-        ver = view[VNET_LEN] >> 4
-        if ver == 4:
-            dst = bytes(view[VNET_LEN + 16 : VNET_LEN + 20])
-            is_group = view[VNET_LEN + 16] >= 224 or dst == b"\xff\xff\xff\xff"
-            proto = view[VNET_LEN + 9]
-        elif ver == 6 and n >= VNET_LEN + 40:
-            dst = bytes(view[VNET_LEN + 24 : VNET_LEN + 40])
-            is_group = view[VNET_LEN + 24] == 0xFF
-            proto = view[VNET_LEN + 6]
-        else:
-            self.counters["not_ip"] += 1
-            return None
         partial = bool(vh.flags & F_NEEDS_CSUM)
         if proto == wp.IPPROTO_TCP and vh.gso_type == GSO_NONE:
             wp.clamp_mss(pkt, self.mss if ver == 4 else self.mss - 20, partial)
-        table = self.table
-        link = table.by_ip.get(dst)
-        if link is None and not is_group and table.routes:
-            link = table.routes.lookup(dst)  # a subnet route or an exit node
+        link = self.table.route(dst, is_group)
         if link is not None and link.xlat is not None:
             link.xlat.tx(pkt, partial)
         return vh, pkt, dst, is_group, link
@@ -227,14 +210,14 @@ class Outbound:
         """Send a parsed read (``view`` is all of it) to its link, to every link (group), or
         hold it and report the miss."""
         if link is not None:
-            link.send_super(vh, pkt, view)
+            link.tx.send_super(vh, pkt, view)
             return
         if is_group:
             links: tuple[Link, ...] = self.table.links
             if links:
                 self.counters["flooded"] += 1
             for one in links:
-                one.send_super(vh, pkt)
+                one.tx.send_super(vh, pkt)
             return
         self.counters["no_route"] += 1
         for one_pkt in standalone(vh, pkt):
@@ -256,16 +239,18 @@ class Outbound:
                 arp = wp.arp_parse(frame[wp.ETH_HLEN:])
                 if arp is not None and arp[0] == wp.ARP_REQUEST:
                     target = arp[4]
-                    if target not in self.table.by_ip and arp[2] != target:
+                    if self.table.owner_of(target) is None and arp[2] != target:
                         self.counters["no_route"] += 1
                         self.on_miss(target, bytes(frame))
             self._flood(frame)
             return
         link = self.table.by_mac.get(dst_mac)
-        if link is None and ethertype == wp.ETH_P_IP and n >= wp.ETH_HLEN + 20:
-            link = self.table.by_ip.get(bytes(buf[wp.ETH_HLEN + 16 : wp.ETH_HLEN + 20]))
+        if link is None and ethertype == wp.ETH_P_IP:
+            dest = destination(buf, wp.ETH_HLEN, n)
+            if dest is not None and dest[2] == 4:
+                link = self.table.owner_of(dest[0])
         if link is not None:
-            link.send_packet(frame)
+            link.tx.send_packet(frame)
         else:
             self._flood(frame)  # unknown unicast: flood, as a switch does
 
@@ -274,4 +259,4 @@ class Outbound:
         if links:
             self.counters["flooded"] += 1
         for link in links:
-            link.send_packet(pkt)
+            link.tx.send_packet(pkt)

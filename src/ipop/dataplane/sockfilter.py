@@ -1,7 +1,8 @@
 """A classic BPF socket filter (``SO_ATTACH_FILTER``) for the data plane's UDP sockets: the
 kernel drops what cannot be ours before it is queued, so a flood of garbage costs no Python.
 
-What passes (RFC 7983 demultiplexing, as ``inbound`` does it, with cheap checks added)::
+What passes (RFC 7983 demultiplexing by the ranges of ``ipop.wire.header.classify``, with cheap
+checks added)::
 
     first byte   kind                 also required
     0-3          STUN                 the magic cookie 0x2112A442 at bytes 4-7, and a message
@@ -32,6 +33,8 @@ import functools
 import socket
 import struct
 from collections.abc import Iterable
+
+from ipop.wire import header as wh
 
 __all__ = [
     "MAX_PEERS", "SO_ATTACH_FILTER", "SO_DETACH_FILTER", "attach", "detach", "kernel_drops",
@@ -104,13 +107,16 @@ def program(uid: bytes, peers: Iterable[bytes] | None = None, *,
     if known is not None and (len(known) > MAX_PEERS or any(len(u) != UID_LEN for u in known)):
         known = None
     p = _Prog()
+    # the first-byte ranges of ``ipop.wire.header`` (RFC 7983), compiled from the top down
+    # (DTLS ends where ChannelData starts, so 20-63 needs no upper test)
+    frame, chan, dtls, stun = wh.FRAME_FIRST, wh.CHANNEL_DATA_FIRST, wh.DTLS_FIRST, wh.STUN_FIRST
     p.op(LDB_ABS, PAYLOAD)                              # A = first byte
-    p.op(JGT, 191, "drop", 0)                           # 192-255
-    p.op(JGE, 128, "frame", 0)                          # 128-191
-    p.op(JGE, 80, "drop", 0)                            # 80-127
-    p.op(JGE, 64, "chan" if channeldata else "drop", 0)  # 64-79
-    p.op(JGE, 20, "dtls", 0)                            # 20-63
-    p.op(JGE, 4, "drop", 0)                             # 4-19; 0-3 fall through: STUN
+    p.op(JGT, frame[-1], "drop", 0)                     # 192-255
+    p.op(JGE, frame[0], "frame", 0)                     # 128-191
+    p.op(JGT, chan[-1], "drop", 0)                      # 80-127
+    p.op(JGE, chan[0], "chan" if channeldata else "drop", 0)  # 64-79
+    p.op(JGE, dtls[0], "dtls", 0)                       # 20-63
+    p.op(JGT, stun[-1], "drop", 0)                      # 4-19; 0-3 fall through: STUN
     p.op(LDW_ABS, PAYLOAD + 4)                          # the magic cookie
     p.op(JEQ, STUN_COOKIE, 0, "drop")
     p.op(LDW_LEN)                                       # X = datagram length

@@ -5,7 +5,7 @@ TUN: ``Link.source_ok`` (the peer's overlay addresses, then the prefixes its lin
 TAP: a member sends only from MACs no other member (nor this node) holds, and an ARP or IP
 sender inside the overlay prefix must be one of its own addresses.  The inbound pipeline calls
 these once per packet on its per-datagram path, and once per whole train or merged GRO run
-(whose segments all share one header) on the others.  Runs on the rx thread.
+(whose segments all share one header) on the others.  Runs on the poll thread.
 """
 
 from __future__ import annotations
@@ -40,20 +40,22 @@ class SourceCheck:
         self.overlay = PrefixSet()  # the overlay prefixes (TAP checks); set by the facade
         self._log = TokenBucket(LOG_RATE, LOG_BURST)
 
-    def spoofed(self, link: Link, pkt: Any, why: str = "") -> None:
+    def spoofed(self, link: Link, pkt: Any, why: str = "") -> str:
         """Count (node-wide and per link) and log, at a bounded rate, an inner packet whose
         source the sending peer may not use.  IPv6 link-local sources (what a kernel sends
-        on its own, e.g. MLD reports) are dropped too, but counted apart and not logged."""
+        on its own, e.g. MLD reports) are dropped too, but counted apart and not logged.
+        Returns the reason counted."""
         if not self.dev.tap and len(pkt) >= 40 and pkt[0] >> 4 == 6 and pkt[8] == 0xFE and (
                 pkt[9] & 0xC0) == 0x80:
             self.drops["link_local_source"] += 1
-            return
+            return "link_local_source"
         self.drops["spoofed_source"] += 1
-        link.stats.drops["spoofed_source"] += 1
+        link.stats.rx_drops["spoofed_source"] += 1
         if self._log.take(time.monotonic()):
             log.warning("link %s: dropped a packet from %s: %s", link.peer_uid.hex()[:12],
                         _source_text(pkt, self.dev.tap),
                         why or "not an address or prefix this peer may use")
+        return "spoofed_source"
 
     def filter(self, link: Link, iovs: list[list[Any]]) -> list[list[Any]]:
         """The TUN writes of ``iovs`` whose source ``link``'s peer may use (the others are

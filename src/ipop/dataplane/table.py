@@ -1,8 +1,9 @@
-"""The forwarding table: overlay IP, MAC and UID to link, read lock-free by the data path.
+"""The forwarding table: overlay IP, MAC and UID to link, read lock-free by the data path, and
+the one route verdict (``ForwardingTable.route``: exact owner, then longest-prefix match).
 
-Writers (the control thread) build new dicts and swap them in; readers (TX and RX threads) take
+Writers (the control thread) build new dicts and swap them in; readers (the poll thread) take
 one attribute read and see a consistent snapshot.  MAC learning writes single dict entries from
-the RX thread, which is safe under the GIL.
+the poll thread, which is safe under the GIL.
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ class ForwardingTable:
         self.links = tuple(by_uid.values())
 
     def learn_mac(self, mac: bytes, link: Link) -> bool:
-        """Remember that ``mac`` lives behind ``link`` (called by the RX thread); False when
+        """Remember that ``mac`` lives behind ``link`` (called by the poll thread); False when
         another live link holds it already (the first holder keeps it)."""
         held = self.by_mac.get(mac)
         if held is link:
@@ -81,11 +82,14 @@ class ForwardingTable:
         self.by_mac[mac] = link
         return True
 
-    def lookup_ip(self, addr: bytes) -> Link | None:
-        """The link for a destination: the peer that owns it, else the longest prefix."""
-        link = self.by_ip.get(addr)
-        if link is None and self.routes:
-            link = self.routes.lookup(addr)
+    def route(self, dst: bytes, group: bool = False) -> Link | None:
+        """The route verdict for a destination address: the link whose peer owns it, else (for
+        an address that is no ``group`` one) the link whose prefix matches it longest (subnet
+        routes, exit nodes), looked up only on that miss.  None: no link; the caller floods a
+        group address and holds and reports any other (``Outbound``)."""
+        link = self.by_ip.get(dst)
+        if link is None and not group and self.routes:
+            link = self.routes.lookup(dst)
         return link
 
     def owner_of(self, addr: bytes) -> Link | None:

@@ -77,6 +77,7 @@ from ipop.nat.params import (
     cap_candidates,
     parse_candidate,
 )
+from ipop.wire.header import is_stun
 from ipop.wire.turn import pack_channel_data
 
 __all__ = ["IceDispatcher", "IceFailed", "IceLink"]
@@ -323,7 +324,7 @@ class IceLink:
             ep = self._endpoints.get(self.selected.sock.fileno()) if self.selected else None
         else:
             ep = self._endpoints.get(sock.fileno())
-        if ep is None or not data or data[0] > 3:
+        if ep is None or not is_stun(data):
             self.counters["feed_refused"] += 1
             return False
         self.counters[f"stun_in_{_stun_kind(data)}"] += 1

@@ -38,7 +38,8 @@ from typing import Any
 from ipop.errors import RemoteProtocolError
 from ipop.nat.ice import IceFailed, IceLink
 from ipop.nat.params import IceParams, SelectedPath, TurnConf
-from ipop.wire.turn import pack_channel_data, parse_channel_data
+from ipop.wire.header import is_stun
+from ipop.wire.turn import is_channel_data, pack_channel_data, parse_channel_data
 
 FRAME = 0x80
 T0 = time.monotonic()
@@ -120,7 +121,7 @@ class MiniPlane:
 
     def _demux(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
         channel = None
-        if data and 64 <= data[0] <= 79:
+        if is_channel_data(data):
             try:
                 channel, inner = parse_channel_data(data)
             except RemoteProtocolError:
@@ -128,7 +129,7 @@ class MiniPlane:
             data = bytes(inner)
         if not data:
             return
-        if data[0] <= 3:
+        if is_stun(data):
             self.loop.call_soon_threadsafe(self.link.feed, data, addr, channel, sock)
         elif data[0] == FRAME:
             path = self.path

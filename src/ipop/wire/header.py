@@ -56,33 +56,33 @@ TRAIN_TYPES = frozenset({T_TRAIN, T_TRAIN_SEALED})
 KNOWN_TYPES = DATA_TYPES | TRAIN_TYPES | {T_KEEPALIVE, T_KEEPALIVE_SEALED}
 
 
+# The first-byte ranges (RFC 7983), written out here and nowhere else: every demultiplexer of
+# underlay datagrams asks ``classify`` (or ``KIND_BY_FIRST_BYTE``); the kernel filter
+# (``ipop.dataplane.sockfilter``) compiles these bounds into its program.
+STUN_FIRST = range(0, 4)
+DTLS_FIRST = range(20, 64)
+CHANNEL_DATA_FIRST = range(64, 80)  # TURN channels 0x4000..0x4FFF (RFC 8656)
+FRAME_FIRST = range(128, 192)
+
+
 class Kind(enum.Enum):
     """What the first byte of an underlay datagram says it is (RFC 7983 ranges)."""
 
     STUN = "stun"
     DTLS = "dtls"
-    TURN = "turn"
-    OVERLAY = "overlay"
+    TURN = "turn"  # TURN ChannelData (``ipop.wire.turn.parse_channel_data``)
+    OVERLAY = "overlay"  # an ipop frame (``parse``)
     UNKNOWN = "unknown"
 
 
 def _build_kind_table() -> tuple[Kind, ...]:
-    table = []
-    for b in range(256):
-        if b <= 3:
-            table.append(Kind.STUN)
-        elif 20 <= b <= 63:
-            table.append(Kind.DTLS)
-        elif 64 <= b <= 79:
-            table.append(Kind.TURN)
-        elif 128 <= b <= 191:
-            table.append(Kind.OVERLAY)
-        else:
-            table.append(Kind.UNKNOWN)
-    return tuple(table)
+    ranges = ((STUN_FIRST, Kind.STUN), (DTLS_FIRST, Kind.DTLS),
+              (CHANNEL_DATA_FIRST, Kind.TURN), (FRAME_FIRST, Kind.OVERLAY))
+    return tuple(next((kind for r, kind in ranges if b in r), Kind.UNKNOWN) for b in range(256))
 
 
 KIND_BY_FIRST_BYTE = _build_kind_table()
+"""``classify`` as a table indexed by the first byte (for loops that hold the byte already)."""
 
 
 def classify(datagram: bytes | bytearray | memoryview) -> Kind:
@@ -90,6 +90,16 @@ def classify(datagram: bytes | bytearray | memoryview) -> Kind:
     if not datagram:
         return Kind.UNKNOWN
     return KIND_BY_FIRST_BYTE[datagram[0]]
+
+
+def is_stun(datagram: bytes | bytearray | memoryview) -> bool:
+    """Whether ``classify`` says STUN."""
+    return bool(datagram) and KIND_BY_FIRST_BYTE[datagram[0]] is Kind.STUN
+
+
+def is_dtls(datagram: bytes | bytearray | memoryview) -> bool:
+    """Whether ``classify`` says DTLS."""
+    return bool(datagram) and KIND_BY_FIRST_BYTE[datagram[0]] is Kind.DTLS
 
 
 class Header(NamedTuple):

@@ -33,6 +33,7 @@ ETH_P_IP = 0x0800
 ETH_P_ARP = 0x0806
 ETH_P_IPV6 = 0x86DD
 BROADCAST_MAC = b"\xff" * 6
+BROADCAST4 = b"\xff" * 4
 IPPROTO_TCP = 6
 IPPROTO_UDP = 17
 IPPROTO_ICMP = 1
@@ -50,6 +51,24 @@ def ip_dst(pkt: bytes | bytearray | memoryview) -> bytes | None:
         return bytes(pkt[16:20])
     if n >= 40 and pkt[0] >> 4 == 6:
         return bytes(pkt[24:40])
+    return None
+
+
+def destination(buf: bytes | bytearray | memoryview, off: int, end: int,
+                ) -> tuple[bytes, bool, int, int] | None:
+    """Where the IP packet at ``buf[off:end]`` goes: ``(address, group, version, protocol)``,
+    ``group`` for a multicast or broadcast address (IPv4 224/4 and above, 255.255.255.255;
+    IPv6 ff00::/8), ``protocol`` the IPv4 protocol or IPv6 next header; None when it is no
+    IPv4 packet of 20 bytes or IPv6 packet of 40.  The data plane's one destination parser
+    (TUN reads, with or without a ``virtio_net_hdr`` before the packet; TAP frames)."""
+    if end - off < 20:
+        return None
+    ver = buf[off] >> 4
+    if ver == 4:
+        dst = bytes(buf[off + 16 : off + 20])
+        return dst, buf[off + 16] >= 224 or dst == BROADCAST4, 4, buf[off + 9]
+    if ver == 6 and end - off >= 40:
+        return bytes(buf[off + 24 : off + 40]), buf[off + 24] == 0xFF, 6, buf[off + 6]
     return None
 
 

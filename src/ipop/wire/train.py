@@ -70,8 +70,8 @@ def parse(dgram: Buf) -> tuple[int, int, int]:
 
 
 class Framer:
-    """Makes one link's trains (TX thread only), packing the frame headers in one call into a
-    buffer kept per train length.  The views it returns are valid until the next train of the
+    """Makes one link's trains (the sending thread only), packing the frame headers in one call
+    into a buffer kept per train length.  The views it returns are valid until the next train of the
     same length (the send has copied them by then)."""
 
     def __init__(self, prefix: bytes, chunk: int) -> None:
@@ -191,9 +191,10 @@ def check_vnet(head: Buf, size: int) -> bytes:
 
 
 class Reassembler:
-    """One link's trains as they arrive (RX thread): puts together a train whose datagrams came
-    one by one, and counts trains lost, whether one of their datagrams is missing (a train
-    left incomplete when the next begins) or all of them (a gap in the train numbers)."""
+    """One link's trains as they arrive (the receiving thread): puts together a train whose
+    datagrams came one by one, and counts trains lost, whether one of their datagrams is
+    missing (a train left incomplete when the next begins) or all of them (a gap in the train
+    numbers)."""
 
     STALE = 1.0  # a train missing since longer than this was left over, not lost just now
     MAX_GAP = 64  # a larger jump in train numbers is reordering or a restart, not loss
@@ -276,7 +277,7 @@ class Reassembler:
 
 
 class TrainPolicy:
-    """When a link may send whole trains (TX side; the RX thread feeds it the peer's reports).
+    """When a link may send whole trains (send side; the receive side feeds it the peer's reports).
 
     Trains are used from the start.  The peer reports how many trains it has lost in all;
     each report is judged against the trains sent since the previous one: when more than

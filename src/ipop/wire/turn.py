@@ -26,6 +26,7 @@ import struct
 from typing import Final
 
 from ipop.errors import LocalProtocolError, MalformedFrame
+from ipop.wire.header import Kind, classify
 
 __all__ = [
     "CHANNEL_MAX",
@@ -48,8 +49,9 @@ _HDR = struct.Struct("!HH")
 
 
 def is_channel_data(datagram: bytes | bytearray | memoryview) -> bool:
-    """Whether a datagram's first byte says ChannelData (64..127: channel 0x4000..0x7FFF)."""
-    return len(datagram) > 0 and 0x40 <= datagram[0] <= 0x7F
+    """Whether a datagram's first byte says ChannelData (``ipop.wire.header.classify``: 64..79,
+    channels 0x4000..0x4FFF; 80..127 is no protocol's, RFC 7983)."""
+    return classify(datagram) is Kind.TURN
 
 
 def pack_channel_data(channel: int, payload: bytes | bytearray | memoryview) -> bytes:
@@ -64,7 +66,8 @@ def pack_channel_data(channel: int, payload: bytes | bytearray | memoryview) -> 
 def parse_channel_data(datagram: bytes | bytearray | memoryview) -> tuple[int, memoryview]:
     """``(channel, payload)`` of a ChannelData datagram; raises MalformedFrame only.
 
-    The payload is a view into ``datagram`` (no copy)."""
+    The one ChannelData parser (the data plane, ``ipop.nat.probe``).  The payload is a view
+    into ``datagram`` (no copy)."""
     view = memoryview(datagram)
     if len(view) < HEADER_LEN:
         raise MalformedFrame(f"ChannelData of {len(view)} bytes", reason="truncated_channeldata")
