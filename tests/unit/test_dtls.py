@@ -12,8 +12,12 @@ from hypothesis import strategies as st
 
 from ipop.crypto.aead import Opener, Sealer, Suite
 from ipop.crypto.dtls import (
+    INITIAL_RTO,
+    MIN_RTO,
+    REPEAT_GAP,
     DtlsHandshake,
     client_hello_random,
+    initial_rto,
     is_client_hello,
     is_dtls,
     normalize_fingerprint,
@@ -320,3 +324,35 @@ def test_split_records_packs_whole_records() -> None:
     assert [len(d) for d in out] == [226, 236]
     assert b"".join(out) == blob
     assert split_records(record(5) + b"\x16\x00", 256) == [record(5) + b"\x16\x00"]
+
+
+def test_first_rto_follows_the_measured_round_trip() -> None:
+    assert initial_rto(None) == INITIAL_RTO == 1.0
+    assert initial_rto(0.2) == MIN_RTO  # a LAN: the floor, above the peer's REPEAT_GAP
+    assert MIN_RTO > REPEAT_GAP
+    assert initial_rto(150.0) == pytest.approx(0.6)
+    assert initial_rto(900.0) == INITIAL_RTO  # never slower than RFC 6347's 1 s
+    assert initial_rto(float("nan")) == INITIAL_RTO
+
+
+def test_lost_server_flight_costs_the_short_timer() -> None:
+    """Flight 2 is lost: the client resends its hello after ``first_rto``, the server answers the
+    repeat (it is past REPEAT_GAP) and the handshake completes at once."""
+    client = DtlsHandshake(ALICE, True, BOB.fingerprint, first_rto=MIN_RTO)
+    server = DtlsHandshake(BOB, False, ALICE.fingerprint, first_rto=MIN_RTO)
+    server.start(0.0)
+    flight1 = client.start(0.0)
+    for d in flight1:
+        server.receive(d, 0.0)  # flight 2, lost
+    assert client.next_deadline() == MIN_RTO
+    again = client.on_timeout(MIN_RTO)
+    assert again
+    flight2 = [o for d in again for o in server.receive(d, MIN_RTO)]
+    assert flight2
+    now = MIN_RTO
+    flight3 = [o for d in flight2 for o in client.receive(d, now)]
+    flight4 = [o for d in flight3 for o in server.receive(d, now)]
+    for d in flight4:
+        client.receive(d, now)
+    assert client.done and server.done
+    assert_matching(client, server)

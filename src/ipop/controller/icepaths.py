@@ -34,7 +34,7 @@ GATHER_LIMIT = 6  # ICE gathers at once (each may query STUN and allocate on TUR
 
 
 def to_path(sp: SelectedPath) -> Path:
-    return Path(sp.sock, (sp.remote_addr[0], sp.remote_addr[1]), sp.channel, sp.kind)
+    return Path(sp.sock, (sp.remote_addr[0], sp.remote_addr[1]), sp.channel, sp.kind, sp.rtt_ms)
 
 
 class IcePaths:

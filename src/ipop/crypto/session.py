@@ -64,6 +64,7 @@ from ipop.crypto.aead import OVERHEAD, Opener, Sealer, Suite, choose_suite
 from ipop.crypto.dtls import (
     DEFAULT_MTU,
     HANDSHAKE_TIMEOUT,
+    INITIAL_RTO,
     RECORD_HEADER_LEN,
     DtlsHandshake,
     KeyMaterial,
@@ -118,6 +119,7 @@ class CryptoSession:
         suite: Suite | None = None,
         mtu: int = DEFAULT_MTU,
         confirmation: Confirmation | None = None,
+        first_rto: float = INITIAL_RTO,
     ) -> None:
         if rekey_seconds <= 0 or not 0 < rekey_packets < 2**64 - 1:
             raise LocalProtocolError("rekey interval must be positive and below the counter limit")
@@ -135,6 +137,8 @@ class CryptoSession:
         self.max_retry_seconds = max_retry_seconds
         self.suite = suite if suite is not None else choose_suite()
         self.mtu = mtu
+        self.first_rto = first_rto
+        """Each handshake's first retransmission timer (``ipop.crypto.dtls.initial_rto``)."""
         self.confirmation = confirmation
         """The verdict every handshake of this session confirms (``ipop.crypto.verdict``)."""
 
@@ -354,6 +358,7 @@ class CryptoSession:
             mtu=self.mtu,
             timeout=self.handshake_timeout,
             confirmation=self.confirmation,
+            first_rto=self.first_rto,
         )
 
     def _client_hello(self, datagram: bytes | bytearray | memoryview, now: float) -> list[bytes]:

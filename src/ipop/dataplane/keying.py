@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from ipop.crypto.dtls import initial_rto
 from ipop.crypto.identity import Identity
 from ipop.crypto.session import CryptoSession, is_client_for
 from ipop.crypto.verdict import Confirmation
@@ -81,6 +82,7 @@ class Keying:
             # a plain link needs no new keys: its handshake proves the peer once
             rekey_seconds=self.rekey_seconds if link.encrypted else PLAIN_REKEY_SECONDS,
             confirmation=confirmation,
+            first_rto=initial_rto(link.path.rtt_ms),
         )
         link.authed = False
         link.session = session

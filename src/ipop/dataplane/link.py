@@ -48,6 +48,7 @@ class Path:
     addr: tuple[str, int]
     channel: int | None = None
     kind: str = "static"  # static | host | srflx | prflx | relay
+    rtt_ms: float | None = None  # the round trip measured when the path was chosen (ICE's check)
 
     @property
     def source_key(self) -> tuple[int, tuple[str, int], int | None]:
