@@ -51,6 +51,11 @@ FAULT_GRACE = 15.0  # seconds after a fault ends that still count as its window
 # growth limits per minute over the last half of the run: "near zero", above sampling noise
 MIN_POINTS = 4  # a series shorter than this (a node restarted late) is shown, not judged
 SLOPE_LIMITS = {"rss_mb": 1.0, "fds": 2.0, "threads": 0.5, "asyncio_tasks": 3.0}
+# ... and the fitted growth over the judged span must exceed this much too: over the 2-minute
+# run's one-minute half, links being made and trimmed move fds and tasks by a few (sockets of an
+# ICE gather not yet a link), which a slope over 6 points reads as growth; a real leak at the
+# slope limit passes these within 3 minutes of a 30-minute run's 15-minute half
+MIN_GROWTH = {"rss_mb": 3.0, "fds": 6.0, "threads": 2.0, "asyncio_tasks": 9.0}
 _SUMMARY = re.compile(r"(\d+) packets transmitted, (\d+) received")
 
 
@@ -244,9 +249,11 @@ def check(soak: Soak) -> list[str]:
             short = len(points) < MIN_POINTS
             print(f"{name:<5} {metric:<14} {mine[0][metric]!s:>8.8} {mine[-1][metric]!s:>8.8} "
                   f"{slope:>10.3f}{'  (too few points: not judged)' if short else ''}")
-            if slope > limit and not short:
+            span = (points[-1][0] - points[0][0]) / 60 if points else 0.0
+            if slope > limit and slope * span > MIN_GROWTH[metric] and not short:
                 problems.append(f"{name} {metric} grows {slope:.3f}/min over the last half "
-                                f"(limit {limit}): {[p[1] for p in points]}")
+                                f"(limit {limit}/min and {MIN_GROWTH[metric]:g} in all): "
+                                f"{[p[1] for p in points]}")
     clean = [q for q in soak.sequences if not soak.in_fault(q)]
     faulted = [q for q in soak.sequences if soak.in_fault(q)]
     lost = sum(q.sent - q.received for q in clean)
