@@ -38,6 +38,7 @@ complete within ``mesh_timeout``.  An on-demand ROUND has
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import platform
@@ -46,7 +47,7 @@ import re
 import statistics
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -175,15 +176,26 @@ def _idle(ov: Overlay, plan: ScalePlan, out: dict[str, Any]) -> None:
     out["idle_cpu_max_pct"] = max(cpu.values()) if cpu else None
 
 
-def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
-    step(f"{n} nodes: building the test bed")
+@contextlib.contextmanager
+def _started(
+    n: int, plan: ScalePlan, step: Step, label: str
+) -> Iterator[tuple[Overlay, float, float]]:
+    """A test bed of ``n`` nodes, started and ready: ``(overlay, start time, ready time)``,
+    closed on the way out."""
+    step(f"{label}: building the test bed")
     ov = Overlay(n, extra=plan.node_extra())
     try:
-        step(f"{n} nodes: starting")
+        step(f"{label}: starting")
         t0 = time.monotonic()
         ov.start()
         ov.wait_ready(timeout=plan.mesh_timeout)
-        ready = time.monotonic()
+        yield ov, t0, time.monotonic()
+    finally:
+        ov.close()
+
+
+def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
+    with _started(n, plan, step, f"{n} nodes") as (ov, t0, ready):
         step(f"{n} nodes: waiting for the full mesh")
         done = wait_mesh(ov, max(1.0, plan.mesh_timeout - (ready - t0)))
         spent = [measure.cpu_ticks(pid) / _CLK_TCK for pid in _pids(ov).values()]
@@ -208,19 +220,10 @@ def proactive_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
         step(f"{n} nodes: idle CPU and memory")
         _idle(ov, plan, out)
         return out
-    finally:
-        ov.close()
 
 
 def on_demand_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
-    step(f"{n} nodes (on-demand): building the test bed")
-    ov = Overlay(n, extra=plan.node_extra())
-    try:
-        step(f"{n} nodes (on-demand): starting")
-        t0 = time.monotonic()
-        ov.start()
-        ov.wait_ready(timeout=plan.mesh_timeout)
-        ready = time.monotonic()
+    with _started(n, plan, step, f"{n} nodes (on-demand)") as (ov, t0, ready):
         deadline = ready + plan.mesh_timeout
         while time.monotonic() < deadline:
             if all(peers_online(s) == n - 1 for s in ov.states()):
@@ -254,8 +257,6 @@ def on_demand_round(n: int, plan: ScalePlan, step: Step) -> dict[str, Any]:
         pss = [v for v in (pss_mb(pid) for pid in _pids(ov).values()) if v is not None]
         out["pss_median_mb"] = _median(pss)
         return out
-    finally:
-        ov.close()
 
 
 def summarize(rounds_: list[dict[str, Any]]) -> dict[str, Any]:
