@@ -336,3 +336,21 @@ def test_outbound_with_offloads_sends_small_reads_as_one_gso_train() -> None:
         assert link.stats.tx_packets == 5
     finally:
         dev.close()
+
+
+def test_slabs_are_made_only_as_bursts_need_them() -> None:
+    """An idle node holds no receive slab; one is made when no free one is left, reused once
+    given back, and never more than ``SLABS`` exist."""
+    from ipop.dataplane import inbound as ib
+
+    side = Side("a", None)
+    rx = side.inbound
+    assert rx.slabs == 0
+    first = rx._take_slab()
+    assert rx.slabs == 1 and len(first) == ib.SLOT * ib.SLOTS_PER_SLAB
+    rx.free.put(first)
+    assert rx._take_slab() is first and rx.slabs == 1
+    held = [first] + [rx._take_slab() for _ in range(ib.SLABS - 1)]
+    assert rx.slabs == ib.SLABS and len({id(s) for s in held}) == ib.SLABS
+    rx.free.put(held[5])
+    assert rx._take_slab() is held[5] and rx.slabs == ib.SLABS

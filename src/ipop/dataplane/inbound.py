@@ -31,9 +31,10 @@ splits; the packets of a batch that continue one TCP flow are merged again into 
 (``coalesce``) and written with a ``virtio_net_hdr`` in one ``writev`` each.  Without a vnet
 header on the device, partial inner packets (frame type 0x84) get their checksums completed.
 Ordering: one socket is drained in order and batches are written in order, so a flow's order holds.
-Backpressure: slabs are bounded; when the writer falls behind, the poll thread waits for a free slab
-and the kernel's socket buffers absorb the burst (and drop, if they must) — a slow TUN write never
-blocks the control thread and never grows memory.
+Backpressure: slabs are bounded (``SLABS``, made only as bursts need them); when the writer falls
+behind, the poll thread waits for a free slab and the kernel's socket buffers absorb the burst
+(and drop, if they must) — a slow TUN write never blocks the control thread and never grows
+memory past ``SLABS`` slabs.
 Buffers: a slab is lent to the writer with its batch and comes back once every packet in it is
 written; plain payloads are memoryviews into it, opened (decrypted) payloads are new bytes.
 """
@@ -81,7 +82,7 @@ Pkt = bytes | bytearray | memoryview
 Batch = tuple[bytearray, list[Any], bool]
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
-SLABS = 32
+SLABS = 32  # slabs at most; made as bursts need them (``_take_slab``)
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
 UNKNOWN_CONTROL_RATE = 500.0  # STUN/DTLS datagrams a second from no link's path, at most
@@ -123,9 +124,10 @@ class Inbound:
         self.drops: collections.Counter[str] = collections.Counter()
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.gro = dev.vnet_hdr  # receive trains (UDP_GRO) and write super-packets
-        slab_size = RECV_BUFFER * GRO_SLOTS if self.gro else SLOT * SLOTS_PER_SLAB
-        for _ in range(SLABS):
-            self.free.put(bytearray(slab_size))
+        self.slab_size = RECV_BUFFER * GRO_SLOTS if self.gro else SLOT * SLOTS_PER_SLAB
+        # slabs made so far: a new one only when none is free (a zeroed slab is 128-256 KB of
+        # touched memory; all 32 up front were 4-8 MB per node that an idle node never used)
+        self.slabs = 0
         self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         # links whose held early frames (``LinkReceiver.early``) may open now: the control
         # thread puts them here and writes the wake pipe (``DataPlane.release_early``)
@@ -203,8 +205,20 @@ class Inbound:
         if self.on_confirm is not None:
             self.on_confirm(link)
 
+    def _take_slab(self) -> bytearray:
+        """A free slab (poll thread): one given back, else a new one while fewer than ``SLABS``
+        exist, else wait for the writer to give one back."""
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        if self.slabs < SLABS:
+            self.slabs += 1
+            return bytearray(self.slab_size)
+        return self.free.get()
+
     def _drain(self, sock: socket.socket) -> None:
-        slab = self.free.get()
+        slab = self._take_slab()
         view = memoryview(slab)
         self.drained = False
         batch = _Gather(self)
@@ -230,7 +244,7 @@ class Inbound:
             if not held or link.closed:
                 continue
             now = time.monotonic()
-            slab = self.free.get()
+            slab = self._take_slab()
             batch = _Gather(self)
             self.replaying = True
             try:
