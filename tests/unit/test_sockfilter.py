@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ipop.dataplane import sockfilter
 from ipop.wire import header as wh
@@ -162,3 +165,19 @@ def test_a_new_peer_passes_its_own_socket_at_once_and_the_others_once_links_sett
     finally:
         for s in (own, other, tx):
             s.close()
+
+
+@given(st.lists(st.binary(min_size=20, max_size=20), max_size=40), st.booleans())
+def test_assembled_program_equals_the_built_one(peers: list[bytes], channeldata: bool) -> None:
+    """``_compiled`` assembles the program from cached parts; it must equal ``program``."""
+    known = tuple(sorted(set(peers)))
+    code, count = sockfilter._compiled(UID, known, channeldata)
+    prog = sockfilter.program(UID, known, channeldata=channeldata)
+    assert count == len(prog)
+    assert code == b"".join(struct.pack("HBBI", *i) for i in prog)
+
+
+def test_assembled_program_falls_back_past_max_peers() -> None:
+    many = tuple(sorted(i.to_bytes(20, "big") for i in range(sockfilter.MAX_PEERS + 1)))
+    _code, count = sockfilter._compiled(UID, many, False)
+    assert count == len(sockfilter.program(UID, None))  # frames not checked by source UID
