@@ -454,11 +454,19 @@ class DataPlane:
         self, sock: socket.socket, data: bytes, addr: tuple[str, int], channel: int | None,
         link: Link | None,
     ) -> None:
-        ev = Event("control_datagram", {
-            "sock": sock, "data": data, "addr": addr, "channel": channel,
-            "peer_uid": link.peer_uid if link else None,
-        })
-        self.call_soon(self.on_event, ev)
+        def deliver() -> None:  # control thread
+            found = link
+            if found is None:
+                # read before the control thread put a link on this path: a socket is adopted
+                # just before its link is made, and a DTLS flight queued in it meanwhile must
+                # reach the new link's handshake (it would wait 1 s for a retransmission)
+                found = self.table.by_source.get((sock.fileno(), addr, channel))
+            self.on_event(Event("control_datagram", {
+                "sock": sock, "data": data, "addr": addr, "channel": channel,
+                "peer_uid": found.peer_uid if found else None,
+            }))
+
+        self.call_soon(deliver)
 
     def _on_confirm(self, link: Link) -> None:
         """Poll thread: the peer of a plain link sent its first frame after our handshake."""
