@@ -91,5 +91,10 @@ def configure(*, log_format: str, controller_logging: str, tincan_logging: int,
     level = override or controller_logging
     root.setLevel(level)
     logging.getLogger("ipop").setLevel(level)
-    logging.getLogger("slixmpp").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+    quiet = max(logging.WARNING, logging.getLevelName(level))
+    logging.getLogger("slixmpp").setLevel(quiet)
+    # aioice's INFO lines (the state changes of every candidate pair: four or five lines a link,
+    # at start-up a good share of a node's CPU) only at DEBUG; ipop.nat logs the gathered
+    # candidates and the selected path at INFO
+    logging.getLogger("aioice").setLevel(logging.INFO if level == "DEBUG" else quiet)
     logging.getLogger("ipop.dataplane").setLevel(TINCAN_LEVELS.get(tincan_logging, "INFO"))

@@ -336,3 +336,47 @@ def test_outbound_with_offloads_sends_small_reads_as_one_gso_train() -> None:
         assert link.stats.tx_packets == 5
     finally:
         dev.close()
+
+
+def test_slabs_are_made_only_as_bursts_need_them() -> None:
+    """An idle node holds no receive slab; one is made when no free one is left, reused once
+    given back, and never more than ``SLABS`` exist."""
+    from ipop.dataplane import inbound as ib
+
+    side = Side("a", None)
+    rx = side.inbound
+    assert rx.slabs == 0
+    first = rx._take_slab()
+    assert rx.slabs == 1 and len(first) == ib.SLOT * ib.SLOTS_PER_SLAB
+    rx.free.put(first)
+    assert rx._take_slab() is first and rx.slabs == 1
+    held = [first] + [rx._take_slab() for _ in range(ib.SLABS - 1)]
+    assert rx.slabs == ib.SLABS and len({id(s) for s in held}) == ib.SLABS
+    rx.free.put(held[5])
+    assert rx._take_slab() is held[5] and rx.slabs == ib.SLABS
+
+
+def test_a_control_datagram_read_before_its_link_was_made_reaches_the_link() -> None:
+    """The poll thread may read a DTLS flight from a socket adopted a moment before its link is
+    made (``IcePaths.connect`` adopts, then the controller makes the link): the control thread
+    looks the link up again when the datagram's turn comes, so the handshake gets it at once
+    instead of on the peer's retransmission 1 s later."""
+    from ipop.dataplane.facade import DataPlane
+
+    a, b = Side("a", None), Side("b", None)
+    queued: list[Any] = []
+    events: list[Any] = []
+    fake: Any = SimpleNamespace(table=a.table, call_soon=lambda f, *args: queued.append(
+        (f, args)), on_event=events.append)
+    flight = bytes([22, 0xFE, 0xFD]) + bytes(10)
+    DataPlane._on_control(fake, a.sock, flight, ADDR["b"], None, None)  # no link yet
+    link = a.link_to(b)  # the control thread makes the link before it runs the callback
+    for f, args in queued:
+        f(*args)
+    assert [e.data["peer_uid"] for e in events] == [link.peer_uid]
+    # a datagram from no link's path stays without one
+    queued.clear()
+    DataPlane._on_control(fake, a.sock, flight, ("::ffff:198.18.0.9", 5800), None, None)
+    for f, args in queued:
+        f(*args)
+    assert events[-1].data["peer_uid"] is None

@@ -207,3 +207,37 @@ def test_runtime_install_declares_runtime_dependencies_only():
     import aioice
 
     assert "<0.14" in deps["aioice"] and aioice.__version__.startswith("0.13.")
+
+
+def test_library_info_lines_only_at_debug() -> None:
+    """aioice's INFO lines (every candidate pair's state changes) show only at DEBUG, slixmpp's
+    never; ipop's own INFO lines stay."""
+    import io
+    import logging
+
+    from ipop import logs
+
+    root = logging.getLogger()
+    before = (root.level, list(root.handlers))
+    try:
+        for level, lib_info in (("INFO", False), ("DEBUG", True)):
+            out = io.StringIO()
+            for h in [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME]:
+                root.removeHandler(h)
+            logs.configure(log_format="text", controller_logging=level, tincan_logging=1,
+                           stream=out)
+            logging.getLogger("aioice.ice").info("pair check")
+            logging.getLogger("slixmpp.xmlstream").info("stream chatter")
+            logging.getLogger("ipop.nat").info("selected host")
+            text = out.getvalue()
+            assert "selected host" in text
+            assert ("pair check" in text) is lib_info and "stream chatter" not in text
+    finally:
+        for h in [h for h in root.handlers if h.get_name() == logs.HANDLER_NAME]:
+            root.removeHandler(h)
+        root.setLevel(before[0])
+        for h in before[1]:
+            if h not in root.handlers:
+                root.addHandler(h)
+        for name in ("ipop", "ipop.dataplane", "slixmpp", "aioice"):
+            logging.getLogger(name).setLevel(logging.NOTSET)

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from ipop.dataplane import sockfilter
 from ipop.wire import header as wh
@@ -117,3 +120,64 @@ def test_program_shape() -> None:
             assert i + 1 + jt < len(prog) and i + 1 + jf < len(prog)
     with pytest.raises(ValueError):
         sockfilter.program(b"short")
+
+
+def test_a_new_peer_passes_its_own_socket_at_once_and_the_others_once_links_settle() -> None:
+    """``Inbound.filters_changed``: the new link's socket takes the new peer set at once; the
+    other sockets only in ``refresh_due``, after ``FILTER_SETTLE`` without a change or at most
+    ``FILTER_LAG_MAX`` after the first one."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from ipop.dataplane import inbound as ib
+    from ipop.dataplane.table import ForwardingTable
+
+    table = ForwardingTable()
+    dev: Any = SimpleNamespace(tap=False, fd=-1, vnet_hdr=False, mac=None)
+    rx = ib.Inbound(dev, table, UID, on_control=lambda *a: None, on_roam=lambda *a: None)
+    own, other = (socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for s in (own, other):
+            s.bind(("127.0.0.1", 0))
+            assert rx.add_socket(s)
+            s.settimeout(0.3)
+        frame = frames(UID)[0]  # from OTHER
+        table.by_uid[OTHER] = SimpleNamespace()  # what the filters read: the links' peer UIDs
+        rx.filters_changed(own, now=100.0)
+        for s in (own, other):
+            tx.sendto(frame, s.getsockname())
+        assert received(own) == [frame] and received(other) == []
+        assert not rx.refresh_due(100.0 + ib.FILTER_SETTLE / 2)
+        rx.filters_changed(now=100.0 + ib.FILTER_SETTLE / 2)  # another change: wait on
+        assert not rx.refresh_due(100.0 + ib.FILTER_SETTLE)
+        assert rx.refresh_due(100.0 + ib.FILTER_SETTLE * 1.5)
+        assert rx.filters_stale_since is None and not rx.refresh_due(200.0)
+        tx.sendto(frame, other.getsockname())
+        assert received(other) == [frame]
+        # changes that never settle still reach every socket after FILTER_LAG_MAX
+        t = 300.0
+        rx.filters_changed(now=t)
+        while not rx.refresh_due(t):
+            t += ib.FILTER_SETTLE / 2
+            rx.filters_changed(now=t)
+        assert t - 300.0 >= ib.FILTER_LAG_MAX and t - 300.0 < ib.FILTER_LAG_MAX + ib.FILTER_SETTLE
+    finally:
+        for s in (own, other, tx):
+            s.close()
+
+
+@given(st.lists(st.binary(min_size=20, max_size=20), max_size=40), st.booleans())
+def test_assembled_program_equals_the_built_one(peers: list[bytes], channeldata: bool) -> None:
+    """``_compiled`` assembles the program from cached parts; it must equal ``program``."""
+    known = tuple(sorted(set(peers)))
+    code, count = sockfilter._compiled(UID, known, channeldata)
+    prog = sockfilter.program(UID, known, channeldata=channeldata)
+    assert count == len(prog)
+    assert code == b"".join(struct.pack("HBBI", *i) for i in prog)
+
+
+def test_assembled_program_falls_back_past_max_peers() -> None:
+    many = tuple(sorted(i.to_bytes(20, "big") for i in range(sockfilter.MAX_PEERS + 1)))
+    _code, count = sockfilter._compiled(UID, many, False)
+    assert count == len(sockfilter.program(UID, None))  # frames not checked by source UID

@@ -252,8 +252,8 @@ class DataPlane:
         """Put ``link`` into the forwarding table, replacing the peer's older link, and release
         the packets held for its addresses."""
         old = self.table.add(link)
-        if old is None:
-            self.inbound.refresh_filters()  # frames from this peer pass the kernel filter
+        if old is None:  # frames from this peer pass the kernel filter of its socket now
+            self.inbound.filters_changed(link.path.sock)
         if old is not None:
             old.closed = True
         if link.nets or (old is not None and old.nets):
@@ -265,7 +265,7 @@ class DataPlane:
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)
         if link is not None:
-            self.inbound.refresh_filters()
+            self.inbound.filters_changed()
             link.closed = True
             if link.nets:
                 self.apply_routes()
@@ -454,11 +454,19 @@ class DataPlane:
         self, sock: socket.socket, data: bytes, addr: tuple[str, int], channel: int | None,
         link: Link | None,
     ) -> None:
-        ev = Event("control_datagram", {
-            "sock": sock, "data": data, "addr": addr, "channel": channel,
-            "peer_uid": link.peer_uid if link else None,
-        })
-        self.call_soon(self.on_event, ev)
+        def deliver() -> None:  # control thread
+            found = link
+            if found is None:
+                # read before the control thread put a link on this path: a socket is adopted
+                # just before its link is made, and a DTLS flight queued in it meanwhile must
+                # reach the new link's handshake (it would wait 1 s for a retransmission)
+                found = self.table.by_source.get((sock.fileno(), addr, channel))
+            self.on_event(Event("control_datagram", {
+                "sock": sock, "data": data, "addr": addr, "channel": channel,
+                "peer_uid": found.peer_uid if found else None,
+            }))
+
+        self.call_soon(deliver)
 
     def _on_confirm(self, link: Link) -> None:
         """Poll thread: the peer of a plain link sent its first frame after our handshake."""
@@ -488,6 +496,7 @@ class DataPlane:
         that heard nothing for ``DOWN_PERIODS`` periods is reported down: with an unanswered
         probe per period, it leaves ``up`` within 4 periods."""
         now = time.monotonic() if now is None else now
+        self.inbound.refresh_due(now)
         period = self.keepalive_seconds
         for link in self.table.links:
             if link.verify_by and self._verifying(link, now):

@@ -31,9 +31,10 @@ splits; the packets of a batch that continue one TCP flow are merged again into 
 (``coalesce``) and written with a ``virtio_net_hdr`` in one ``writev`` each.  Without a vnet
 header on the device, partial inner packets (frame type 0x84) get their checksums completed.
 Ordering: one socket is drained in order and batches are written in order, so a flow's order holds.
-Backpressure: slabs are bounded; when the writer falls behind, the poll thread waits for a free slab
-and the kernel's socket buffers absorb the burst (and drop, if they must) — a slow TUN write never
-blocks the control thread and never grows memory.
+Backpressure: slabs are bounded (``SLABS``, made only as bursts need them); when the writer falls
+behind, the poll thread waits for a free slab and the kernel's socket buffers absorb the burst
+(and drop, if they must) — a slow TUN write never blocks the control thread and never grows
+memory past ``SLABS`` slabs.
 Buffers: a slab is lent to the writer with its batch and comes back once every packet in it is
 written; plain payloads are memoryviews into it, opened (decrypted) payloads are new bytes.
 """
@@ -81,9 +82,13 @@ Pkt = bytes | bytearray | memoryview
 Batch = tuple[bytearray, list[Any], bool]
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
-SLABS = 32
+SLABS = 32  # slabs at most; made as bursts need them (``_take_slab``)
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
+# a change of the links' peers reaches the filters of the other sockets (``filters_changed``)
+# once the links have stayed the same this long, or at the latest after FILTER_LAG_MAX
+FILTER_SETTLE = 0.5
+FILTER_LAG_MAX = 2.0
 UNKNOWN_CONTROL_RATE = 500.0  # STUN/DTLS datagrams a second from no link's path, at most
 UNKNOWN_CONTROL_BURST = 200.0
 
@@ -123,9 +128,10 @@ class Inbound:
         self.drops: collections.Counter[str] = collections.Counter()
         self.free: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
         self.gro = dev.vnet_hdr  # receive trains (UDP_GRO) and write super-packets
-        slab_size = RECV_BUFFER * GRO_SLOTS if self.gro else SLOT * SLOTS_PER_SLAB
-        for _ in range(SLABS):
-            self.free.put(bytearray(slab_size))
+        self.slab_size = RECV_BUFFER * GRO_SLOTS if self.gro else SLOT * SLOTS_PER_SLAB
+        # slabs made so far: a new one only when none is free (a zeroed slab is 128-256 KB of
+        # touched memory; all 32 up front were 4-8 MB per node that an idle node never used)
+        self.slabs = 0
         self.work: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         # links whose held early frames (``LinkReceiver.early``) may open now: the control
         # thread puts them here and writes the wake pipe (``DataPlane.release_early``)
@@ -139,6 +145,8 @@ class Inbound:
         self.sources = SourceCheck(dev, table, self.drops)  # cryptokey routing
         self.unknown_control = TokenBucket(UNKNOWN_CONTROL_RATE, UNKNOWN_CONTROL_BURST)
         self.socket_filter = True  # every socket so far took the kernel filter
+        self.filters_stale_since: float | None = None  # a peer change not yet on every socket
+        self.filters_changed_at = 0.0
         self.kernel_drops_gone = 0
         # the TUN writer: writes batches the poll thread hands over (``_hand_over``)
         self.tun_writer = threading.Thread(target=self._write_loop, name="ipop-tun-write",
@@ -168,11 +176,40 @@ class Inbound:
         return True
 
     def refresh_filters(self) -> None:
-        """The links changed: frames may come from their peers' UIDs (``sockfilter``)."""
+        """Every socket's filter takes the links' peers now: frames may come from their UIDs
+        (``sockfilter``)."""
+        self.filters_stale_since = None
         peers = list(self.table.by_uid)
         for sock in list(self.socks.values()):
             if not sockfilter.attach(sock, self.uid, peers):
                 self.socket_filter = False
+
+    def filters_changed(self, sock: socket.socket | None = None,
+                        now: float | None = None) -> None:
+        """The links' peers changed (a link added or removed).  ``sock``, a new link's socket,
+        takes the new filter at once, so its peer's frames pass; the other sockets take it in
+        ``refresh_due`` once the links settle.  (A mesh coming up changes its peers once per new
+        link: re-attaching every socket's filter each time made N² attaches of an N-peer
+        program, about a tenth of a 32-node mesh's set-up CPU.)  Until then a removed peer's
+        frames reach Python, which drops them as from no link, and a new peer's frames pass on
+        its own link's socket."""
+        now = time.monotonic() if now is None else now
+        if (sock is not None and sock.fileno() in self.socks
+                and not sockfilter.attach(sock, self.uid, list(self.table.by_uid))):
+            self.socket_filter = False
+        self.filters_changed_at = now
+        if self.filters_stale_since is None:
+            self.filters_stale_since = now
+
+    def refresh_due(self, now: float) -> bool:
+        """Refresh every socket's filter if a peer change waited long enough (control thread,
+        each tick); True if it did."""
+        since = self.filters_stale_since
+        if since is None or (now - self.filters_changed_at < FILTER_SETTLE
+                             and now - since < FILTER_LAG_MAX):
+            return False
+        self.refresh_filters()
+        return True
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped on our sockets (filter and full queues), and on those
@@ -203,8 +240,20 @@ class Inbound:
         if self.on_confirm is not None:
             self.on_confirm(link)
 
+    def _take_slab(self) -> bytearray:
+        """A free slab (poll thread): one given back, else a new one while fewer than ``SLABS``
+        exist, else wait for the writer to give one back."""
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            pass
+        if self.slabs < SLABS:
+            self.slabs += 1
+            return bytearray(self.slab_size)
+        return self.free.get()
+
     def _drain(self, sock: socket.socket) -> None:
-        slab = self.free.get()
+        slab = self._take_slab()
         view = memoryview(slab)
         self.drained = False
         batch = _Gather(self)
@@ -230,7 +279,7 @@ class Inbound:
             if not held or link.closed:
                 continue
             now = time.monotonic()
-            slab = self.free.get()
+            slab = self._take_slab()
             batch = _Gather(self)
             self.replaying = True
             try:

@@ -160,13 +160,43 @@ def program(uid: bytes, peers: Iterable[bytes] | None = None, *,
     return p.build()
 
 
+INSN_SIZE = struct.calcsize("HBBI")  # struct sock_filter
+PEER_BLOCK = 11  # instructions in a peer's block of ``program``: 5 x (load, compare), accept
+
+
+def _pack(prog: list[Insn]) -> bytes:
+    return b"".join(struct.pack("HBBI", *i) for i in prog)
+
+
+@functools.lru_cache(maxsize=8)
+def _head(uid: bytes, channeldata: bool) -> bytes:
+    """``program(uid, [])`` packed, less its last instruction (``RET DROP``): what comes before
+    the peers' blocks."""
+    return _pack(program(uid, [], channeldata=channeldata)[:-1])
+
+
+@functools.lru_cache(maxsize=MAX_PEERS * 2)
+def _peer_block(peer: bytes) -> bytes:
+    """One peer's block of ``program`` packed: its jumps lead only to the next block, so the
+    block is the same wherever it stands."""
+    return _pack(program(bytes(UID_LEN), [peer])[-PEER_BLOCK - 1:-1])
+
+
+_RET_DROP = _pack([(RET, 0, 0, DROP)])
+
+
 @functools.lru_cache(maxsize=8)
 def _compiled(uid: bytes, peers: tuple[bytes, ...] | None, channeldata: bool) -> tuple[bytes, int]:
-    """The program packed for the kernel, and its length in instructions: built once per peer
-    set (every socket of a node gets the same one, and a mesh's set-up refreshes them all on each
-    new link)."""
-    prog = program(uid, peers, channeldata=channeldata)
-    return b"".join(struct.pack("HBBI", *i) for i in prog), len(prog)
+    """The program packed for the kernel, and its length in instructions: the same as packing
+    ``program``, but assembled from cached parts (the head and one block per peer), so a mesh
+    whose peer set grows by one with each new link does not build N programs of N peers."""
+    if peers is None or len(peers) > MAX_PEERS or any(len(u) != UID_LEN for u in peers):
+        prog = program(uid, peers, channeldata=channeldata)
+        return _pack(prog), len(prog)
+    if len(uid) != UID_LEN:
+        raise ValueError("uid must be 20 bytes")
+    code = b"".join([_head(uid, channeldata), *map(_peer_block, peers), _RET_DROP])
+    return code, len(code) // INSN_SIZE
 
 
 def attach(sock: socket.socket, uid: bytes, peers: Iterable[bytes] | None = None) -> bool:

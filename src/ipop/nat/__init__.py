@@ -11,3 +11,7 @@
 
 Import ``ipop.nat.ice`` lazily: it pulls in aioice (about 0.2 s).
 """
+
+from ipop.nat import lazy_mdns
+
+lazy_mdns.install()  # aioice without dnspython unless an mDNS name is ever resolved
