@@ -9,7 +9,8 @@ receiver counts and logs, never a crash.
 
 control -> shard::
 
-    init    shard, shards, generation, uid, mtu, tap, offload, whole_trains   fds: TUN queue, socket
+    init    shard, shards, generation, uid, mtu, tap, offload, whole_trains,
+            ip4, prefixlen, ip6 (the overlay: TAP source checks)    fds: TUN queue, socket
     link    peer, ip4, ip6, mac, encrypted, nets, trains_off, authed,
             addr, channel, kind, group                      fds: the path's socket unless group
     unlink  peer
@@ -107,7 +108,8 @@ UID = _hex(20, 20)
 SCHEMAS: dict[str, dict[str, Check]] = {
     "init": {"shard": _int(1, 7), "shards": _int(2, 8), "generation": _int(0, 255),
              "uid": UID, "mtu": _int(576, 9000), "tap": _bool, "offload": _bool,
-             "whole_trains": _bool},
+             "whole_trains": _bool, "ip4": _str(15), "prefixlen": _int(0, 32),
+             "ip6": _opt(_str(64))},
     "link": {"peer": UID, "ip4": _opt(_hex(4, 4)), "ip6": _opt(_hex(16, 16)),
              "mac": _opt(_hex(6, 6)), "encrypted": _bool,
              "nets": _list(_str(64), 256), "trains_off": _str(64), "authed": _bool,
@@ -122,7 +124,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
     "miss": {"dst": _hex(4, 16), "packet": _hex(1, 9000)},
     "roam": {"peer": UID, "host": _str(64), "port": _int(1, 65535)},
 }
-FDS = {"init": 2, "link": (0, 1)}  # how many descriptors come with a message
+FDS = {"init": (1, 2), "link": (0, 1)}  # how many descriptors come with a message
 
 
 def encode(msg: dict[str, Any]) -> bytes:

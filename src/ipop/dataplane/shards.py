@@ -61,7 +61,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipop.crypto.aead import Opener, Sealer, Suite
+from ipop.crypto.aead import OVERHEAD, Opener, Sealer, Suite
 from ipop.dataplane import shardmsg as sm
 from ipop.dataplane import tun
 from ipop.errors import AuthError, LocalProtocolError, RemoteProtocolError
@@ -86,7 +86,6 @@ class ShardSession:
         self.first = generation << GENERATION_SHIFT
         self._sealer: Sealer | None = None
         self._openers: dict[int, Opener] = {}
-        self.rx_drops: collections.Counter[str] = collections.Counter()
 
     @property
     def ready(self) -> bool:
@@ -131,7 +130,7 @@ class ShardSession:
 
     def open(self, aad: bytes | memoryview, sealed: bytes | memoryview,
              out: bytearray | memoryview | None = None) -> bytes | memoryview:
-        if len(sealed) < 25:
+        if len(sealed) < OVERHEAD:
             raise AuthError("sealed payload truncated", reason="truncated")
         opener = self._openers.get(sealed[0])
         if opener is None:
@@ -160,7 +159,8 @@ class ShardProcess:
         offload = bool(init["offload"])
         dev = tun.Device(fd=fds[0], name="shard", tap=bool(init["tap"]), vnet_hdr=offload)
         self.dp = DataPlane(
-            uid=bytes.fromhex(init["uid"]), interface="", ip4="0.0.0.0", prefixlen=32,
+            uid=bytes.fromhex(init["uid"]), interface="", ip4=init["ip4"],
+            prefixlen=int(init["prefixlen"]), ip6=init["ip6"],
             mtu=int(init["mtu"]), tap=bool(init["tap"]), ondemand_queue=0, offload=offload,
             whole_trains=bool(init["whole_trains"]), on_event=self._on_event,
             call_soon=self._call_soon, queue=dev, shard=self.shard,
@@ -324,11 +324,7 @@ class ShardProcess:
         links = {}
         for link in self.dp.links:
             st = link.stats
-            session = link.session
             rx_drops = {k: int(v) for k, v in st.rx_drops.items()}
-            if isinstance(session, ShardSession):
-                for k, v in session.rx_drops.items():
-                    rx_drops[k] = rx_drops.get(k, 0) + v
             links[link.peer_uid.hex()] = {
                 "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes,
                 "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes,
@@ -439,6 +435,7 @@ class ShardManager:
             "op": "init", "shard": child.index, "shards": self.shards,
             "generation": child.generation, "uid": dp.uid.hex(), "mtu": dp.mtu,
             "tap": dp.tap, "offload": dp.dev.vnet_hdr, "whole_trains": dp.whole_trains,
+            "ip4": dp.ip4, "prefixlen": dp.prefixlen, "ip6": dp.ip6,
         }, fds)
         with self._sel_lock:
             self._sel.register(parent_end, selectors.EVENT_READ, child)
