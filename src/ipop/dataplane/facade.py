@@ -317,9 +317,13 @@ class DataPlane:
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
                 self._release_held(addr, link)
+        if self.shards is not None:
+            self.shards.sync()  # the shards get the link now, not at the next tick
 
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)
+        if self.shards is not None:
+            self.shards.sync()
         if link is not None:
             self.inbound.refresh_filters()
             link.closed = True

@@ -193,7 +193,7 @@ class ShardProcess:
     def _send(self, msg: dict[str, Any]) -> None:
         try:
             sm.send(self.chan, msg)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, sm.MalformedMessage) as exc:
             if self._log_bucket.take(time.monotonic()):
                 log.warning("shard %d: cannot report %s: %s", self.shard, msg["op"], exc)
 
@@ -328,7 +328,8 @@ class ShardProcess:
             links[link.peer_uid.hex()] = {
                 "tx_packets": st.tx_packets, "tx_bytes": st.tx_bytes,
                 "rx_packets": st.rx_packets, "rx_bytes": st.rx_bytes,
-                "rx_age": round(now - st.last_rx_mono, 3) if st.rx_packets else None,
+                # (the poll thread may have heard the peer since ``now`` was read)
+                "rx_age": round(max(0.0, now - st.last_rx_mono), 3) if st.rx_packets else None,
                 "rx_drops": rx_drops, "tx_drops": {k: int(v) for k, v in st.tx_drops.items()},
             }
         return {"op": "counters", "tun_read_packets": int(c["tun_read_packets"]),
