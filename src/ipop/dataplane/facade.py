@@ -544,8 +544,18 @@ class DataPlane:
             self.shards.push_keys(link)
 
     def on_shard_miss(self, dst: bytes, pkt: bytes) -> None:
-        """Control thread: a shard read a packet for a destination with no link."""
-        self._on_miss(dst, pkt)
+        """Control thread: a shard read a packet for a destination it has no link for.  The
+        link may exist here already (the shard gets it at the next push): then it goes out on
+        this copy of the link; else it is held and reported as a miss read here would be."""
+        link = self.table.route(dst) if len(dst) in (4, 16) else None
+        if link is None or link.closed:
+            self._on_miss(dst, pkt)
+        elif link.xlat is not None:
+            view = bytearray(pkt)
+            link.xlat.tx(view)
+            link.tx.send_packet(view)
+        else:
+            link.tx.send_packet(pkt)
 
     def on_shard_roam(self, peer_uid: bytes, addr: tuple[str, int]) -> None:
         """Control thread: a shard took an authenticated frame of ``peer_uid`` from ``addr``

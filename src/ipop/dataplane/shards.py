@@ -267,6 +267,8 @@ class ShardProcess:
             if link is not None and isinstance(link.session, ShardSession):
                 link.session.install(Suite(msg["suite"]), msg["tx"], msg["rx"])
                 dp.release_early(link)
+                if link.usable:
+                    link.tx.flush_pending()  # what this shard read before it had the keys
         else:
             self.bad_messages["msg_unexpected"] += 1
             for fd in fds:
@@ -312,6 +314,8 @@ class ShardProcess:
             if nets != link.nets:
                 dp.set_link_nets(peer, nets)
         link.authed = msg["authed"]
+        if link.usable:
+            link.tx.flush_pending()  # what this shard read before the link was proven
         if old_sock is not None and old_sock is not sock:
             old_sock.close()
 
