@@ -44,6 +44,7 @@ KNOWN_IGNORED = {"stat_report"}
 # coerced (allow_insecure_signaling is listed here whether or not this build knows the key)
 STRICT_BOOL_KEYS = frozenset({"sec", "require_encryption", "allow_insecure_signaling"})
 STRICT_STR_KEYS = frozenset({"xmpp_tls"})
+MAX_WORKERS = 8  # the frame type byte has room for shard numbers 0..7
 TYPO_DISTANCE = 2  # an unknown key this close to a known one is a typo: an error
 
 
@@ -167,6 +168,8 @@ class Config(BaseModel):
     offload: bool = True
     whole_trains: bool = True
     rekey_seconds: Annotated[float, Field(ge=5, le=86400)] = 120.0
+    workers: int | Literal["auto"] = Field(
+        default="auto", description='data-plane shards: "auto" (resolve_workers) or 1..8')
     keepalive_seconds: Annotated[float, Field(gt=0, le=300)] = 10.0
     ondemand_queue: Annotated[int, Field(ge=0, le=4096)] = 64
     log_format: Literal["text", "json"] = "text"
@@ -184,6 +187,15 @@ class Config(BaseModel):
     snat_routes: bool = Field(
         default=False, description="masquerade traffic this node forwards from the overlay "
         "to its advertised routes")
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> Any:
+        if v == "auto" and isinstance(v, str):
+            return v
+        if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_WORKERS:
+            return v
+        raise ValueError(f'must be "auto" or a whole number from 1 to {MAX_WORKERS}')
 
     @field_validator("advertise_routes")
     @classmethod
@@ -432,6 +444,17 @@ def parse_endpoint(text: str, default_port: int | None = None) -> tuple[str, int
     if not 0 < port < 65536:
         raise ValueError(f"{text!r} port out of range")
     return host, port
+
+
+def resolve_workers(workers: int | str, cpus: int | None = None) -> int:
+    """The number of data-plane shards ``workers`` asks for on a machine with ``cpus`` cores
+    (default: this one's).  ``auto`` is 1 whatever the core count: on 2 cores a second shard
+    only takes CPU from the first (measured: README, "Shards"), and shards read the shared port
+    without GRO, so a gain on more cores is not shown yet; ``workers: N`` asks for N."""
+    if isinstance(workers, int):
+        return workers
+    del cpus  # kept for the day more cores are measured to win
+    return 1
 
 
 def _error_key(err: Any) -> str:

@@ -28,8 +28,9 @@ from ipop import logs, memory, routing, statedir
 from ipop import reload as rl
 from ipop.api import status as st
 from ipop.api.server import ControlServer
-from ipop.config import Config, Peer, parse_endpoint
+from ipop.config import Config, Peer, parse_endpoint, resolve_workers
 from ipop.crypto import identity as ident
+from ipop.crypto.session import is_client_for
 from ipop.crypto.verdict import Confirmation
 from ipop.dataplane.facade import DataPlane, Event
 from ipop.dataplane.keying import Keying
@@ -45,6 +46,7 @@ from ipop.wire.prefixes import Net
 
 log = logging.getLogger("ipop.node")
 TICK = 0.25
+REKEY_REQUEST_GAP = 5.0  # seconds between two honoured rekey requests of one peer
 CALM_EVERY = 4
 SETTLE_SECONDS = 3.0  # calm this long after set-up work: the freed heap goes back
 TRIM_GAP = 60.0  # seconds between two such returns at least
@@ -88,6 +90,7 @@ class Node:
         self.link_hooks: list[Callable[[str, str], None]] = []
         self.fatal: BaseException | None = None
         self._activity: dict[bytes, tuple[int, float]] = {}
+        self._rekey_asked: dict[bytes, float] = {}  # peer UID -> when its request was honoured
         self._ticks = 0
         self._busy_at = time.monotonic()  # start-up counts as busy: trim once it settles
         self._trimmed_at = -TRIM_GAP
@@ -145,6 +148,7 @@ class Node:
             ondemand_queue=cfg.ondemand_queue, keepalive_seconds=cfg.keepalive_seconds,
             offload=cfg.offload, whole_trains=cfg.whole_trains,
             on_event=self.on_dataplane_event, call_soon=self.loop.call_soon_threadsafe,
+            workers=resolve_workers(cfg.workers),
         )
         if cfg.listen_port:
             self.listen_sock = self.dp.open_listen_socket(cfg.listen_port)
@@ -575,6 +579,26 @@ class Node:
     def _keys_in(self, link: Link) -> None:
         if self.dp is not None:
             self.dp.release_early(link)
+            self.dp.push_keys(link)
+
+    def _rekey(self, kind: str, peer_uid: bytes) -> None:
+        """Shards: a link needs keys made from now on (``rekey_needed``: this end starts a
+        handshake if it is the DTLS client, else asks the peer to), or the peer asked for them
+        (``rekey_request``, sealed: honoured at most once per ``REKEY_REQUEST_GAP`` per link)."""
+        if self.dp is None or self.keying is None:
+            return
+        link = self.dp.link(peer_uid)
+        if link is None or not link.encrypted:
+            return
+        now = time.monotonic()
+        if kind == "rekey_request":
+            if now - self._rekey_asked.get(peer_uid, -REKEY_REQUEST_GAP) < REKEY_REQUEST_GAP:
+                return
+            self._rekey_asked[peer_uid] = now
+        if is_client_for(self.dp.uid, peer_uid):
+            self.keying.rekey(link, now)
+        elif kind == "rekey_needed":
+            self.dp.ask_rekey(link)
 
     def stop_security(self, link: Link) -> None:
         """Forget a removed link's keys."""
@@ -609,6 +633,9 @@ class Node:
     # ---- data plane events (control thread)
     def on_dataplane_event(self, ev: Event) -> None:
         try:
+            if ev.kind in ("rekey_needed", "rekey_request"):
+                self._rekey(ev.kind, ev.data["peer_uid"])
+                return
             if self.controller is not None and self.controller.on_dataplane_event(ev):
                 return
             if ev.kind == "confirmed":

@@ -40,7 +40,7 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
     for name, system in doc["systems"].items():
         assert system["mtu"] > 0 and system["up_seconds"] >= 0, name
         res = system["links"]["veth"]
-        for key in ("tcp1_mbit", "tcp4_mbit", "ping_avg_ms", "ping_p50_ms",
+        for key in ("tcp1_mbit", "tcp4_mbit", "tcp8_mbit", "ping_avg_ms", "ping_p50_ms",
                     *(f"loss{pct}_mbit" for pct in doc["losses"])):
             assert isinstance(res[key], float) and res[key] > 0, (name, key, res[key])
         assert [p["size"] for p in res["sweep"]] == doc["sizes"], name
@@ -56,6 +56,7 @@ def test_bench_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None
             assert all(v >= 0 for v in system["idle_cpu_pct"].values()), name
         else:
             assert res["cpu_pct"] == {} and system["idle_cpu_pct"] is None
+    assert doc["workers"] >= 1 and doc["workers_asked"] == "auto"
     assert doc["systems"]["ipop-enc"]["security"] == "dtls"
     assert doc["systems"]["ipop-plain"]["security"] == "none"
     assert any(t["system"] == "ipop-enc" for t in doc["targets"])

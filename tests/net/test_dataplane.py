@@ -201,11 +201,12 @@ def test_lost_datagrams_turn_trains_into_segments(testbed, tmp_path, sec):
     transfer(a.host, b.host, b.config["ip4"], 4_000_000)
 
 
-def test_mixed_tcp_udp_icmp_and_ipv6(testbed, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-shard", "two-shards"])
+def test_mixed_tcp_udp_icmp_and_ipv6(testbed, tmp_path, workers):
     hosts = [testbed.add_host(f"h{i + 1}") for i in range(2)]
     lan = testbed.add_lan("lan", hosts)
     nodes = static_mesh(hosts, tmp_path, underlay=[lan.members[h.name] for h in hosts],
-                        extra={"sec": True})
+                        extra={"sec": True, "workers": workers})
     for i, node in enumerate(nodes):
         node.config["ip6"] = f"2001:db8::{i + 1}/64"
         for peer in node.config["peers"]:

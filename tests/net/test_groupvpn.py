@@ -46,8 +46,12 @@ def linked(a, b) -> bool:
     return link is not None and link["state"] == "up"
 
 
-def test_four_nodes_proactive_all_pairs_ping(world: World):
-    nodes = [world.node(u, f"100.64.1.{i + 1}", group="four") for i, u in enumerate(GROUPS["four"])]
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-shard", "two-shards"])
+def test_four_nodes_proactive_all_pairs_ping(world: World, workers: int):
+    # two shards: links on ICE's sockets, which shard 0 receives and every shard sends on
+    nodes = [world.node(u, f"100.64.1.{i + 1}", group="four", workers=workers,
+                        host=world.host(f"{u}-w2") if workers == 2 else None)
+             for i, u in enumerate(GROUPS["four"])]
     start_all(nodes)
     for a, b in itertools.permutations(nodes, 2):
         wait_for(lambda a=a, b=b: linked(a, b), timeout=20, what=f"{a.name}->{b.name} link")
@@ -81,10 +85,13 @@ def test_setup_time_median_of_five(world: World):
     assert med < 10
 
 
-def test_on_demand_queues_trims_and_recreates(world: World):
-    extra = {"on-demand_connection": True, "on-demand_inactive_timeout": 3}
-    a = world.node("o1", "100.64.2.1", group="od", **extra)
-    b = world.node("o2", "100.64.2.2", group="od", **extra)
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-shard", "two-shards"])
+def test_on_demand_queues_trims_and_recreates(world: World, workers: int):
+    # two shards: a miss read by shard 1 is held by the control process
+    extra = {"on-demand_connection": True, "on-demand_inactive_timeout": 3, "workers": workers}
+    hosts = ([None, None] if workers == 1 else [world.host("o1-w2"), world.host("o2-w2")])
+    a = world.node("o1", "100.64.2.1", group="od", host=hosts[0], **extra)
+    b = world.node("o2", "100.64.2.2", group="od", host=hosts[1], **extra)
     start_all([a, b])
     wait_for(lambda: len(a.status()["peers"]) == 1 and a.status()["peers"][0]["online"]
              and a.status()["peers"][0]["overlay_ip"] == "100.64.2.2", timeout=15,

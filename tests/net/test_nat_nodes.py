@@ -68,19 +68,27 @@ def path_kind(a, b) -> str:
     return link["path"]
 
 
-@pytest.mark.parametrize(("ka", "kb", "expect"), [
-    (None, None, {"host"}),
-    ("cone", "cone", {"srflx", "prflx"}),
-    ("symmetric", "symmetric", {"relay"}),
-    ("cone", "symmetric", DIRECT | {"relay"}),
+@pytest.mark.parametrize(("ka", "kb", "expect", "workers"), [
+    (None, None, {"host"}, 1),
+    ("cone", "cone", {"srflx", "prflx"}, 1),
+    ("symmetric", "symmetric", {"relay"}, 1),
+    ("cone", "symmetric", DIRECT | {"relay"}, 1),
+    # two shards, encrypted: a relayed link is received by shard 0, and every shard sends
+    # through the relay (4 streams, spread over the TUN queues)
+    ("symmetric", "symmetric", {"relay"}, 2),
 ])
-def test_path_choice_ping_and_iperf(world, ka, kb, expect):
-    a, b = pair(world, ka, kb)
+def test_path_choice_ping_and_iperf(world, ka, kb, expect, workers):
+    a, b = pair(world, ka, kb, workers=workers, **({"sec": True} if workers > 1 else {}))
     assert path_kind(a, b) in expect and path_kind(b, a) in expect
     assert ping(b.host, a.config["ip4"], count=2)
-    result = iperf3(a.host, b.host, b.config["ip4"], seconds=2)
+    result = iperf3(a.host, b.host, b.config["ip4"], seconds=2,
+                    extra=["-P", "4"] if workers > 1 else None)
     print(f"{ka}<->{kb} path {path_kind(a, b)}: {gbits(result):.3f} Gbit/s")
     assert gbits(result) > 0.005
+    if workers > 1:
+        shard = a.status()["node"]["counters"]["shards"][0]
+        assert shard["alive"] and shard["restarts"] == 0
+        assert a.link_to(b)["security"] == "dtls"
 
 
 def test_nat_mapping_flush_recovers(world):

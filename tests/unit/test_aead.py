@@ -26,19 +26,19 @@ KEY = bytes(range(32))
 SALT = bytes.fromhex("a0a1a2a3")
 AAD = bytes([0x81]) + bytes(range(1, 21)) + bytes(range(101, 121))  # type, src UID, dst UID
 EPOCH = 7
-COUNTER = 0x0102030405060708
+COUNTER = 0x0002030405060708  # top byte 0: shard 0's counter range
 PLAINTEXT = b"hello, overlay"
 
 VECTORS = {
     Suite.AES_256_GCM: (
-        "070102030405060708"
-        "9e9f2ec89b975a7630037a9fb70c"
-        "e10f8314b35e0074fbb887393f8c5385"
+        "070002030405060708"
+        "df437c4c23715f00793cd683072e"
+        "8e2ef1feef7fe286921ae038117db82c"
     ),
     Suite.CHACHA20_POLY1305: (
-        "070102030405060708"
-        "c1462bef26900ff8d0596952fb9d"
-        "43a8ccc2b707c44374a6bf7296c62f63"
+        "070002030405060708"
+        "5c9bb16fc6f19c89255c5e4726ef"
+        "019ad7859afc9788f70103cbbbc41e45"
     ),
 }
 
@@ -94,13 +94,16 @@ def test_every_bit_flip_fails() -> None:
         bad[i // 8] ^= 1 << (i % 8)
         with pytest.raises(AuthError) as info:
             Opener(KEY, SALT, EPOCH).open(AAD, bytes(bad))
-        assert info.value.reason == ("unknown_epoch" if i < 8 else "bad_tag")
+        # a flip in the counter's top byte names another shard than the type byte does
+        expected = ("unknown_epoch" if i < 8 else "shard_mismatch" if i < 16 else "bad_tag")
+        assert info.value.reason == expected
     for i in range(len(AAD) * 8):
         bad_aad = bytearray(AAD)
         bad_aad[i // 8] ^= 1 << (i % 8)
         with pytest.raises(AuthError) as info:
             Opener(KEY, SALT, EPOCH).open(bytes(bad_aad), sealed)
-        assert info.value.reason == "bad_tag"
+        # the type byte's shard bits (3..5) must name the counter's shard
+        assert info.value.reason == ("shard_mismatch" if i in (3, 4, 5) else "bad_tag")
 
 
 def test_wrong_key_or_salt_fails() -> None:
@@ -144,11 +147,23 @@ def test_replay_fails_and_forgery_does_not_move_window() -> None:
 
 
 def test_counter_exhaustion() -> None:
-    sealer = Sealer(KEY, SALT, EPOCH, first_counter=2**64 - 2)
+    # each shard owns 2**56 counters; shard 7's last one is 8 * 2**56 - 1
+    aad7 = bytes([0x81 | 7 << 3]) + AAD[1:]
+    sealer = Sealer(KEY, SALT, EPOCH, first_counter=2**56 - 1, shard=7)
     opener = Opener(KEY, SALT, EPOCH)
-    assert opener.open(AAD, sealer.seal(AAD, b"last")) == b"last"
+    last = sealer.seal(aad7, b"last")
+    assert int.from_bytes(last[1:9], "big") == 8 * 2**56 - 1
+    assert opener.open(aad7, last) == b"last"
     with pytest.raises(LocalProtocolError) as info:
-        sealer.seal(AAD, b"one too many")
+        sealer.seal(aad7, b"one too many")
+    assert info.value.reason == "counter_exhausted"
+
+
+def test_shard_zero_ends_below_shard_one() -> None:
+    sealer = Sealer(KEY, SALT, EPOCH, first_counter=2**56 - 1)
+    assert Opener(KEY, SALT, EPOCH).open(AAD, sealer.seal(AAD, b"x")) == b"x"
+    with pytest.raises(LocalProtocolError) as info:
+        sealer.seal(AAD, b"into shard 1's range")
     assert info.value.reason == "counter_exhausted"
 
 
@@ -213,7 +228,37 @@ def test_choose_suite_without_cpuinfo(tmp_path: Path) -> None:
 )
 def test_property_round_trip(suite: Suite, aad: bytes, plaintext: bytes, epoch: int) -> None:
     sealer, opener = pair(suite, epoch)
+    aad = aad[:1] and bytes([aad[0] & ~0x38]) + aad[1:]  # a type byte of shard 0
     assert opener.open(aad, sealer.seal(aad, plaintext)) == plaintext
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shards=st.lists(st.integers(0, 7), min_size=1, max_size=40),
+    other=st.integers(0, 7),
+)
+def test_property_shards_partition_nonces_and_windows(shards: list[int], other: int) -> None:
+    """Every shard seals under the same key from its own counter range; one Opener opens them
+    all in any interleaving (a window per sending shard), refuses each payload a second time,
+    and refuses it under a type byte that names another shard."""
+    sealers = {s: Sealer(KEY, SALT, EPOCH, shard=s) for s in range(8)}
+    opener = Opener(KEY, SALT, EPOCH)
+    nonces = set()
+    for s in shards:
+        aad = bytes([0x81 | s << 3]) + AAD[1:]
+        sealed = sealers[s].seal(aad, b"p")
+        counter = int.from_bytes(sealed[1:9], "big")
+        assert counter >> 56 == s and counter not in nonces
+        nonces.add(counter)
+        if other != s:
+            with pytest.raises(AuthError) as info:
+                opener.open(bytes([0x81 | other << 3]) + AAD[1:], sealed)
+            assert info.value.reason == "shard_mismatch"
+        assert opener.open(aad, sealed) == b"p"
+        with pytest.raises(AuthError) as info:
+            opener.open(aad, sealed)
+        assert info.value.reason == "replay"
+    assert set(opener.windows) == {0} | set(shards)
 
 
 @settings(max_examples=150, deadline=None)

@@ -30,8 +30,28 @@ def test_parse_errors_name_their_reason():
         wh.parse(b"\x80" + SRC)
     assert e.value.reason == "truncated"
     with pytest.raises(MalformedFrame) as e:
-        wh.parse(b"\x9f" + SRC + DST)
+        wh.parse(bytes([0xC0]) + SRC + DST)  # bit 6 set: no type, whatever the shard bits
     assert e.value.reason == "unknown_type"
+
+
+def test_shard_bits_vectors():
+    # 0x80 | shard << 3 | type: shard 3's sealed train is 0x9f, shard 7's data 0xb8
+    assert wh.pack(wh.T_TRAIN_SEALED, SRC, DST, 3)[0] == 0x9F
+    assert wh.pack(wh.T_DATA, SRC, DST, 7)[0] == 0xB8
+    assert (wh.frame_type(0x9F), wh.shard_of(0x9F)) == (wh.T_TRAIN_SEALED, 3)
+    assert wh.with_shard(0x81, 5) == 0xA9 and wh.with_shard(0xA9, 0) == 0x81
+    hdr, _ = wh.parse(bytes([0x9F]) + SRC + DST)
+    assert hdr.type == wh.T_TRAIN_SEALED  # parse hands back the type without shard bits
+    with pytest.raises(LocalProtocolError):
+        wh.with_shard(0x80, 8)
+
+
+def test_every_shard_and_type_stays_an_ipop_frame():
+    for shard in range(wh.MAX_SHARDS):
+        for ftype in wh.KNOWN_TYPES:
+            byte = wh.with_shard(ftype, shard)
+            assert wh.KIND_BY_FIRST_BYTE[byte] is wh.Kind.OVERLAY
+            assert (wh.frame_type(byte), wh.shard_of(byte)) == (ftype, shard)
 
 
 def test_pack_refuses_bad_input():

@@ -216,8 +216,9 @@ def test_policy_holds_off_and_doubles() -> None:
 
 def test_keepalive_carries_train_loss_reports() -> None:
     assert wk.parse(wk.pack(wk.OP_TRAIN_LOSS, 3)) == (wk.OP_TRAIN_LOSS, 3)
+    assert wk.parse(struct.pack("!BQ", 3, 0)) == (wk.OP_REKEY, 0)  # op 3: a rekey request
     with pytest.raises(MalformedFrame):
-        wk.parse(struct.pack("!BQ", 3, 0))
+        wk.parse(struct.pack("!BQ", 4, 0))
 
 
 def test_a_gap_in_train_numbers_counts_whole_trains_lost() -> None:

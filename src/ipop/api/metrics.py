@@ -96,10 +96,10 @@ class NodeCollector(Collector):
         for link in links:
             uid = link.peer_uid.hex()
             s = link.stats
-            rx_b.add_metric([uid], s.rx_bytes)
-            tx_b.add_metric([uid], s.tx_bytes)
-            rx_p.add_metric([uid], s.rx_packets)
-            tx_p.add_metric([uid], s.tx_packets)
+            rx_b.add_metric([uid], s.total("rx_bytes"))  # with the shards' copies (workers)
+            tx_b.add_metric([uid], s.total("tx_bytes"))
+            rx_p.add_metric([uid], s.total("rx_packets"))
+            tx_p.add_metric([uid], s.total("tx_packets"))
             for reason, count in sorted(_copy(s.drops).items()):
                 drops.add_metric([uid, reason], count)
             if s.rtt_ms is not None:

@@ -15,6 +15,7 @@ Fields not yet known are null.  Secrets never appear here.
 
 from __future__ import annotations
 
+import collections
 import sys
 import time
 from typing import Any
@@ -40,8 +41,14 @@ def link_entry(link: Link) -> dict[str, Any]:
     host, port = path.addr[0].removeprefix("::ffff:"), path.addr[1]
     endpoint = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     last_rx = None
-    if st.last_rx_mono and st.rx_packets + sum(st.drops.values()) >= 0:
-        last_rx = round(time.time() - (time.monotonic() - st.last_rx_mono), 3)
+    if st.heard_mono:
+        last_rx = round(time.time() - (time.monotonic() - st.heard_mono), 3)
+    # the link's copies in shards 1..N-1 (``workers``) count beside this one
+    counts = {key: st.total(key) for key in ("tx_packets", "tx_bytes", "rx_packets", "rx_bytes")}
+    drops = collections.Counter(st.drops)
+    for part in st.shards.values():
+        drops.update(part["rx_drops"])
+        drops.update(part["tx_drops"])
     return {
         "peer_uid": link.peer_uid.hex(),
         "overlay_ip": ForwardingTable.ip_text(ip) if ip else None,
@@ -52,11 +59,8 @@ def link_entry(link: Link) -> dict[str, Any]:
         "security_reason": link.security_reason,
         "path": path.kind,
         "rtt_ms": round(st.rtt_ms, 3) if st.rtt_ms is not None else None,
-        "tx_packets": st.tx_packets,
-        "tx_bytes": st.tx_bytes,
-        "rx_packets": st.rx_packets,
-        "rx_bytes": st.rx_bytes,
-        "drops": dict(st.drops),
+        **counts,
+        "drops": dict(drops),
         "last_rx": last_rx,
         # DTLS handshakes completed on this link (the first, then one per rekey)
         "handshakes": getattr(link.session, "handshakes", None) if link.encrypted else None,

@@ -8,6 +8,7 @@ result document; ``report`` renders it as rich tables, JSON and a matplotlib cha
 Result document (``--json``), schema ``ipop-bench/1``::
 
     {"schema": "ipop-bench/1", "started": ISO-8601, "duration_s", "seconds", "quick",
+     "workers" (the ipop nodes' shards), "workers_asked" ("auto" or the number given),
      "machine": {"cpus", "kernel", "iperf3"},
      "links": {"veth": "unshaped veth", "tbf1g": "tbf 1 Gbit/s"},
      "sizes": [64, 128, ...],
@@ -15,11 +16,11 @@ Result document (``--json``), schema ``ipop-bench/1``::
                         "drops", "links": {LINK: {CASE: value}}}},
      "skipped": {NAME: reason}, "failures": [text], "notes": [text]}
 
-Cases per link: ``tcp1_mbit``, ``tcp4_mbit``, ``ping_avg_ms``, ``ping_p50_ms``, ``sweep`` (a
-list of ``{"size", "size_used", "mbit", "pps"}``), ``loss1_mbit``, ``loss3_mbit``, ``cpu_pct``
-(``{"sender", "receiver"}``, % of one core during the one-stream run; empty for direct) and
-``ratios`` (``{"vs_direct": {...}, "vs_wireguard-go": {...}}``).  A case that failed is null and
-named in ``failures``.
+Cases per link: ``tcp1_mbit``, ``tcp4_mbit``, ``tcp8_mbit``, ``ping_avg_ms``, ``ping_p50_ms``,
+``sweep`` (a list of ``{"size", "size_used", "mbit", "pps"}``), ``loss1_mbit``, ``loss3_mbit``,
+``cpu_pct`` (``{"sender", "receiver"}``, % of one core during the one-stream run; empty for
+direct) and ``ratios`` (``{"vs_direct": {...}, "vs_wireguard-go": {...}}``).  A case that
+failed is null and named in ``failures``.
 """
 
 SCHEMA = "ipop-bench/1"

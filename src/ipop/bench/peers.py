@@ -127,6 +127,7 @@ class Ipop(System):
 
     sec = True
     extra: dict[str, Any] = {}
+    workers: int | None = None  # ``ipop bench --workers`` (None: the nodes' default)
 
     def __init__(self, link: Link, work: Path) -> None:
         super().__init__(link, work)
@@ -135,7 +136,9 @@ class Ipop(System):
     def start(self) -> None:
         hosts = [self.link.a, self.link.b]
         self.nodes = static_mesh(hosts, self.work, underlay=[self.link.a_addr, self.link.b_addr],
-                                 extra={"sec": self.sec, **self.extra})
+                                 extra={"sec": self.sec, **self.extra,
+                                        **({} if self.workers is None
+                                           else {"workers": self.workers})})
         for node in self.nodes:
             node.start(log_level="WARNING")
         for node in self.nodes:

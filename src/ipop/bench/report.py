@@ -44,6 +44,14 @@ def _cpu(d: Any) -> str:
     return " / ".join(_num(d.get(role), ".0f") for role in ("sender", "receiver"))
 
 
+def _workers(doc: dict[str, Any]) -> str:
+    """The ipop nodes' ``workers``: "2", or "auto (1)"."""
+    n = doc.get("workers")
+    if n is None:
+        return "1"
+    return f"auto ({n})" if doc.get("workers_asked") == "auto" else str(n)
+
+
 def main_table(doc: dict[str, Any], lname: str) -> Table:
     systems: dict[str, Any] = doc["systems"]
     have_wg = _WG in systems
@@ -52,11 +60,13 @@ def main_table(doc: dict[str, Any], lname: str) -> Table:
     caption = f"second line in each cell: {base}"
     if n > 1:
         caption = (f"medians of {n} rounds; {caption}; third line: lowest-highest round")
-    t = Table(title=f"{doc['links'][lname]}: throughput (Mbit/s), RTT, CPU",
+    t = Table(title=f"{doc['links'][lname]}: throughput (Mbit/s), RTT, CPU; "
+                    f"ipop workers {_workers(doc)}",
               caption=caption, title_justify="left")
     t.add_column("system")
     t.add_column("TCP 1 stream", justify="right")
     t.add_column("TCP 4 streams", justify="right")
+    t.add_column("TCP 8 streams", justify="right")
     t.add_column("ping avg ms", justify="right")
     t.add_column("ping p50 ms", justify="right")
     for pct in doc["losses"]:
@@ -70,6 +80,7 @@ def main_table(doc: dict[str, Any], lname: str) -> Table:
             name,
             _cell(res, "tcp1_mbit", have_wg),
             _cell(res, "tcp4_mbit", have_wg),
+            _cell(res, "tcp8_mbit", have_wg),
             _cell(res, "ping_avg_ms", have_wg, ".3f"),
             _cell(res, "ping_p50_ms", have_wg, ".3f"),
             *(_cell(res, f"loss{pct}_mbit", have_wg) for pct in doc["losses"]),
@@ -188,7 +199,7 @@ def render(doc: dict[str, Any], console: Console) -> None:
                   f"(-t {doc['seconds']} s TCP, {doc['sweep_seconds']} s per sweep point; "
                   f"loss model {doc['loss_model']}; "
                   f"{doc.get('rounds', 1)} round{'s' if doc.get('rounds', 1) > 1 else ''}; "
-                  f"{doc['machine']['cpus']} CPUs, "
+                  f"ipop workers {_workers(doc)}; {doc['machine']['cpus']} CPUs, "
                   f"kernel {doc['machine']['kernel']})")
     for name, s in systems.items():
         if s.get("version") is None:
@@ -250,7 +261,7 @@ def write_png(doc: dict[str, Any], path: Path) -> None:
             ax.grid(True, alpha=0.3)
             ax.set_yscale("log")
             ax.legend(fontsize="small")
-    fig.suptitle(f"ipop bench {doc['started']}")
+    fig.suptitle(f"ipop bench {doc['started']} · ipop workers {_workers(doc)}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-SCALARS = ("ping_avg_ms", "ping_p50_ms", "tcp1_mbit", "tcp4_mbit")
+SCALARS = ("ping_avg_ms", "ping_p50_ms", "tcp1_mbit", "tcp4_mbit", "tcp8_mbit")
 """Per-link figures folded to their median (the loss cases are added by name)."""
 
 

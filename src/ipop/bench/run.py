@@ -10,8 +10,9 @@ system runs between them in turn, alone on the machine's cores::
 
 For each system: start it (until a ping crosses), sample its idle CPU, then for each link
 condition (unshaped veth, then ``tc tbf`` 1 Gbit/s): ping RTT, TCP one stream (with the CPU of
-its processes), TCP four streams, the UDP packet-size sweep, TCP under 1 % and 3 % loss.  A case
-that fails is recorded as null with the reason; a system that fails to start loses its cases.
+its processes), TCP four and eight streams, the UDP packet-size sweep, TCP under 1 % and 3 %
+loss.  A case that fails is recorded as null with the reason; a system that fails to start
+loses its cases.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 
 from ipop.bench import SCHEMA, lossy, measure, rounds
 from ipop.bench.lossy import LossModel
-from ipop.bench.peers import SYSTEMS, System
+from ipop.bench.peers import SYSTEMS, Ipop, System
+from ipop.config import resolve_workers
 from ipop.errors import IpopError
 from ipop.testbed.netns import Link, Testbed
 
@@ -62,10 +64,12 @@ class Plan:
     """Times every system is measured, interleaved (round 1 of all systems, then round 2...);
     the results are the medians (``ipop.bench.rounds``)."""
     skipped: dict[str, str] = field(default_factory=dict)
+    workers: int | None = None
+    """The ``workers`` both ipop nodes run with (None: their default, ``auto``)."""
 
     def cases(self) -> list[str]:
         """Case names of one link condition, in the order they run."""
-        return (["ping", "tcp1", "tcp4"] + [f"sweep{s}" for s in self.sizes]
+        return (["ping", "tcp1", "tcp4", "tcp8"] + [f"sweep{s}" for s in self.sizes]
                 + [f"loss{p}" for p in self.losses])
 
     def steps(self) -> int:
@@ -107,6 +111,8 @@ class Runner:
             "losses": list(plan.losses),
             "loss_model": plan.loss_model,
             "rounds": plan.rounds,
+            "workers": resolve_workers("auto" if plan.workers is None else plan.workers),
+            "workers_asked": "auto" if plan.workers is None else plan.workers,
             "method": METHOD,
             "systems": {},
             "skipped": dict(plan.skipped),
@@ -121,6 +127,8 @@ class Runner:
                     self.round = f"round {r + 1}/{plan.rounds}: "
                 for name in plan.systems:
                     system = SYSTEMS[name](link, Path(tmp))
+                    if isinstance(system, Ipop) and plan.workers is not None:
+                        system.workers = plan.workers
                     runs[name].append(self._system(tb, link, system))
             for name, results in runs.items():
                 doc["systems"][name] = (results[0] if plan.rounds == 1
@@ -198,7 +206,8 @@ class Runner:
 
     def _empty(self) -> dict[str, Any]:
         res: dict[str, Any] = {"ping_avg_ms": None, "ping_p50_ms": None, "tcp1_mbit": None,
-                               "tcp4_mbit": None, "cpu_pct": {}, "sweep": []}
+                               "tcp4_mbit": None, "tcp8_mbit": None, "cpu_pct": {},
+                               "sweep": []}
         for pct in self.plan.losses:
             res[f"loss{pct}_mbit"] = None
         return res
@@ -257,6 +266,7 @@ class Runner:
         case("ping", ping)
         case("TCP 1 stream", tcp(1))
         case("TCP 4 streams", tcp(4))
+        case("TCP 8 streams", tcp(8))
         for size in plan.sizes:
             capped = f" (capped at MTU {mtu})" if size > mtu else ""
             case(f"UDP {size} B{capped}", sweep(size))
@@ -266,7 +276,8 @@ class Runner:
 
 
 METHOD = {
-    "tcp": "iperf3 TCP a->b, -t SECONDS, goodput at the receiver (sum_received)",
+    "tcp": ("iperf3 TCP a->b, -t SECONDS, 1, 4 (-P 4) and 8 (-P 8) streams, goodput at the "
+            "receiver (sum_received)"),
     "ping": "ping -c COUNT -i INTERVAL a->b; average and median RTT",
     "sweep": ("iperf3 UDP a->b, -b 0 (unlimited), -l SIZE-28 so IP packets are SIZE bytes; "
               "receiver packets/s, and Mbit/s counted over whole IP packets; a SIZE above the "
@@ -288,7 +299,7 @@ METHOD = {
 def add_ratios(doc: dict[str, Any]) -> None:
     """Fill ``ratios`` in each system's link results: vs direct and vs wireguard-go."""
     systems: dict[str, Any] = doc["systems"]
-    keys = ["tcp1_mbit", "tcp4_mbit", "ping_avg_ms", "ping_p50_ms",
+    keys = ["tcp1_mbit", "tcp4_mbit", "tcp8_mbit", "ping_avg_ms", "ping_p50_ms",
             *(f"loss{pct}_mbit" for pct in doc["losses"])]
     for sysres in systems.values():
         for lname, res in sysres["links"].items():

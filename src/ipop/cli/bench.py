@@ -26,6 +26,7 @@ from rich.progress import (
 from ipop.bench import lossy, report
 from ipop.bench.peers import PEERS, SYSTEMS
 from ipop.bench.run import LINKS, QUICK_SIZES, Plan, Runner, add_ratios
+from ipop.config import MAX_WORKERS
 from ipop.errors import ConfigError, EnvironmentFault
 from ipop.testbed.netns import check_environment
 
@@ -68,8 +69,12 @@ def make_plan(args: argparse.Namespace) -> tuple[Plan, list[str]]:
         else:
             notes.append("loss model 'datagram': the receiving veth does no GRO during the loss "
                          "cases, so GRO-reliant receivers run their per-datagram path there")
+    workers = getattr(args, "workers", None)
+    if workers is not None and not 1 <= int(workers) <= MAX_WORKERS:
+        raise ConfigError("workers", f"{workers}: must be 1 to {MAX_WORKERS}")
     plan = Plan(systems=systems, links=links, seconds=seconds, loss_model=model,
-                quick=bool(args.quick), skipped=skipped, rounds=rounds)
+                quick=bool(args.quick), skipped=skipped, rounds=rounds,
+                workers=None if workers is None else int(workers))
     if args.quick:
         plan.sizes = QUICK_SIZES
         plan.sweep_seconds = 1

@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rounds", type=int, default=1,
                        help="measure every system this many times, interleaved, and report "
                             "medians with the spread (a shared machine drifts; default 1)")
+    bench.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="data-plane shards of both ipop nodes (1-8; default: their "
+                            "config default, auto)")
     bench.add_argument("--json", metavar="FILE", help="write the results as JSON")
     bench.add_argument("--png", metavar="FILE", help="write a throughput/packet-size chart")
     bench.set_defaults(func=cmd_bench)

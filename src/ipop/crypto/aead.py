@@ -19,6 +19,16 @@ the key is chosen by the epoch, and the AAD binds the header: a change to any by
 Suites: AES-256-GCM (default) and ChaCha20-Poly1305, picked by :func:`choose_suite` on CPUs
 without AES instructions.  One cipher object is built per key and reused for every packet.
 
+Shards (``workers``, ``ipop.dataplane.shards``).  Every shard of a node seals with the same link
+keys, so their nonces must never meet: the top byte of the 8-byte counter is the sending shard's
+number (shard ``s`` counts from ``s << 56`` to ``(s + 1) << 56 - 1``), and the same number is in
+the frame's type byte (``ipop.wire.header.shard_of``), which is the first byte of the AAD.  An
+:class:`Opener` refuses a payload whose counter's top byte is not the AAD's shard number
+(``shard_mismatch``) and keeps one replay window per sending shard: a receiver that runs fewer
+shards than its peer gets several senders' counter ranges on one Opener, and one window over
+all of them would call the lower range "too old".  With one worker everything is shard 0: the
+counter runs from 0, and the frames are the bytes they were before shards.
+
 Threads: a :class:`Sealer` may be shared by several sending threads (the data plane's poll
 thread, which sends data and echoes keepalives; the control thread's keepalives): each payload's
 counter comes from ``next()`` on an ``itertools.count``, which is atomic under the GIL, so no two
@@ -38,6 +48,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 
 from ipop.crypto.replay import COUNTER_LIMIT, ReplayWindow
 from ipop.errors import AuthError, LocalProtocolError
+from ipop.wire.header import SHARD_BITS, SHARD_SHIFT
 
 Buffer = bytes | bytearray | memoryview
 
@@ -54,6 +65,15 @@ SALT_LEN = 4
 NONCE_LEN = SALT_LEN + COUNTER_LEN  # 12
 
 _PREFIX = struct.Struct("!BQ")  # epoch, counter
+SHARD_COUNTER_SHIFT = 56  # the counter's top byte: the sending shard
+
+
+def counter_range(shard: int) -> tuple[int, int]:
+    """The counters shard ``shard`` seals with: ``range(*counter_range(shard))``."""
+    if not 0 <= shard <= 7:
+        raise LocalProtocolError(f"shard {shard} is not in 0..7")
+    first = shard << SHARD_COUNTER_SHIFT
+    return first, min((shard + 1) << SHARD_COUNTER_SHIFT, COUNTER_LIMIT)
 
 
 class Suite(enum.Enum):
@@ -106,9 +126,11 @@ def peek_epoch(sealed: bytes | bytearray | memoryview) -> int:
 
 
 class Sealer:
-    """Seals payloads under one key, numbering them 0, 1, 2, ... (safe from several threads)."""
+    """Seals payloads under one key, numbering them 0, 1, 2, ... (safe from several threads);
+    shard ``s`` numbers them from ``s << 56`` (see the module docstring)."""
 
-    __slots__ = ("_aead", "_counts", "_issued", "_salt", "epoch", "suite")
+    __slots__ = ("_aead", "_base", "_counts", "_issued", "_limit", "_salt", "epoch", "key",
+                 "salt", "shard", "suite")
 
     def __init__(
         self,
@@ -118,28 +140,33 @@ class Sealer:
         suite: Suite = DEFAULT_SUITE,
         *,
         first_counter: int = 0,
+        shard: int = 0,
     ) -> None:
         _check_params(salt, epoch)
         self._aead = _cipher(suite, key)
         self._salt = bytes(salt)
-        self._counts = itertools.count(first_counter)
-        self._issued = first_counter
+        self._base, self._limit = counter_range(shard)
+        self._counts = itertools.count(self._base + first_counter)
+        self._issued = self._base + first_counter
         self.epoch = epoch
         self.suite = suite
+        self.shard = shard
+        self.key = bytes(key)  # what a shard of this node gets to seal with (``shards``)
+        self.salt = self._salt
 
     @property
     def counter(self) -> int:
         """The counter the next payload gets (= payloads sealed so far, from a fresh key).
 
         Exact with one sending thread; with several it may lag by a payload or two, which is
-        fine for deciding when to rekey.
+        fine for deciding when to rekey.  Counted from the shard's first counter.
         """
-        return self._issued
+        return self._issued - self._base
 
     def seal(self, aad: Buffer, plaintext: Buffer) -> bytes:
         """``epoch | counter | ciphertext || tag`` for ``plaintext``, authenticating ``aad``."""
         counter = next(self._counts)  # atomic: each counter is handed out once
-        if counter >= COUNTER_LIMIT:
+        if counter >= self._limit:
             raise LocalProtocolError("AEAD counter exhausted: rekey", reason="counter_exhausted")
         self._issued = counter + 1
         prefix = _PREFIX.pack(self.epoch, counter)
@@ -152,7 +179,7 @@ class Sealer:
         if len(out) < size:
             raise LocalProtocolError("seal buffer too small", reason="buffer_too_small")
         counter = next(self._counts)
-        if counter >= COUNTER_LIMIT:
+        if counter >= self._limit:
             raise LocalProtocolError("AEAD counter exhausted: rekey", reason="counter_exhausted")
         self._issued = counter + 1
         view = memoryview(out)[:size]
@@ -170,7 +197,8 @@ class Opener:
     """Opens payloads sealed under one key, rejecting forgeries and replays (one receiving
     thread)."""
 
-    __slots__ = ("_aead", "_salt", "accepted", "epoch", "suite", "window")
+    __slots__ = ("_aead", "_salt", "accepted", "epoch", "key", "salt", "suite", "window",
+                 "windows")
 
     def __init__(self, key: bytes, salt: bytes, epoch: int, suite: Suite = DEFAULT_SUITE) -> None:
         _check_params(salt, epoch)
@@ -178,7 +206,12 @@ class Opener:
         self._salt = bytes(salt)
         self.epoch = epoch
         self.suite = suite
+        self.key = bytes(key)
+        self.salt = self._salt
         self.window = ReplayWindow()
+        """Sending shard 0's window (the only one with one worker at each end)."""
+        self.windows: dict[int, ReplayWindow] = {0: self.window}
+        """One window per sending shard (the counter's top byte), made on first use."""
         self.accepted = 0
         """Payloads opened successfully (written by the receiving thread only)."""
 
@@ -188,7 +221,8 @@ class Opener:
     ) -> bytes | memoryview:
         """The plaintext of ``sealed``; raises :class:`AuthError` if it is not authentic or fresh.
 
-        Reasons: ``truncated``, ``unknown_epoch``, ``replay``, ``bad_tag``.  The replay window
+        Reasons: ``truncated``, ``unknown_epoch``, ``shard_mismatch`` (the counter's top byte
+        is not the shard the AAD's type byte names), ``replay``, ``bad_tag``.  The replay window
         moves only after the tag verified.  With ``out`` (at least ``len(sealed) - OVERHEAD``
         bytes, writable) the plaintext is written there and a view of it returned, without an
         allocation; on failure ``out`` holds garbage, never to be used.
@@ -203,7 +237,17 @@ class Opener:
             )
         counter_bytes = bytes(sealed[COUNTER_OFF:CIPHERTEXT_OFF])
         counter = int.from_bytes(counter_bytes, "big")
-        window = self.window
+        shard = counter_bytes[0]
+        if shard:
+            if not aad or shard != (aad[0] & SHARD_BITS) >> SHARD_SHIFT:
+                raise AuthError(f"counter of shard {shard} under another shard's type byte",
+                                reason="shard_mismatch")
+            window = self.windows.get(shard) or self.windows.setdefault(shard, ReplayWindow())
+        else:
+            if aad and aad[0] & SHARD_BITS:
+                raise AuthError("counter of shard 0 under another shard's type byte",
+                                reason="shard_mismatch")
+            window = self.window
         if not window.check(counter):
             raise AuthError(f"counter {counter} replayed or too old", reason="replay")
         nonce = self._salt + counter_bytes

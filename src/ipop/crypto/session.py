@@ -90,7 +90,7 @@ NEW_HELLO_GAP = 0.5
 REKEY_JITTER = 0.1
 """Each rekey comes after ``rekey_seconds`` less up to this share of it, drawn anew each time,
 so links keyed together do not rekey in waves."""
-RX_REASONS = ("truncated", "unknown_epoch", "replay", "bad_tag")
+RX_REASONS = ("truncated", "unknown_epoch", "shard_mismatch", "replay", "bad_tag")
 
 
 def is_client_for(local_uid: bytes, remote_uid: bytes) -> bool:

@@ -19,13 +19,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ipop.dataplane import tun
+from ipop.dataplane import sockfilter, steering, tun
 from ipop.dataplane.inbound import Inbound
 from ipop.dataplane.kroutes import KernelRoutes, local_networks
 from ipop.dataplane.link import CryptoSession, Link, Path
 from ipop.dataplane.link_tx import send_keepalive
 from ipop.dataplane.outbound import Outbound
 from ipop.dataplane.poller import Poller
+from ipop.dataplane.shards import ShardManager
 from ipop.dataplane.table import ForwardingTable
 from ipop.fwmark import mark_socket
 from ipop.ratelimit import TokenBucket
@@ -74,8 +75,19 @@ class DataPlane:
         whole_trains: bool = True,
         on_event: Callable[[Event], None],
         call_soon: Callable[..., Any],
+        workers: int = 1,
+        queue: tun.Device | None = None,
+        shard: int = 0,
     ) -> None:
+        """``workers``: shards (``ipop.dataplane.shards``; 1: this data plane alone).  A shard
+        process passes its TUN ``queue`` (the interface exists and is configured already) and
+        its number ``shard``."""
         self.uid = uid
+        self.workers = workers
+        self.shard = shard
+        # the control process's data plane owns the interface and its kernel routes; a shard
+        # process's only reads and writes its queue
+        self.owns_interface = queue is None
         self.ip4 = ip4
         self.prefixlen = prefixlen
         self.mtu = mtu
@@ -88,16 +100,26 @@ class DataPlane:
         self.table = ForwardingTable()
         self.stopping = threading.Event()
         self._wake_r, self._wake_w = os.pipe()
+        self.shard_queues: list[tun.Device] = []
         # offloads (TSO super-packets in, UDP GSO/GRO out and in) serve the L3 NIC
-        self.dev = tun.open_device(interface, tap=tap, vnet_hdr=offload and not tap)
+        if queue is not None:
+            self.dev = queue
+        elif workers > 1:
+            queues = tun.open_queues(interface, workers, tap=tap, vnet_hdr=offload and not tap)
+            self.dev, self.shard_queues = queues[0], queues[1:]
+        else:
+            self.dev = tun.open_device(interface, tap=tap, vnet_hdr=offload and not tap)
         if offload and not tap and not self.dev.vnet_hdr:
             log.warning("offloads: the kernel refused TUN offloads; per-packet data path")
         self.interface = interface
-        try:
-            tun.configure(self.dev, ip4=ip4, prefixlen=prefixlen, mtu=mtu, ip6=ip6)
-        except BaseException:
-            self.dev.close()
-            raise
+        if queue is None:
+            try:
+                tun.configure(self.dev, ip4=ip4, prefixlen=prefixlen, mtu=mtu, ip6=ip6)
+            except BaseException:
+                self.dev.close()
+                for q in self.shard_queues:
+                    q.close()
+                raise
         self.mss = mtu - 40  # IPv4 + TCP headers; IPv6 packets get 20 bytes less
         self.held: dict[bytes, collections.deque[tuple[float, bytes]]] = {}
         self.held_limit = ondemand_queue
@@ -108,8 +130,10 @@ class DataPlane:
         self.outbound = Outbound(self.dev, self.table, mss=self.mss, on_miss=self._on_miss)
         self.inbound = Inbound(
             self.dev, self.table, uid, on_control=self._on_control, on_roam=self._on_roam,
-            on_confirm=self._on_confirm,
+            on_confirm=self._on_confirm, on_rekey=self._on_rekey_request,
         )
+        self.shards: ShardManager | None = None  # workers > 1: shards 1..N-1 (start)
+        self.shard_socks: list[socket.socket] = []  # the listen port's group, shards 1..N-1
         self.poller = Poller(
             wake_fd=self._wake_r, stopping=self.stopping, on_wake=self.inbound.replay_early,
             on_socket=self.inbound.drain, drops=self.inbound.drops,
@@ -122,6 +146,7 @@ class DataPlane:
         self.inbound.sources.overlay = PrefixSet(overlay)
         self.kroutes = KernelRoutes(interface)
         self.sockets: list[socket.socket] = []
+        self._steered: set[int] = set()  # fds of this process's sockets in a reuseport group
         self.control_drops: collections.Counter[str] = collections.Counter()  # control thread
         self.exit_via: bytes | None = None  # the peer UID our default route goes through
         # underlay addresses (XMPP, STUN, TURN servers) kept on the main table while exiting
@@ -136,6 +161,15 @@ class DataPlane:
         sys.setswitchinterval(SWITCH_INTERVAL)
         self.inbound.start()
         self.poller.start()
+        if self.workers > 1 and self.owns_interface:
+            socks: list[socket.socket | None] = list(self.shard_socks)
+            socks += [None] * (self.workers - 1 - len(socks))
+            self.shards = ShardManager(self, self.workers, self.shard_queues, socks,
+                                       self._group_fds(), on_rekey=self._force_rekey)
+            self.shards.start()
+
+    def _group_fds(self) -> frozenset[int]:
+        return frozenset(s.fileno() for s in self.sockets if s.fileno() in self._steered)
 
     @property
     def offloads(self) -> dict[str, bool]:
@@ -147,13 +181,19 @@ class DataPlane:
         if self.stopping.is_set():
             return
         self.stopping.set()
+        if self.shards is not None:
+            self.shards.stop()
         os.write(self._wake_w, b"x")
         self.inbound.stop()
         for th in (self.poller.thread, self.inbound.tun_writer):
             if th.is_alive():
                 th.join(timeout=2.0)
-        self.kroutes.clear()
+        if self.owns_interface:
+            self.kroutes.clear()
         self.dev.close()
+        if self.shards is None:
+            for q in self.shard_queues:
+                q.close()
         for s in self.sockets:
             s.close()
         os.close(self._wake_r)
@@ -161,7 +201,20 @@ class DataPlane:
 
     # ---- sockets
     def open_listen_socket(self, port: int) -> socket.socket:
-        """A UDP socket on ``port`` (all addresses, IPv4 and IPv6) served by the data plane."""
+        """A UDP socket on ``port`` (all addresses, IPv4 and IPv6) served by the data plane.
+        With shards it is the first of the port's reuseport group (``steering``); the others
+        go to shards 1..N-1, and GRO is off on all of them (a GRO read would join frames of
+        several sending shards, which belong to different receiving shards)."""
+        if self.workers > 1:
+            group = steering.group_sockets(port, self.workers)
+            sock, self.shard_socks = group[0], group[1:]
+            self._steered.add(sock.fileno())
+            for other in self.shard_socks:
+                mark_socket(other)
+                sockfilter.attach(other, self.uid, list(self.table.by_uid))
+            self.adopt_socket(sock, owned=True, gro=False)
+            self.inbound.steer = (self.workers, 0, frozenset(self._steered))
+            return sock
         sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -169,7 +222,7 @@ class DataPlane:
         self.adopt_socket(sock, owned=True)
         return sock
 
-    def adopt_socket(self, sock: socket.socket, *, owned: bool = False) -> None:
+    def adopt_socket(self, sock: socket.socket, *, owned: bool = False, gro: bool = True) -> None:
         """Serve ``sock`` from the poll thread (e.g. the socket ICE selected); it gets the
         underlay mark (``ipop.fwmark``), so an exit node's default route never captures it."""
         mark_socket(sock)
@@ -178,7 +231,7 @@ class DataPlane:
                 sock.setsockopt(socket.SOL_SOCKET, opt, size)
             except OSError:
                 pass
-        if self.inbound.add_socket(sock):
+        if self.inbound.add_socket(sock, gro=gro):
             self.poller.watch(sock.fileno())
         if owned:
             self.sockets.append(sock)
@@ -202,6 +255,7 @@ class DataPlane:
         xlat: Translator | None = None,
         peer_trains: bool = True,
         nets: tuple[Net, ...] = (),
+        serve_path: bool = True,
     ) -> Link:
         """Create (or replace) the link to ``peer_uid`` and release packets held for it.
         ``peer_trains``: the peer receives whole trains (it said so when the link was set up);
@@ -210,7 +264,7 @@ class DataPlane:
         link = self.make_link(
             peer_uid=peer_uid, path=path, ip4=ip4, ip6=ip6, mac=mac, encrypted=encrypted,
             security_reason=security_reason, session=session, xlat=xlat,
-            peer_trains=peer_trains, nets=nets)
+            peer_trains=peer_trains, nets=nets, serve_path=serve_path)
         self.install_link(link)
         return link
 
@@ -228,6 +282,7 @@ class DataPlane:
         xlat: Translator | None = None,
         peer_trains: bool = True,
         nets: tuple[Net, ...] = (),
+        serve_path: bool = True,
     ) -> Link:
         """A link that is not in the forwarding table yet (``install_link`` puts it there): a
         new link to a peer that has a working one is proven beside it first.  Its path's
@@ -239,13 +294,14 @@ class DataPlane:
             overlay_ip4=ipaddress.IPv4Address(ip4).packed if ip4 else None,
             overlay_ip6=ipaddress.IPv6Address(ip6).packed if ip6 else None,
             mac=mac, encrypted=encrypted, security_reason=security_reason,
-            mtu=self.mtu, trains_off=off,
+            mtu=self.mtu, trains_off=off, shard=self.shard,
         )
         link.session = session
         link.xlat = xlat
         link.set_nets(nets)
         link.stats.last_rx_mono = time.monotonic()
-        self.adopt_socket(path.sock)
+        if serve_path:  # (a shard process only sends on paths not on the steered port)
+            self.adopt_socket(path.sock)
         return link
 
     def install_link(self, link: Link) -> None:
@@ -261,9 +317,13 @@ class DataPlane:
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
                 self._release_held(addr, link)
+        if self.shards is not None:
+            self.shards.sync()  # the shards get the link now, not at the next tick
 
     def remove_link(self, peer_uid: bytes) -> Link | None:
         link = self.table.remove(peer_uid)
+        if self.shards is not None:
+            self.shards.sync()
         if link is not None:
             self.inbound.filters_changed()
             link.closed = True
@@ -304,6 +364,8 @@ class DataPlane:
         it again at any time."""
         if exit_via is not None:
             self.exit_via = exit_via
+        if not self.owns_interface:
+            return  # a shard process: the control process routes
         wanted: set[Net] = set()
         exit_nets: set[Net] = set()
         for net, link in self.table.routes.nets:
@@ -323,11 +385,12 @@ class DataPlane:
             self.exit_servers = set(servers)
         self.apply_routes()
 
-    def set_path(self, peer_uid: bytes, path: Path) -> None:
+    def set_path(self, peer_uid: bytes, path: Path, *, serve: bool = True) -> None:
         link = self.table.by_uid.get(peer_uid)
         if link is None:
             return
-        self.adopt_socket(path.sock)
+        if serve:
+            self.adopt_socket(path.sock)
         link.path = path
         self.table.reindex()
 
@@ -468,6 +531,53 @@ class DataPlane:
 
         self.call_soon(deliver)
 
+    def _on_rekey_request(self, link: Link) -> None:
+        """Poll thread: the peer asked for a new handshake (its shard restarted)."""
+        self.call_soon(self.on_event, Event("rekey_request", {"peer_uid": link.peer_uid}))
+
+    def _force_rekey(self, link: Link) -> None:
+        """A shard restarted (or a link moved onto the steered port): the link needs keys made
+        from now on (``ShardManager``); the node's keying starts a handshake, or asks the peer
+        to when this end is the DTLS server."""
+        self.on_event(Event("rekey_needed", {"peer_uid": link.peer_uid}))
+
+    def ask_rekey(self, link: Link) -> None:
+        """Ask the peer, the link's DTLS client, for a new handshake (a sealed keepalive)."""
+        if link.usable:
+            send_keepalive(link, wk.OP_REKEY, time.monotonic_ns())
+
+    def push_keys(self, link: Link) -> None:
+        """``link`` has new keys: the shards get them at once (``Keying.on_keys``)."""
+        if self.shards is not None:
+            self.shards.push_keys(link)
+
+    def on_shard_miss(self, dst: bytes, pkt: bytes) -> None:
+        """Control thread: a shard read a packet for a destination it has no link for.  The
+        link may exist here already (the shard gets it at the next push): then it goes out on
+        this copy of the link; else it is held and reported as a miss read here would be."""
+        link = self.table.route(dst) if len(dst) in (4, 16) else None
+        if link is None or link.closed:
+            self._on_miss(dst, pkt)
+        elif link.xlat is not None:
+            view = bytearray(pkt)
+            link.xlat.tx(view)
+            link.tx.send_packet(view)
+        else:
+            link.tx.send_packet(pkt)
+
+    def on_shard_roam(self, peer_uid: bytes, addr: tuple[str, int]) -> None:
+        """Control thread: a shard took an authenticated frame of ``peer_uid`` from ``addr``
+        on the steered port: the link's path moves there (the shards follow at the next
+        ``tick``)."""
+        link = self.table.by_uid.get(peer_uid)
+        if link is None or link.closed or link.path.sock.fileno() not in self._steered:
+            return
+        if link.path.addr != addr:
+            log.info("link %s roamed to %s:%d (shard)", peer_uid.hex()[:12], addr[0], addr[1])
+            link.path = Path(link.path.sock, addr, None, link.path.kind)
+            self.table.reindex()
+            self.on_event(Event("roamed", {"peer_uid": peer_uid, "addr": addr}))
+
     def _on_confirm(self, link: Link) -> None:
         """Poll thread: the peer of a plain link sent its first frame after our handshake."""
         self.call_soon(self.on_event, Event("confirmed", {"peer_uid": link.peer_uid}))
@@ -501,7 +611,7 @@ class DataPlane:
         for link in self.table.links:
             if link.verify_by and self._verifying(link, now):
                 continue
-            quiet = now - link.stats.last_rx_mono
+            quiet = now - link.stats.heard_mono
             wait = period if self.uid < link.peer_uid else period * 1.5
             if quiet >= wait and now - link.ka_sent >= period:
                 link.ka_sent = now
@@ -513,6 +623,8 @@ class DataPlane:
                 link.down = False
         with self._held_lock:
             self._expire_held(now)
+        if self.shards is not None:
+            self.shards.sync()
 
     def verify(self, peer_uid: bytes, seconds: float = VERIFY_SECONDS) -> bool:
         """Check the link to ``peer_uid`` now (signaling says the peer left): a probe at once
@@ -532,7 +644,7 @@ class DataPlane:
 
     def _verifying(self, link: Link, now: float) -> bool:
         """A pending liveness check on ``link`` (tick): True when it ended the link."""
-        if link.stats.last_rx_mono > link.verify_since:
+        if link.stats.heard_mono > link.verify_since:
             link.verify_by = 0.0  # the peer answered: the link stays
             return False
         if now < link.verify_by:
@@ -544,7 +656,7 @@ class DataPlane:
             return False
         link.down = True
         self.on_event(Event("link_down", {"peer_uid": link.peer_uid,
-                                          "idle": now - link.stats.last_rx_mono}))
+                                          "idle": now - link.stats.heard_mono}))
         return True
 
     # ---- state
@@ -553,15 +665,26 @@ class DataPlane:
         self.control_drops[reason] += 1
 
     def counters(self) -> dict[str, Any]:
+        """Node-wide counters; with shards, all shards' added up (``shards`` lists them)."""
         drops = collections.Counter(self.inbound.drops)
         drops.update(self.control_drops)
-        return {
+        out: dict[str, Any] = {
             "tun_read_packets": self.outbound.counters["packets"],
             "tun_read_bytes": self.outbound.counters["bytes"],
             "no_route": self.outbound.counters["no_route"],
             "tun_written": self.inbound.written,
             "offloads": self.offloads,
             "socket_filter": self.inbound.socket_filter,
-            "kernel_drops": self.inbound.kernel_drops(),
+            "kernel_drops": self.inbound.kernel_drops()
+            + sum(sockfilter.kernel_drops(s) for s in self.shard_socks),
             "drops": dict(drops),
+            "workers": self.workers,
         }
+        if self.shards is not None:
+            totals = self.shards.totals()
+            for key, value in totals["counts"].items():
+                out[key] += value
+            drops.update(totals["drops"])
+            out["drops"] = dict(drops)
+            out["shards"] = self.shards.status()
+        return out

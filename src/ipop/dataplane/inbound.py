@@ -113,10 +113,15 @@ class Inbound:
         on_control: ControlHandler,
         on_roam: Callable[[Link, socket.socket, tuple[str, int]], None],
         on_confirm: Callable[[Link], None] | None = None,
+        on_rekey: Callable[[Link], None] | None = None,
     ) -> None:
         self.dev = dev
         self.tap = dev.tap
         self.on_confirm = on_confirm
+        self.on_rekey = on_rekey
+        # shards (``ipop.dataplane.shards``): (shards, this shard, the steered sockets' fds),
+        # None with one worker
+        self.steer: tuple[int, int, frozenset[int]] | None = None
         self.table = table
         self.uid = local_uid
         self.on_control = on_control
@@ -158,14 +163,14 @@ class Inbound:
     def stop(self) -> None:
         self.work.put(None)
 
-    def add_socket(self, sock: socket.socket) -> bool:
-        """Serve ``sock`` (GRO on, the kernel filter attached); False if it was served already.
-        The caller has the poll thread watch it (``Poller.watch``)."""
+    def add_socket(self, sock: socket.socket, *, gro: bool = True) -> bool:
+        """Serve ``sock`` (GRO on unless ``gro`` is False, the kernel filter attached); False if
+        it was served already.  The caller has the poll thread watch it (``Poller.watch``)."""
         sock.setblocking(False)
         fd = sock.fileno()
         if fd in self.socks:
             return False
-        if self.gro and not enable_gro(sock):
+        if self.gro and gro and not enable_gro(sock):
             self.gro_missing = True
         if not sockfilter.attach(sock, self.uid, list(self.table.by_uid)):
             self.socket_filter = False
@@ -252,6 +257,26 @@ class Inbound:
             return bytearray(self.slab_size)
         return self.free.get()
 
+
+    def on_rekey_request(self, link: Link) -> None:
+        """The peer asked for a new handshake, in a sealed frame (``RxHost``)."""
+        if self.on_rekey is not None:
+            self.on_rekey(link)
+
+    def off_shard(self, link: Link, first: int) -> bool:
+        """With shards: whether a frame whose type byte is ``first`` must not be taken here.
+        A link on the steered port (its path's socket is one of the reuseport group's) takes
+        the frames of sending shard ``s`` only in shard ``s % shards``, so one replay window
+        sees every frame of a (link, epoch, sending shard) stream, whichever socket an attacker
+        sends a copy to.  A link on another socket (ICE's, a relay's) is received by shard 0
+        only; other shards take none of its frames."""
+        steer = self.steer
+        if steer is None:
+            return False
+        shards, me, group = steer
+        if link.path.sock.fileno() in group:
+            return wh.shard_of(first) % shards != me
+        return me != 0
     def _drain(self, sock: socket.socket) -> None:
         slab = self._take_slab()
         view = memoryview(slab)
@@ -397,7 +422,7 @@ class Inbound:
                     continue
                 return
             off += (n + 15) & ~15
-            first = area[0]
+            first = area[0] & wh.TYPE_MASK  # without the sender's shard bits
             iovs: list[list[Any]] | None = None
             if gso < n and first == wh.T_DATA_PARTIAL:
                 link = self._direct_sender(sock, area, addr)
@@ -426,6 +451,8 @@ class Inbound:
         link = self.table.by_uid.get(bytes(area[wh.SRC_OFF : wh.DST_OFF]))
         if link is None or not link.rx.on_direct_path(sock, addr):
             return None
+        if self.steer is not None and self.off_shard(link, area[0]):
+            return None  # the per-datagram path counts the drop
         return link
 
     def _drop(self, reason: str) -> Result:
@@ -450,6 +477,9 @@ class Inbound:
             if dgram[wh.DST_OFF : wh.PAYLOAD_OFF] != self.uid:
                 link.stats.rx_drops["not_for_us"] += 1
                 return (DROP, "not_for_us")
+            if self.steer is not None and self.off_shard(link, dgram[0]):
+                link.stats.rx_drops["wrong_shard"] += 1
+                return (DROP, "wrong_shard")
             return link.rx.frame(self, sock, dgram, addr, channel)
         if kind is _CHANNEL_DATA and channel is None:
             try:

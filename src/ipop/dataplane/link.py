@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from ipop.dataplane.link_rx import LinkReceiver
 from ipop.dataplane.link_tx import LinkSender
@@ -79,6 +79,20 @@ class LinkStats:
     handshake_drops: collections.Counter[str] = field(default_factory=collections.Counter)
     last_rx_mono: float = 0.0  # time.monotonic() of the last frame received
     rtt_ms: float | None = None
+    # shards 1..N-1's copies of this link, as their last reports said (``ShardManager``, on the
+    # control thread, writes both): their counters by shard, and when one last heard the peer
+    shards: dict[int, dict[str, Any]] = field(default_factory=dict)
+    shard_rx_mono: float = 0.0
+
+    def total(self, key: str) -> int:
+        """Counter ``key`` (``tx_packets``, ``tx_bytes``, ``rx_packets``, ``rx_bytes``) over
+        this copy of the link and the shards' copies."""
+        return int(getattr(self, key)) + sum(int(s[key]) for s in self.shards.values())
+
+    @property
+    def heard_mono(self) -> float:
+        """When any shard last received a frame from the peer (``time.monotonic()``)."""
+        return max(self.last_rx_mono, self.shard_rx_mono)
 
     @property
     def drops(self) -> collections.Counter[str]:
@@ -107,6 +121,7 @@ class Link:
         security_reason: str = "",
         mtu: int = 1374,
         trains_off: str = "",
+        shard: int = 0,
     ) -> None:
         self.peer_uid = peer_uid
         self.overlay_ip4 = overlay_ip4
@@ -129,8 +144,9 @@ class Link:
         self.xlat: Translator | None = None  # SocialVPN: this friend's address in our view
         self.stats = LinkStats()
         self.created = time.monotonic()
+        self.shard = shard  # the shard of this node that runs this copy of the link
         self.tx = LinkSender(self, local_uid=local_uid, encrypted=encrypted, mtu=mtu,
-                             trains_off=trains_off)
+                             trains_off=trains_off, shard=shard)
         self.rx = LinkReceiver(self, local_uid=local_uid, encrypted=encrypted)
         self.closed = False
         self.ka_sent = 0.0  # control thread: when the last keepalive probe left

@@ -83,6 +83,9 @@ class RxHost(Protocol):
     def on_confirmed(self, link: Link) -> None:
         """The peer of a plain link sent its first frame after our handshake."""
 
+    def on_rekey_request(self, link: Link) -> None:
+        """The peer asked for a new handshake in a sealed frame (``wire.keepalive.OP_REKEY``)."""
+
 
 class LinkReceiver:
     """The receive half of one ``Link``."""
@@ -90,10 +93,13 @@ class LinkReceiver:
     def __init__(self, link: Link, *, local_uid: bytes, encrypted: bool) -> None:
         self.link = link
         peer_uid = link.peer_uid
-        # what this peer's partial frames and trains to us start with (the GRO fast paths)
-        self.rx_prefix_partial = wh.pack(wh.T_DATA_PARTIAL, peer_uid, local_uid)
-        self.rx_prefix_train = wh.pack(
-            wh.T_TRAIN_SEALED if encrypted else wh.T_TRAIN, peer_uid, local_uid)
+        # what this peer's partial frames and trains to us start with (the GRO fast paths),
+        # one per sending shard of the peer (``wire.header.shard_of`` of the first byte)
+        train = wh.T_TRAIN_SEALED if encrypted else wh.T_TRAIN
+        self.rx_prefix_partial = tuple(wh.pack(wh.T_DATA_PARTIAL, peer_uid, local_uid, s)
+                                       for s in range(wh.MAX_SHARDS))
+        self.rx_prefix_train = tuple(wh.pack(train, peer_uid, local_uid, s)
+                                     for s in range(wh.MAX_SHARDS))
         self.reassembler = wt.Reassembler()  # trains that came datagram by datagram
         self.loss_counted = 0  # reassembler.lost already counted and reported
         self.loss_report_at = 0.0
@@ -120,7 +126,7 @@ class LinkReceiver:
               addr: tuple[str, int], channel: int | None) -> Result:
         """One ipop frame from this link's peer to this node (``Inbound`` checked both UIDs)."""
         link = self.link
-        ftype = dgram[0]
+        ftype = dgram[0] & wh.TYPE_MASK
         stats = link.stats
         path = link.path
         same_path = (
@@ -181,15 +187,20 @@ class LinkReceiver:
             elif not link.source_ok(payload):
                 return (DROP, host.sources.spoofed(link, payload))
             return (DELIVER_PARTIAL if is_partial else DELIVER, payload)
-        return self._keepalive(payload)
+        return self._keepalive(payload, host, sealed)
 
-    def _keepalive(self, payload: bytes | bytearray | memoryview) -> Result:
+    def _keepalive(self, payload: bytes | bytearray | memoryview, host: RxHost,
+                   sealed: bool) -> Result:
         link = self.link
         try:
             op, stamp = wk.parse(payload)
         except RemoteProtocolError as exc:
             return self._drop(exc.reason)
-        if op == wk.OP_PROBE:
+        if op == wk.OP_REKEY:
+            if not sealed:
+                return self._drop("rekey_request_unsealed")
+            host.on_rekey_request(link)
+        elif op == wk.OP_PROBE:
             link.tx.send_keepalive(wk.OP_ECHO, stamp)
         elif op == wk.OP_TRAIN_LOSS:
             if link.tx.on_loss_report(time.monotonic(), stamp):
@@ -254,7 +265,8 @@ class LinkReceiver:
         bytes used of it come second."""
         link = self.link
         stats = link.stats
-        got = wt.whole(area, n, gso, self.rx_prefix_train)
+        prefix = self.rx_prefix_train[wh.shard_of(area[0])]
+        got = wt.whole(area, n, gso, prefix)
         if got is None:
             return None, 0
         seq, chunks = got
@@ -271,7 +283,7 @@ class LinkReceiver:
                     return [], 0
                 sealed = b"".join(chunks)
                 out = spare if spare is not None and len(spare) >= len(sealed) else None
-                blob = session.open(self.rx_prefix_train, sealed, out)
+                blob = session.open(prefix, sealed, out)
                 if out is not None:
                     used = len(blob)
                 iov = self._super_packet(host, blob, len(blob))
@@ -299,7 +311,7 @@ class LinkReceiver:
         if link.encrypted or link.xlat is not None:
             return None
         try:
-            iovs = coalesce_gro(area, n, gso, self.rx_prefix_partial)
+            iovs = coalesce_gro(area, n, gso, self.rx_prefix_partial[wh.shard_of(area[0])])
         except RemoteProtocolError:
             return None
         if iovs is None:

@@ -60,18 +60,19 @@ class LinkSender:
     """The send half of one ``Link``."""
 
     def __init__(self, link: Link, *, local_uid: bytes, encrypted: bool, mtu: int,
-                 trains_off: str) -> None:
+                 trains_off: str, shard: int = 0) -> None:
         self.link = link
         peer_uid = link.peer_uid
-        self.hdr_data = wh.pack(wh.T_DATA, local_uid, peer_uid)
-        self.hdr_sealed = wh.pack(wh.T_DATA_SEALED, local_uid, peer_uid)
-        self.hdr_ka = wh.pack(wh.T_KEEPALIVE, local_uid, peer_uid)
-        self.hdr_ka_sealed = wh.pack(wh.T_KEEPALIVE_SEALED, local_uid, peer_uid)
-        self.hdr_partial = wh.pack(wh.T_DATA_PARTIAL, local_uid, peer_uid)
-        self.hdr_partial_sealed = wh.pack(wh.T_DATA_PARTIAL_SEALED, local_uid, peer_uid)
+        # every header carries this shard's number in its type byte (``wire.header``)
+        self.hdr_data = wh.pack(wh.T_DATA, local_uid, peer_uid, shard)
+        self.hdr_sealed = wh.pack(wh.T_DATA_SEALED, local_uid, peer_uid, shard)
+        self.hdr_ka = wh.pack(wh.T_KEEPALIVE, local_uid, peer_uid, shard)
+        self.hdr_ka_sealed = wh.pack(wh.T_KEEPALIVE_SEALED, local_uid, peer_uid, shard)
+        self.hdr_partial = wh.pack(wh.T_DATA_PARTIAL, local_uid, peer_uid, shard)
+        self.hdr_partial_sealed = wh.pack(wh.T_DATA_PARTIAL_SEALED, local_uid, peer_uid, shard)
         # whole trains (``ipop.wire.train``): datagrams no bigger than sealed segments'
-        self.hdr_train = wh.pack(wh.T_TRAIN, local_uid, peer_uid)
-        self.hdr_train_sealed = wh.pack(wh.T_TRAIN_SEALED, local_uid, peer_uid)
+        self.hdr_train = wh.pack(wh.T_TRAIN, local_uid, peer_uid, shard)
+        self.hdr_train_sealed = wh.pack(wh.T_TRAIN_SEALED, local_uid, peer_uid, shard)
         self.train_chunk = mtu + SEAL_OVERHEAD - wt.TRAIN_LEN
         self.framer = wt.Framer(self.hdr_train_sealed if encrypted else self.hdr_train,
                                 self.train_chunk)

@@ -25,6 +25,7 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TUN = 0x0001
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
+IFF_MULTI_QUEUE = 0x0100
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
@@ -52,7 +53,29 @@ class Device:
                 self.fd = -1
 
 
-def open_device(name: str, *, tap: bool = False, vnet_hdr: bool = False) -> Device:
+def open_queues(name: str, queues: int, *, tap: bool = False,
+                vnet_hdr: bool = False) -> list[Device]:
+    """Create ``name`` with ``queues`` queues (``IFF_MULTI_QUEUE``), one open device per queue,
+    each with the same offloads.  The kernel hands each flow's packets to one queue (by its flow
+    hash), so one reader per queue sees every packet of its flows, in order.  All queues get
+    the offloads or none do (``Device.vnet_hdr``)."""
+    devs: list[Device] = []
+    try:
+        for _ in range(queues):
+            devs.append(open_device(name, tap=tap, vnet_hdr=vnet_hdr, multi_queue=True))
+            if vnet_hdr and not devs[-1].vnet_hdr:  # refused: every queue without offloads
+                for dev in devs:
+                    dev.close()
+                return open_queues(name, queues, tap=tap, vnet_hdr=False)
+    except BaseException:
+        for dev in devs:
+            dev.close()
+        raise
+    return devs
+
+
+def open_device(name: str, *, tap: bool = False, vnet_hdr: bool = False,
+                multi_queue: bool = False) -> Device:
     """Create and open a TUN or TAP device named ``name``.
 
     With ``vnet_hdr`` the device is opened with IFF_VNET_HDR and checksum/TSO offloads enabled,
@@ -63,7 +86,8 @@ def open_device(name: str, *, tap: bool = False, vnet_hdr: bool = False) -> Devi
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
         raise EnvironmentFault(f"cannot open /dev/net/tun: {exc.strerror}") from None
-    flags = (IFF_TAP if tap else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+    flags = ((IFF_TAP if tap else IFF_TUN) | IFF_NO_PI | (IFF_VNET_HDR if vnet_hdr else 0)
+             | (IFF_MULTI_QUEUE if multi_queue else 0))
     try:
         fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
     except OSError as exc:
@@ -75,7 +99,7 @@ def open_device(name: str, *, tap: bool = False, vnet_hdr: bool = False) -> Devi
             fcntl.ioctl(fd, TUNSETOFFLOAD, offloads)
         except OSError:
             os.close(fd)
-            return open_device(name, tap=tap, vnet_hdr=False)
+            return open_device(name, tap=tap, vnet_hdr=False, multi_queue=multi_queue)
     return Device(fd=fd, name=name, tap=tap, vnet_hdr=vnet_hdr)
 
 

@@ -24,6 +24,14 @@ ipop frame types (bit 0 set = payload sealed with the link's AEAD, see ``ipop.cr
     0x85 DATA_PARTIAL_SEALED  (the fast path's segments: ``ipop.dataplane.segment``)
     0x86 TRAIN           one chunk of a whole TSO super-packet (``ipop.wire.train``)
     0x87 TRAIN_SEALED    the same, the super-packet sealed once
+
+Shard bits.  Bits 3..5 of the type byte carry the number of the sending shard (``workers``,
+``ipop.dataplane.shards``): ``0x80 | shard << 3 | type``, which stays inside 128..191 for
+shards 0..7.  A node with one worker always sends 0 there, so its frames are the same bytes as
+before shards existed.  The receiver's kernel steers a frame to its shard by these bits (the
+reuseport program of ``ipop.dataplane.steering``); the type byte is part of the AEAD's AAD, so
+the bits are authenticated.  Every comparison of a type byte goes through :func:`frame_type`,
+which masks them out; :func:`shard_of` reads them.
 """
 
 from __future__ import annotations
@@ -54,6 +62,27 @@ PARTIAL_BIT = 0x04
 DATA_TYPES = frozenset({T_DATA, T_DATA_SEALED, T_DATA_PARTIAL, T_DATA_PARTIAL_SEALED})
 TRAIN_TYPES = frozenset({T_TRAIN, T_TRAIN_SEALED})
 KNOWN_TYPES = DATA_TYPES | TRAIN_TYPES | {T_KEEPALIVE, T_KEEPALIVE_SEALED}
+SHARD_SHIFT = 3
+SHARD_BITS = 0x38  # bits 3..5 of the type byte: the sending shard (0..7)
+TYPE_MASK = 0xFF & ~SHARD_BITS  # 0xC7
+MAX_SHARDS = 8
+
+
+def frame_type(type_byte: int) -> int:
+    """The frame type of a type byte, without the sender's shard bits."""
+    return type_byte & TYPE_MASK
+
+
+def shard_of(type_byte: int) -> int:
+    """The sending shard a type byte names (0..7)."""
+    return (type_byte & SHARD_BITS) >> SHARD_SHIFT
+
+
+def with_shard(type_byte: int, shard: int) -> int:
+    """``type_byte`` as shard ``shard`` sends it."""
+    if not 0 <= shard < MAX_SHARDS:
+        raise LocalProtocolError(f"shard {shard} is not in 0..{MAX_SHARDS - 1}")
+    return (type_byte & TYPE_MASK) | shard << SHARD_SHIFT
 
 
 # The first-byte ranges (RFC 7983), written out here and nowhere else: every demultiplexer of
@@ -103,20 +132,21 @@ def is_dtls(datagram: bytes | bytearray | memoryview) -> bool:
 
 
 class Header(NamedTuple):
-    """A parsed overlay frame header."""
+    """A parsed overlay frame header (``type`` without the shard bits)."""
 
     type: int
     src: bytes
     dst: bytes
 
 
-def pack(frame_type: int, src: bytes, dst: bytes) -> bytes:
-    """The 41 header bytes of a frame of ``frame_type`` from ``src`` to ``dst``."""
-    if frame_type not in KNOWN_TYPES:
-        raise LocalProtocolError(f"unknown frame type 0x{frame_type:02x}")
+def pack(ftype: int, src: bytes, dst: bytes, shard: int = 0) -> bytes:
+    """The 41 header bytes of a frame of type ``ftype`` from ``src`` to ``dst``, sent by shard
+    ``shard``."""
+    if ftype not in KNOWN_TYPES:
+        raise LocalProtocolError(f"unknown frame type 0x{ftype:02x}")
     if len(src) != UID_LEN or len(dst) != UID_LEN:
         raise LocalProtocolError("UIDs are 20 bytes")
-    return bytes((frame_type,)) + src + dst
+    return bytes((with_shard(ftype, shard),)) + src + dst
 
 
 def parse(datagram: bytes | bytearray | memoryview) -> tuple[Header, memoryview]:
@@ -128,8 +158,8 @@ def parse(datagram: bytes | bytearray | memoryview) -> tuple[Header, memoryview]
         raise MalformedFrame(f"frame of {len(datagram)} bytes is shorter than its header",
                              reason="truncated")
     view = memoryview(datagram)
-    frame_type = view[TYPE_OFF]
-    if frame_type not in KNOWN_TYPES:
-        raise MalformedFrame(f"unknown frame type 0x{frame_type:02x}", reason="unknown_type")
-    hdr = Header(frame_type, bytes(view[SRC_OFF:DST_OFF]), bytes(view[DST_OFF:PAYLOAD_OFF]))
+    ftype = frame_type(view[TYPE_OFF])
+    if ftype not in KNOWN_TYPES:
+        raise MalformedFrame(f"unknown frame type 0x{view[TYPE_OFF]:02x}", reason="unknown_type")
+    hdr = Header(ftype, bytes(view[SRC_OFF:DST_OFF]), bytes(view[DST_OFF:PAYLOAD_OFF]))
     return hdr, view[PAYLOAD_OFF:]
