@@ -354,6 +354,12 @@ def test_slabs_are_made_only_as_bursts_need_them() -> None:
     assert rx.slabs == ib.SLABS and len({id(s) for s in held}) == ib.SLABS
     rx.free.put(held[5])
     assert rx._take_slab() is held[5] and rx.slabs == ib.SLABS
+    # the burst is over: every slab comes back; each take lets one spare go, down to SPARE_SLABS
+    for slab in held:
+        rx.free.put(slab)
+    for _ in range(ib.SLABS * 2):
+        rx.free.put(rx._take_slab())
+    assert rx.slabs == ib.SPARE_SLABS + 1 and rx.free.qsize() == rx.slabs
 
 
 def test_a_control_datagram_read_before_its_link_was_made_reaches_the_link() -> None:

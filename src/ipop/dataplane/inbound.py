@@ -83,6 +83,7 @@ Batch = tuple[bytearray, list[Any], bool]
 SLOT = 2048  # one datagram (no GRO): 1500-byte underlay MTU with room to spare
 SLOTS_PER_SLAB = 64
 SLABS = 32  # slabs at most; made as bursts need them (``_take_slab``)
+SPARE_SLABS = 4  # free slabs kept once a burst is over; the others are let go
 GRO_SLOTS = 4  # GRO reads (up to 64 KB each) a slab holds at least
 MAX_READS = 128  # reads per slab at most (single datagrams pack tightly)
 # a change of the links' peers reaches the filters of the other sockets (``filters_changed``)
@@ -247,11 +248,22 @@ class Inbound:
 
     def _take_slab(self) -> bytearray:
         """A free slab (poll thread): one given back, else a new one while fewer than ``SLABS``
-        exist, else wait for the writer to give one back."""
+        exist, else wait for the writer to give one back.  More than ``SPARE_SLABS`` free ones
+        (a burst is over) shrink by one a take."""
         try:
-            return self.free.get_nowait()
+            slab = self.free.get_nowait()
         except queue.Empty:
             pass
+        else:
+            # a burst is over: let go of the free slabs beyond SPARE_SLABS (at most one per
+            # take, so a steady load that needs them does not remake them at once)
+            if self.free.qsize() > SPARE_SLABS:
+                try:
+                    self.free.get_nowait()
+                    self.slabs -= 1
+                except queue.Empty:
+                    pass
+            return slab
         if self.slabs < SLABS:
             self.slabs += 1
             return bytearray(self.slab_size)
