@@ -19,7 +19,7 @@ from .helpers import gbits, iperf3, ping, ping_until, wait_for
 from .world import TURN_PASS, TURN_USER, World, world_fixture
 
 DIRECT = {"host", "srflx", "prflx"}
-USERS = [f"u{i}" for i in range(1, 15)]
+USERS = [f"u{i}" for i in range(1, 31)]  # one per node the tests start (16 now), with room
 
 
 @pytest.fixture(scope="module")

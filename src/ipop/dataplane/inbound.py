@@ -143,6 +143,7 @@ class Inbound:
         # thread puts them here and writes the wake pipe (``DataPlane.release_early``)
         self.replays: queue.SimpleQueue[Link] = queue.SimpleQueue()
         self.replaying = False  # poll thread: frames being replayed are not held again
+        self.batch: _Gather | None = None  # poll thread: the batch being read or replayed
         self.written = 0
         self.drained = False  # poll thread: the last drain emptied its socket
         self.queued = 0  # batches handed to the writer (written by the poll thread only)
@@ -293,13 +294,14 @@ class Inbound:
         slab = self._take_slab()
         view = memoryview(slab)
         self.drained = False
-        batch = _Gather(self)
+        batch = self.batch = _Gather(self)
         try:
             if self.gro:
                 self._read_trains(sock, view, batch)
             else:
                 self._read_datagrams(sock, view, batch)
         finally:
+            self.batch = None
             self._finish_batch(slab, batch)
 
     def replay_early(self) -> None:
@@ -310,25 +312,38 @@ class Inbound:
                 link = self.replays.get_nowait()
             except queue.Empty:
                 return
-            early = link.rx.early
-            held = list(early)
-            early.clear()
-            if not held or link.closed:
+            if not link.rx.early or link.closed:
+                link.rx.early.clear()
                 continue
-            now = time.monotonic()
             slab = self._take_slab()
-            batch = _Gather(self)
-            self.replaying = True
+            batch = self.batch = _Gather(self)
             try:
-                for at, sock, data, addr, channel in held:
-                    if now - at > EARLY_SECONDS:
-                        link.stats.rx_drops["early_expired"] += 1
-                        continue
-                    batch.add(self.receive(sock, memoryview(data), addr, channel))
+                self._replay_into(link, batch)
             finally:
-                self.replaying = False
+                self.batch = None
                 self.drained = True
                 self._finish_batch(slab, batch)
+
+    def replay_held(self, link: Link) -> None:
+        """A frame of ``link`` opened before its held frames were replayed (``RxHost``): they
+        join the batch being read first."""
+        if self.batch is not None:
+            self._replay_into(link, self.batch)
+
+    def _replay_into(self, link: Link, batch: _Gather) -> None:
+        early = link.rx.early
+        held = list(early)
+        early.clear()
+        now = time.monotonic()
+        self.replaying = True
+        try:
+            for at, sock, data, addr, channel in held:
+                if now - at > EARLY_SECONDS:
+                    link.stats.rx_drops["early_expired"] += 1
+                    continue
+                batch.add(self.receive(sock, memoryview(data), addr, channel))
+        finally:
+            self.replaying = False
 
     def _finish_batch(self, slab: bytearray, batch: _Gather) -> None:
         out, partial, ready = batch.out, batch.partial, batch.ready

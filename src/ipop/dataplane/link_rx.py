@@ -60,7 +60,7 @@ TAKEN: Final[Result] = (CONTROL, None)
 WRITES: Final = frozenset({DELIVER, DELIVER_PARTIAL, SUPER})
 """The results that write something to the device."""
 
-EARLY_LIMIT = 16
+EARLY_LIMIT = 64
 """Sealed frames held at most, per link, while its first keys (or a rekey's) are made."""
 EARLY_SECONDS = 2.0
 """How long such a frame is held before it is dropped (``early_expired``)."""
@@ -85,6 +85,11 @@ class RxHost(Protocol):
 
     def on_rekey_request(self, link: Link) -> None:
         """The peer asked for a new handshake in a sealed frame (``wire.keepalive.OP_REKEY``)."""
+
+    def replay_held(self, link: Link) -> None:
+        """A frame of ``link`` opened while frames held before it (``LinkReceiver.early``)
+        still wait: open those now, ahead of it in the batch being read, so that the link's
+        frames keep their order (the keys came while the replay was not run yet)."""
 
 
 class LinkReceiver:
@@ -155,9 +160,12 @@ class LinkReceiver:
                 # authenticated endpoint: forged ones never reach the reassembler
                 return self._drop("train_chunk_off_path")
             try:
-                return self._train_datagram(host, session if sealed else None, dgram)
+                res = self._train_datagram(host, session if sealed else None, dgram)
             except RemoteProtocolError as exc:
                 return self._drop(exc.reason)
+            if self.early and res[0] in WRITES and not host.replaying:
+                host.replay_held(link)
+            return res
         if session is not None and sealed:
             try:
                 payload: bytes | bytearray | memoryview = session.open(
@@ -168,6 +176,8 @@ class LinkReceiver:
                         host, session, sock, dgram, addr, channel):
                     return TAKEN
                 return self._drop(exc.reason)
+            if self.early and not host.replaying:
+                host.replay_held(link)  # what came before this frame goes first
             if not same_path and channel is None:
                 host.on_roam(link, sock, addr)  # authenticated: the peer moved
         else:

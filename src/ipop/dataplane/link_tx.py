@@ -125,7 +125,7 @@ class LinkSender:
         link = self.link
         stats = link.stats
         if not link.encrypted:
-            if not link.authed:
+            if not link.authed or self._pending:
                 self.queue_pending(bytes(pkt))
                 return
             if self.send_frame([self.hdr_data, pkt]):
@@ -133,7 +133,7 @@ class LinkSender:
                 stats.tx_bytes += len(pkt)
             return
         session = link.session
-        if session is None or not session.ready:
+        if session is None or not session.ready or self._pending:
             self.queue_pending(bytes(pkt))
             return
         sealed = session.seal(self.hdr_sealed, pkt)
@@ -153,11 +153,12 @@ class LinkSender:
         link = self.link
         stats = link.stats
         if (raw is not None and vh.gso_type != GSO_NONE and link.path.channel is None
-                and self.trains.allowed(time.monotonic()) and self.send_whole(raw)):
+                and not self._pending and self.trains.allowed(time.monotonic())
+                and self.send_whole(raw)):
             return
         try:
             if not link.encrypted:
-                if not link.authed:
+                if not link.authed or self._pending:
                     for p in standalone(vh, pkt):
                         self.queue_pending(p)
                     return
@@ -167,7 +168,7 @@ class LinkSender:
                 inner = (segs.datagrams - 1) * (size - HDR) + last - HDR
             else:
                 session = link.session
-                if session is None or not session.ready:
+                if session is None or not session.ready or self._pending:
                     for p in standalone(vh, pkt):
                         self.queue_pending(p)
                     return
@@ -212,11 +213,11 @@ class LinkSender:
             hdr = self.hdr_sealed if encrypted else self.hdr_data
         if encrypted:
             session = link.session
-            if session is None or not session.ready:
+            if session is None or not session.ready or self._pending:
                 self.send_super(vh, pkt)  # queues completed copies until keys are made
                 return
             body: bytes | memoryview = session.seal(hdr, pkt)
-        elif not link.authed:
+        elif not link.authed or self._pending:
             self.send_super(vh, pkt)  # queues completed copies until the peer is proven
             return
         else:
@@ -234,7 +235,7 @@ class LinkSender:
         encrypted = link.encrypted
         session = link.session
         if len(items) == 1 or link.path.channel is not None or not link.authed or (
-                encrypted and (session is None or not session.ready)):
+                self._pending or (encrypted and (session is None or not session.ready))):
             for vh, pkt in items:
                 self.send_one(vh, pkt)
             return
@@ -313,21 +314,48 @@ class LinkSender:
         return True
 
     # ---- the pending queue (packets that wait for keys or for the peer to be proven)
+    # Order: while the queue holds anything, every send path queues behind it (each checks
+    # ``self._pending``), and the queue is sent under its lock, oldest first, each packet taken
+    # off only once it is sent; so a flow never overtakes its own queued packets, whichever
+    # thread (the data thread or the control thread's ``flush_pending``) sends the queue.
     def queue_pending(self, pkt: bytes) -> None:
+        """Queue ``pkt`` behind what waits; if the link became usable meanwhile (keyed or
+        proven after the caller looked), send the queue at once."""
         with self._pending_lock:
             if len(self._pending) >= PENDING_LIMIT:
                 self._pending.popleft()
                 self.link.stats.tx_drops["pending_overflow"] += 1
             self._pending.append(pkt)
+            if self.link.usable:
+                self._send_queue()
 
     def flush_pending(self) -> int:
-        """Send what waited for keys; called once the session is ready."""
+        """Send what waited for keys or for the peer to be proven, once the link is usable
+        (control thread); returns how many were sent or tried."""
         with self._pending_lock:
-            items = list(self._pending)
-            self._pending.clear()
-        for pkt in items:
-            self.send_packet(pkt)
-        return len(items)
+            if not self.link.usable:
+                return 0
+            return self._send_queue()
+
+    def _send_queue(self) -> int:
+        """Send the queue, oldest first (the queue's lock held; the link is usable)."""
+        link = self.link
+        stats = link.stats
+        pending = self._pending
+        session = link.session if link.encrypted else None
+        sent = 0
+        while pending:
+            pkt = pending[0]
+            if session is not None:
+                ok = self.send_frame([self.hdr_sealed, session.seal(self.hdr_sealed, pkt)])
+            else:
+                ok = self.send_frame([self.hdr_data, pkt])
+            if ok:
+                stats.tx_packets += 1
+                stats.tx_bytes += len(pkt)
+            pending.popleft()
+            sent += 1
+        return sent
 
     @property
     def pending(self) -> int:
