@@ -27,6 +27,15 @@ def test_is_mdns_hostname_property(host: str) -> None:
     assert lazy_mdns.is_mdns_hostname(host) == lazy_mdns.load_real().is_mdns_hostname(host)
 
 
+def _runs_ok(code: str) -> None:
+    """``code`` passes its asserts in a fresh interpreter (a clean ``sys.modules``) and
+    prints ok."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
 def test_nat_imports_no_dnspython_until_mdns_is_used() -> None:
     code = (
         "import sys\n"
@@ -39,10 +48,7 @@ def test_nat_imports_no_dnspython_until_mdns_is_used() -> None:
         "assert m.MDNS_ADDRESS == '224.0.0.251'\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "ok"
+    _runs_ok(code)
 
 
 def test_install_leaves_a_loaded_real_module_alone() -> None:
@@ -52,6 +58,4 @@ def test_install_leaves_a_loaded_real_module_alone() -> None:
         "assert lazy_mdns.install() is False and sys.modules['aioice.mdns'] is real\n"
         "print('ok')\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60)
-    assert out.returncode == 0, out.stderr
+    _runs_ok(code)
