@@ -271,6 +271,9 @@ class Config(BaseModel):
         if self.controller == "socialvpn" and self.switchmode:
             raise ValueError("controller: socialvpn translates IPv4 addresses and needs "
                              "switchmode 0 (TUN)")
+        if self.controller == "socialvpn" and isinstance(self.workers, int) and self.workers > 1:
+            raise ValueError("workers: socialvpn translates addresses in the control process "
+                             "only; use workers 1 (or auto)")
         if self.peers and self.listen_port == 0:
             raise ValueError("listen_port: static peers need a fixed listen_port")
         for i, p in enumerate(self.peers):

@@ -448,3 +448,72 @@ def test_frames_held_for_keys_are_opened_before_a_later_frame_of_the_batch() -> 
     assert not lb.rx.early and lb.stats.rx_packets == 5
     b.inbound.replay_early()  # the replay the keys asked for finds nothing left
     assert lb.stats.rx_packets == 5
+
+
+# ---- a shard's held packets (``workers`` > 1): a flow never changes shards
+
+
+def memory_dataplane(events: list[Any], *, shard: int, hold: int) -> Any:
+    from ipop.dataplane.facade import DataPlane
+
+    return DataPlane(uid=b"a" * 20, interface="", ip4="100.64.0.1", prefixlen=24, mtu=1400,
+                     ondemand_queue=hold, offload=False, on_event=events.append,
+                     call_soon=lambda fn, *args: fn(*args), queue=MemoryDevice(),  # type: ignore
+                     shard=shard)
+
+
+def test_a_shard_holds_packets_until_its_link_comes_then_sends_them_first() -> None:
+    """A shard that reads packets before the control process pushed it the link holds them
+    (one miss report), and sends them in read order on its own copy of the link ahead of
+    what it reads after; packets routed by a prefix go when the control process says
+    ``release``; held packets for a link that is gone are dropped and counted."""
+    from ipop.dataplane.shards import SHARD_HOLD
+
+    events: list[Any] = []
+    dp = memory_dataplane(events, shard=1, hold=SHARD_HOLD)
+    sock = FakeSocket(("::", 5800))
+    try:
+        first = [ip4(IP["a"], IP["b"], bytes([i])) for i in range(5)]
+        for pkt in first:
+            dp._on_miss(IP["b"], pkt)
+        assert [e.kind for e in events] == ["unknown_destination"]  # one report per second
+        assert sock.sent == []
+        link = dp.add_link(peer_uid=b"b" * 20, path=Path(sock, ADDR["b"]), ip4="100.64.0.2",
+                           encrypted=False, security_reason="shard", serve_path=False)
+        link.authed = True
+        link.tx.flush_pending()
+        link.tx.send_packet(ip4(IP["a"], IP["b"], b"later"))
+        sent = [d[wh.PAYLOAD_OFF:] for d, _ in sock.take()]
+        assert sent == [*first, ip4(IP["a"], IP["b"], b"later")]
+        routed = bytes([10, 1, 0, 7])
+        dp._on_miss(routed, ip4(IP["a"], routed, b"via a route"))
+        dp.release_held(routed, link)
+        assert [d[wh.PAYLOAD_OFF:] for d, _ in sock.take()] == [
+            ip4(IP["a"], routed, b"via a route")]
+        gone = bytes([100, 64, 0, 9])
+        dp._on_miss(gone, ip4(IP["a"], gone))
+        before = dp.held_dropped
+        dp.release_held(gone, None)
+        assert dp.held_dropped == before + 1 and not dp.held
+    finally:
+        dp.dev.close()
+
+
+def test_the_control_process_holds_nothing_for_a_shard_miss() -> None:
+    """A shard's miss: where the control process has the link it only names it (the shard
+    sends what it holds on its own copy); where it has none it reports the miss for an
+    on-demand link without holding a copy (the shard holds the packet)."""
+    events: list[Any] = []
+    dp = memory_dataplane(events, shard=0, hold=64)
+    sock = FakeSocket(("::", 5800))
+    try:
+        pkt = ip4(IP["a"], IP["b"], b"x")
+        assert dp.on_shard_miss(IP["b"], pkt) is None
+        assert [e.kind for e in events] == ["unknown_destination"] and not dp.held
+        link = dp.add_link(peer_uid=b"b" * 20, path=Path(sock, ADDR["b"]), ip4="100.64.0.2",
+                           encrypted=False, security_reason="static", serve_path=False)
+        link.authed = True
+        assert dp.on_shard_miss(IP["b"], pkt) is link
+        assert sock.sent == [] and len(events) == 1
+    finally:
+        dp.dev.close()

@@ -100,6 +100,9 @@ messages = st.one_of(
     st.fixed_dictionaries({"op": st.just("miss"),
                            "dst": st.binary(min_size=4, max_size=4).map(bytes.hex),
                            "packet": st.binary(min_size=1, max_size=200).map(bytes.hex)}),
+    st.fixed_dictionaries({"op": st.just("release"),
+                           "dst": st.binary(min_size=4, max_size=16).map(bytes.hex),
+                           "peer": uids}),
     st.fixed_dictionaries({"op": st.just("roam"), "peer": uids, "host": st.just("::1"),
                            "port": st.integers(1, 65535)}),
 )
@@ -222,3 +225,7 @@ def test_workers_key() -> None:
         assert "workers" in str(info.value)
     assert [resolve_workers("auto", c) for c in (1, 2, 3, 4, 8, 16, 64)] == [1] * 7
     assert resolve_workers(3, 2) == 3
+    with pytest.raises(ConfigError) as info:  # shards do not translate addresses
+        validate({"ip4": "100.64.0.1", "controller": "socialvpn", "workers": 2})
+    assert info.value.key == "workers"
+    assert validate({"ip4": "100.64.0.1", "controller": "socialvpn"})[0].workers == "auto"

@@ -316,7 +316,7 @@ class DataPlane:
             self.apply_routes()
         for addr in (link.overlay_ip4, link.overlay_ip6):
             if addr:
-                self._release_held(addr, link)
+                self.release_held(addr, link)
         if self.shards is not None:
             self.shards.sync()  # the shards get the link now, not at the next tick
 
@@ -460,11 +460,11 @@ class DataPlane:
         os.write(self._wake_w, b"r")
 
     # ---- held packets for unknown destinations (on-demand links)
-    def _on_miss(self, dst: bytes, pkt: bytes) -> None:
+    def _on_miss(self, dst: bytes, pkt: bytes, hold: bool = True) -> None:
         """Data-plane thread (device reads): hold the packet briefly and tell the controller
-        (rate limited)."""
+        (rate limited).  ``hold`` False: only tell (a shard holds the packet itself)."""
         now = time.monotonic()
-        if self.held_limit:
+        if self.held_limit and hold:
             with self._held_lock:
                 q = self.held.get(dst)
                 if q is None:
@@ -493,10 +493,16 @@ class DataPlane:
         for key in [k for k, q in self.held.items() if not q or now - q[-1][0] > MISS_HOLD]:
             self.held_dropped += len(self.held.pop(key))
 
-    def _release_held(self, addr: bytes, link: Link) -> None:
+    def release_held(self, addr: bytes, link: Link | None) -> None:
+        """Send the packets held for ``addr`` on ``link`` in the order they were read (None:
+        drop them, counted)."""
         with self._held_lock:
             q = self.held.pop(addr, None)
         if not q:
+            return
+        if link is None or link.closed:
+            with self._held_lock:
+                self.held_dropped += len(q)
             return
         now = time.monotonic()
         expired = sum(1 for stamp, _ in q if now - stamp > MISS_HOLD)
@@ -551,19 +557,16 @@ class DataPlane:
         if self.shards is not None:
             self.shards.push_keys(link)
 
-    def on_shard_miss(self, dst: bytes, pkt: bytes) -> None:
-        """Control thread: a shard read a packet for a destination it has no link for.  The
-        link may exist here already (the shard gets it at the next push): then it goes out on
-        this copy of the link; else it is held and reported as a miss read here would be."""
+    def on_shard_miss(self, dst: bytes, pkt: bytes) -> Link | None:
+        """Control thread: a shard read a packet for a destination it has no link for, and
+        holds it.  Returns the link here for ``dst`` (the shard gets it pushed, then sends
+        what it holds on its own copy, so the flow never changes shards); else reports the
+        miss as one read here would be, holding nothing."""
         link = self.table.route(dst) if len(dst) in (4, 16) else None
         if link is None or link.closed:
-            self._on_miss(dst, pkt)
-        elif link.xlat is not None:
-            view = bytearray(pkt)
-            link.xlat.tx(view)
-            link.tx.send_packet(view)
-        else:
-            link.tx.send_packet(pkt)
+            self._on_miss(dst, pkt, hold=False)
+            return None
+        return link
 
     def on_shard_roam(self, peer_uid: bytes, addr: tuple[str, int]) -> None:
         """Control thread: a shard took an authenticated frame of ``peer_uid`` from ``addr``

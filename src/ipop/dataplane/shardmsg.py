@@ -14,13 +14,14 @@ control -> shard::
     link    peer, ip4, ip6, mac, encrypted, nets, trains_off, authed,
             addr, channel, kind, group                      fds: the path's socket unless group
     unlink  peer
+    release dst, peer         (send the packets held for dst on the link to peer)
     keys    peer, suite, tx ({epoch, key, salt} or null), rx (list of them)
     stop
 
 shard -> control::
 
     counters  tun_read_packets, tun_read_bytes, no_route, tun_written, drops, links
-    miss      dst, packet         (no link for a destination: the control process holds it)
+    miss      dst, packet         (no link for a destination: the shard holds the packets)
     roam      peer, host, port    (an authenticated frame came from a new address)
 """
 
@@ -116,6 +117,7 @@ SCHEMAS: dict[str, dict[str, Check]] = {
              "host": _str(64), "port": _int(0, 65535), "channel": _opt(_int(0, 0xFFFF)),
              "kind": _str(16), "group": _bool},
     "unlink": {"peer": UID},
+    "release": {"dst": _hex(4, 16), "peer": UID},
     "keys": {"peer": UID, "suite": _str(32), "tx": _opt(_key), "rx": _list(_key, 4)},
     "stop": {},
     "counters": {"tun_read_packets": _int(0, 2**63), "tun_read_bytes": _int(0, 2**63),

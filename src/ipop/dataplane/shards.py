@@ -18,8 +18,10 @@ So a flow stays on one shard at each end, and keeps its order.
 The control process pushes links, paths, routes (a link's ``nets``) and keys over a private
 channel (``ipop.dataplane.shardmsg``) whenever they change (every ``tick``, and at once when a
 link gets keys), and the shards report their counters every second, which ``ipop status`` and
-the metrics add up.  Packets for a destination with no link go to the control process, which
-holds them and asks for a link as today.
+the metrics add up.  A shard reports a packet for a destination it has no link for to the
+control process, which pushes the link (or asks for one, on demand, as today); the shard holds
+such packets meanwhile and sends them on its own copy of the link once it has it, so a flow
+never changes shards (which could reorder it at the receiver).
 
 Keys, nonces and replay windows.  Every shard seals with the link's keys, in its own counter
 range: the counter's top byte is the shard's number (``ipop.crypto.aead``), and the next byte the
@@ -73,6 +75,9 @@ REPORT_SECONDS = 1.0
 RESTART_GAP = 1.0  # seconds at least between two starts of one shard
 GENERATION_SHIFT = 48  # the counter's second byte: the shard's generation
 MAX_GENERATION = 255
+# packets a shard holds per destination it has no link for, until the control process pushes
+# the link (or makes one, on demand) and says where they go (``release``)
+SHARD_HOLD = 64
 
 
 # ---------------------------------------------------------------- keys in a shard process
@@ -161,7 +166,7 @@ class ShardProcess:
         self.dp = DataPlane(
             uid=bytes.fromhex(init["uid"]), interface="", ip4=init["ip4"],
             prefixlen=int(init["prefixlen"]), ip6=init["ip6"],
-            mtu=int(init["mtu"]), tap=bool(init["tap"]), ondemand_queue=0, offload=offload,
+            mtu=int(init["mtu"]), tap=bool(init["tap"]), ondemand_queue=SHARD_HOLD, offload=offload,
             whole_trains=bool(init["whole_trains"]), on_event=self._on_event,
             call_soon=self._call_soon, queue=dev, shard=self.shard,
         )
@@ -262,6 +267,9 @@ class ShardProcess:
             old = self.path_socks.pop(peer, None)
             if old is not None:
                 old.close()
+        elif op == "release":
+            dst = bytes.fromhex(msg["dst"])
+            dp.release_held(dst, dp.link(bytes.fromhex(msg["peer"])))
         elif op == "keys":
             link = dp.link(bytes.fromhex(msg["peer"]))
             if link is not None and isinstance(link.session, ShardSession):
@@ -528,7 +536,16 @@ class ShardManager:
                     if heard > link.stats.shard_rx_mono:
                         link.stats.shard_rx_mono = heard
         elif op == "miss":
-            self.dp.on_shard_miss(bytes.fromhex(msg["dst"]), bytes.fromhex(msg["packet"]))
+            dst = bytes.fromhex(msg["dst"])
+            link = self.dp.on_shard_miss(dst, bytes.fromhex(msg["packet"]))
+            if link is not None and child.alive and child.chan is not None:
+                try:  # the link first (if the shard lacks it), then what to do with the held
+                    self._sync_child(child, {ln.peer_uid: ln for ln in self.dp.links})
+                    sm.send(child.chan, {"op": "release", "dst": msg["dst"],
+                                         "peer": link.peer_uid.hex()})
+                except OSError as exc:
+                    if self._log_bucket.take(time.monotonic()):
+                        log.warning("shard %d: cannot push state: %s", child.index, exc)
         elif op == "roam":
             self.dp.on_shard_roam(bytes.fromhex(msg["peer"]), (msg["host"], msg["port"]))
         else:
