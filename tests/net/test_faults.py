@@ -191,6 +191,17 @@ def removed_lines(n: NodeProc) -> list[str]:
 # ---- the first on-demand packet ---------------------------------------------------------
 
 
+def start_unlinked(nodes: tuple[NodeProc, NodeProc], src: NodeProc, dst: NodeProc) -> None:
+    """Start ``nodes`` (on demand) and wait until ``src`` sees ``dst`` online, with no link."""
+    for n in nodes:
+        n.start()
+    for n in nodes:
+        n.wait_ready()
+    wait_for(lambda: any(p["online"] and p["overlay_ip"] == dst.config["ip4"]
+                         for p in src.status()["peers"]), timeout=15, what="peer known")
+    assert src.status()["links"] == []
+
+
 @pytest.mark.parametrize("sec", [True, False], ids=["encrypted", "plain"])
 @pytest.mark.parametrize("sender", ["higher_uid", "lower_uid"])
 def test_on_demand_first_packet_either_uid_order(world: World, sec: bool, sender: str):
@@ -201,13 +212,7 @@ def test_on_demand_first_packet_either_uid_order(world: World, sec: bool, sender
     x, y = node(world, **extra), node(world, **extra)
     hi, lo = (x, y) if x.uid > y.uid else (y, x)
     src, dst = (hi, lo) if sender == "higher_uid" else (lo, hi)
-    x.start()
-    y.start()
-    x.wait_ready()
-    y.wait_ready()
-    wait_for(lambda: any(p["online"] and p["overlay_ip"] == dst.config["ip4"]
-                         for p in src.status()["peers"]), timeout=15, what="peer known")
-    assert src.status()["links"] == []
+    start_unlinked((x, y), src, dst)
     t0 = time.monotonic()
     r = src.host.run(["ping", "-n", "-c", "1", "-W", "8", dst.config["ip4"]], check=False,
                      timeout=20)
@@ -382,13 +387,7 @@ def test_on_demand_first_packets_of_many_flows_on_two_shards(world: World):
 
     extra = {"on-demand_connection": True, "on-demand_inactive_timeout": 60, "workers": 2}
     src, dst = node(world, **extra), node(world, **extra)
-    src.start()
-    dst.start()
-    src.wait_ready()
-    dst.wait_ready()
-    wait_for(lambda: any(p["online"] and p["overlay_ip"] == dst.config["ip4"]
-                         for p in src.status()["peers"]), timeout=15, what="peer known")
-    assert src.status()["links"] == []
+    start_unlinked((src, dst), src, dst)
     srv = dst.host.popen([sys.executable, "-c", FLOW_SERVER.replace("settimeout(3)",
                                                                     "settimeout(8)"),
                           dst.config["ip4"]], stdout=subprocess.PIPE, text=True)
