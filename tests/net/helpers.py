@@ -73,12 +73,36 @@ class Subscriber:
         self.sock.connect(str(path))
         self.sock.sendall(b'{"id": 1, "method": "subscribe"}\n')
         self.buf = b""
+        self.sock.settimeout(5.0)
+        # wait for the node's answer: a notification sent before it would not reach us
+        kept = b""
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                if json.loads(line).get("id") == 1:
+                    assert json.loads(line).get("result") == "subscribed", line
+                    self.buf = kept + self.buf
+                    break
+                kept += line + b"\n"  # a notification: events() reads it
+            else:
+                chunk = self.sock.recv(65536)
+                assert chunk, "the node closed its control socket"
+                self.buf += chunk
+                continue
+            break
         self.sock.settimeout(0.2)
 
     def events(self, timeout: float = 5.0) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while True:
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                msg = json.loads(line)
+                if "notify" in msg:
+                    out.append(msg)
+            if time.monotonic() >= deadline:
+                break
             try:
                 chunk = self.sock.recv(65536)
             except TimeoutError:
@@ -88,11 +112,6 @@ class Subscriber:
             if not chunk:
                 break
             self.buf += chunk
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                msg = json.loads(line)
-                if "notify" in msg:
-                    out.append(msg)
         return out
 
     def close(self) -> None:
