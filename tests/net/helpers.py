@@ -75,21 +75,20 @@ class Subscriber:
         self.buf = b""
         self.sock.settimeout(5.0)
         # wait for the node's answer: a notification sent before it would not reach us
-        kept = b""
+        kept: list[bytes] = []  # notifications that came first: events() reads them
         while True:
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                if json.loads(line).get("id") == 1:
-                    assert json.loads(line).get("result") == "subscribed", line
-                    self.buf = kept + self.buf
-                    break
-                kept += line + b"\n"  # a notification: events() reads it
-            else:
+            if b"\n" not in self.buf:
                 chunk = self.sock.recv(65536)
                 assert chunk, "the node closed its control socket"
                 self.buf += chunk
                 continue
-            break
+            line, self.buf = self.buf.split(b"\n", 1)
+            msg = json.loads(line)
+            if msg.get("id") == 1:
+                assert msg.get("result") == "subscribed", line
+                break
+            kept.append(line + b"\n")
+        self.buf = b"".join(kept) + self.buf
         self.sock.settimeout(0.2)
 
     def events(self, timeout: float = 5.0) -> list[dict[str, Any]]:

@@ -498,11 +498,10 @@ class DataPlane:
         drop them, counted)."""
         with self._held_lock:
             q = self.held.pop(addr, None)
-        if not q:
-            return
-        if link is None or link.closed:
-            with self._held_lock:
+            if q and (link is None or link.closed):
                 self.held_dropped += len(q)
+                return
+        if not q or link is None:
             return
         now = time.monotonic()
         expired = sum(1 for stamp, _ in q if now - stamp > MISS_HOLD)

@@ -539,13 +539,12 @@ class ShardManager:
             dst = bytes.fromhex(msg["dst"])
             link = self.dp.on_shard_miss(dst, bytes.fromhex(msg["packet"]))
             if link is not None and child.alive and child.chan is not None:
-                try:  # the link first (if the shard lacks it), then what to do with the held
-                    self._sync_child(child, {ln.peer_uid: ln for ln in self.dp.links})
+                self.sync(only=child)  # the link first, if the shard lacks it
+                try:  # then where what it holds goes
                     sm.send(child.chan, {"op": "release", "dst": msg["dst"],
                                          "peer": link.peer_uid.hex()})
-                except OSError as exc:
-                    if self._log_bucket.take(time.monotonic()):
-                        log.warning("shard %d: cannot push state: %s", child.index, exc)
+                except OSError:
+                    pass  # the shard is gone: a restarted one holds nothing
         elif op == "roam":
             self.dp.on_shard_roam(bytes.fromhex(msg["peer"]), (msg["host"], msg["port"]))
         else:
